@@ -1,0 +1,334 @@
+//! The typed, validated policy that the rest of corral uses.
+//!
+//! Values of these types come only out of validation (see [`crate::load`]),
+//! so code that holds an [`AppSpec`] may rely on its invariants: `pool.min
+//! <= pool.max`, absolute guest paths without `..`, a module path that
+//! existed when the policy was loaded, and so on. The structs are
+//! `#[non_exhaustive]` so that other crates can read them but not build
+//! unchecked ones.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Serialize, Serializer};
+
+/// A loaded and validated policy.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub struct Policy {
+    /// Every file that went into this policy, main file first, then the
+    /// drop-ins in the order they were merged.
+    pub sources: Vec<PathBuf>,
+    pub daemon: DaemonSpec,
+    /// Apps by name (names are unique; iteration is in name order).
+    pub apps: BTreeMap<String, AppSpec>,
+}
+
+/// The `[daemon]` table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub struct DaemonSpec {
+    pub cache_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub api_socket: PathBuf,
+    pub api_group: String,
+    /// `None` is `"off"`.
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub idle_exit: Option<Duration>,
+    /// `None` is `"off"`.
+    pub metrics: Option<SocketAddr>,
+    /// How long SIGTERM waits for in-flight requests.
+    #[serde(serialize_with = "ser_duration")]
+    pub drain_timeout: Duration,
+}
+
+/// One `[apps.NAME]` table, with `[defaults]` and drop-ins merged in.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub struct AppSpec {
+    pub name: String,
+    /// Absolute path of the module or component.
+    pub module: PathBuf,
+    pub kind: AppKind,
+    pub listen: Vec<ListenAddr>,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Names of host environment variables passed through to the guest.
+    pub inherit_env: Vec<String>,
+    pub dirs: Vec<DirGrant>,
+    pub network: NetworkSpec,
+    pub pool: PoolSpec,
+    pub limits: Limits,
+    pub sandbox: SandboxSpec,
+    pub restart: RestartSpec,
+}
+
+/// What kind of guest an app is and how it is driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AppKind {
+    /// A component exporting `wasi:http/incoming-handler`; a fresh instance
+    /// per request.
+    Http,
+    /// A WASI preview1 command; a fresh instance per connection, with stdin
+    /// and stdout on the connection.
+    Stdio,
+    /// One long-running instance, restarted per `restart.on`.
+    Command,
+}
+
+impl AppKind {
+    pub const ALL: [AppKind; 3] = [AppKind::Http, AppKind::Stdio, AppKind::Command];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppKind::Http => "http",
+            AppKind::Stdio => "stdio",
+            AppKind::Command => "command",
+        }
+    }
+}
+
+impl fmt::Display for AppKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where an app listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    /// `host:port` or `[v6]:port`.
+    Tcp(SocketAddr),
+    /// `unix:/path`.
+    Unix(PathBuf),
+    /// `systemd:NAME`: the socket systemd passes with `FileDescriptorName=NAME`.
+    Systemd(String),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+            ListenAddr::Systemd(name) => write!(f, "systemd:{name}"),
+        }
+    }
+}
+
+impl Serialize for ListenAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A host directory preopened for the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct DirGrant {
+    /// Absolute host path; it existed and was a directory at load time.
+    pub host: PathBuf,
+    /// Absolute guest path, normalized, without `.` or `..`.
+    pub guest: String,
+    pub access: Access,
+}
+
+impl DirGrant {
+    /// A grant from the command line (`corral run --dir`), checked like one
+    /// from a policy file.
+    pub fn new(host: PathBuf, guest: &str, access: Access) -> Result<DirGrant, String> {
+        let guest = crate::validate::normalize_guest_path(guest)?;
+        if !host.is_dir() {
+            return Err(format!("{}: not a directory", host.display()));
+        }
+        let host = std::path::absolute(&host).map_err(|e| format!("{}: {e}", host.display()))?;
+        Ok(DirGrant {
+            host,
+            guest,
+            access,
+        })
+    }
+}
+
+/// Read-only or read-write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum Access {
+    #[serde(rename = "ro")]
+    ReadOnly,
+    #[serde(rename = "rw")]
+    ReadWrite,
+}
+
+/// Outbound network the app may use.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct NetworkSpec {
+    /// Where the guest may connect; empty means no outbound network.
+    pub connect: Vec<ConnectTarget>,
+}
+
+/// One `network.connect` entry: an address or host name, and a port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct ConnectTarget {
+    pub host: ConnectHost,
+    pub port: u16,
+}
+
+/// The host part of a [`ConnectTarget`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ConnectHost {
+    Ip(IpAddr),
+    /// A DNS name, lower-cased.
+    Name(String),
+}
+
+impl ConnectTarget {
+    /// Whether a connection to `addr` (reached by the name `name`, if any)
+    /// is allowed by this entry.
+    pub fn allows(&self, addr: SocketAddr, name: Option<&str>) -> bool {
+        if addr.port() != self.port {
+            return false;
+        }
+        match &self.host {
+            ConnectHost::Ip(ip) => *ip == addr.ip(),
+            ConnectHost::Name(n) => name.is_some_and(|name| name.eq_ignore_ascii_case(n)),
+        }
+    }
+}
+
+impl fmt::Display for ConnectTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            ConnectHost::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            ConnectHost::Ip(ip) => write!(f, "{ip}:{}", self.port),
+            ConnectHost::Name(name) => write!(f, "{name}:{}", self.port),
+        }
+    }
+}
+
+impl Serialize for ConnectTarget {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Worker pool sizing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub struct PoolSpec {
+    pub min: u32,
+    pub max: u32,
+    #[serde(serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
+    pub concurrency: u32,
+    /// `None` is `"unlimited"`.
+    pub max_requests: Option<u64>,
+}
+
+/// Resource limits per instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub struct Limits {
+    /// Bytes of linear memory per instance.
+    pub memory: u64,
+    /// Wall-clock limit per request (http), connection (stdio) or run
+    /// (`corral run`); `None` is `"off"`.
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub timeout: Option<Duration>,
+    /// Core instances per store (a component may create several).
+    pub instances: u32,
+    /// Tables per store.
+    pub tables: u32,
+    /// Bytes of guest stdout and stderr logged per request or run.
+    pub stdout: u64,
+}
+
+/// Whether each OS sandbox layer must be present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct SandboxSpec {
+    pub landlock: Enforcement,
+    pub seccomp: Enforcement,
+}
+
+/// What to do where the kernel lacks a sandbox layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Enforcement {
+    /// Refuse to start the app.
+    Require,
+    /// Start it, and say in status and logs which layers are missing.
+    BestEffort,
+}
+
+impl fmt::Display for Enforcement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Enforcement::Require => "require",
+            Enforcement::BestEffort => "best-effort",
+        })
+    }
+}
+
+/// Restarts of zygotes (all kinds) and of `command` instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub struct RestartSpec {
+    pub on: RestartOn,
+    #[serde(serialize_with = "ser_duration")]
+    pub backoff_min: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub backoff_max: Duration,
+    /// `None` is `"off"`: never give up.
+    pub give_up: Option<GiveUp>,
+}
+
+/// When a `command` app's instance is restarted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartOn {
+    Always,
+    Failure,
+    Never,
+}
+
+/// `N in DURATION`: that many crashes within the window mark the app failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct GiveUp {
+    pub crashes: u32,
+    #[serde(serialize_with = "ser_duration")]
+    pub window: Duration,
+}
+
+impl fmt::Display for GiveUp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} in {}",
+            self.crashes,
+            humantime::format_duration(self.window)
+        )
+    }
+}
+
+fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_duration(*d))
+}
+
+fn ser_opt_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_duration(d, s),
+        None => s.serialize_str("off"),
+    }
+}

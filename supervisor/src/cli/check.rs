@@ -1,0 +1,107 @@
+//! `corral check`: validate a policy and show what it defines.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use corral_policy::{Environment, Policy, PolicyError};
+
+/// Validate a policy file and its drop-ins (`policy.d/*.toml` beside it).
+///
+/// Prints a table of the apps and exits 0, or prints every error as
+/// `file:line:col: key: problem` and exits 1.
+#[derive(Debug, clap::Args)]
+pub struct CheckCommand {
+    /// The main policy file; drop-ins are read from `policy.d/` beside it.
+    #[arg(long, value_name = "PATH", default_value = corral_policy::defaults::POLICY_PATH)]
+    pub policy: PathBuf,
+
+    /// Print the validated policy, or the errors, as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl CheckCommand {
+    pub fn execute(self) -> anyhow::Result<ExitCode> {
+        let result = corral_policy::load(&self.policy, &Environment::from_process());
+        match (result, self.json) {
+            (Ok(policy), false) => {
+                print!("{}", render_table(&policy));
+                Ok(ExitCode::SUCCESS)
+            }
+            (Ok(policy), true) => {
+                let out = serde_json::json!({ "valid": true, "policy": policy });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                Ok(ExitCode::SUCCESS)
+            }
+            (Err(err), false) => {
+                print_errors(&err);
+                Ok(ExitCode::FAILURE)
+            }
+            (Err(err), true) => {
+                let out = serde_json::json!({ "valid": false, "errors": err.diagnostics() });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                Ok(ExitCode::FAILURE)
+            }
+        }
+    }
+}
+
+fn print_errors(err: &PolicyError) {
+    let diagnostics = err.diagnostics();
+    for d in &diagnostics {
+        eprintln!("{d}");
+    }
+    let n = diagnostics.len();
+    eprintln!(
+        "{n} error{} found; nothing was changed",
+        if n == 1 { "" } else { "s" }
+    );
+}
+
+/// The apps as an aligned table, one row per app, then a summary line.
+pub(crate) fn render_table(policy: &Policy) -> String {
+    let mut rows = vec![
+        ["APP", "KIND", "LISTEN", "POOL", "SANDBOX"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for (name, app) in &policy.apps {
+        let listen: Vec<String> = app.listen.iter().map(ToString::to_string).collect();
+        rows.push(vec![
+            name.clone(),
+            app.kind.to_string(),
+            if listen.is_empty() {
+                "-".into()
+            } else {
+                listen.join(",")
+            },
+            format!("{}..{}", app.pool.min, app.pool.max),
+            format!(
+                "landlock={} seccomp={}",
+                app.sandbox.landlock, app.sandbox.seccomp
+            ),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    let files = policy.sources.len();
+    out.push_str(&format!(
+        "{} app{} from {} file{}: policy is valid\n",
+        policy.apps.len(),
+        if policy.apps.len() == 1 { "" } else { "s" },
+        files,
+        if files == 1 { "" } else { "s" },
+    ));
+    out
+}

@@ -1,0 +1,4 @@
+//! corral's supervisor crate: the `corral` command and (in later modules)
+//! the `corrald` daemon, its worker pools, the Wasm host and the sandbox.
+
+pub mod cli;
