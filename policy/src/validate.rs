@@ -478,7 +478,7 @@ fn daemon_spec(cx: &mut Checker<'_>, t: &Table, env: &Environment) -> Option<Dae
     let path_of = |cx: &mut Checker<'_>, key: &str, default: PathBuf| -> PathBuf {
         match t.get(key) {
             Some(e) => match cx.string(&e.value, &join("daemon", key)) {
-                Some(s) if s.is_empty() => {
+                Some("") => {
                     cx.error(e.value.at, &join("daemon", key), "must not be empty");
                     default
                 }
