@@ -2,3 +2,4 @@
 //! the `corrald` daemon, its worker pools, the Wasm host and the sandbox.
 
 pub mod cli;
+pub mod sandbox;

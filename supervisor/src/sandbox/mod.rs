@@ -1,0 +1,460 @@
+//! The OS sandbox under the Wasm sandbox: what a worker process gets before
+//! it runs guest code, so that a guest that escaped wasmtime still can't
+//! read the host's files, open sockets it wasn't granted, exec, ptrace or
+//! signal other processes.
+//!
+//! [`SandboxPlan::for_app`] turns an [`AppSpec`] into a plan (fds to keep,
+//! read-only and read-write paths, connect ports, the app kind's syscall
+//! list, what each layer's enforcement is); [`SandboxPlan::enter`] applies
+//! it to the calling process, in this order, and returns a [`Sandboxed`]
+//! token that says which layers are active:
+//!
+//! 1. refuse (before changing anything) when a `require`d layer is missing;
+//! 2. close every fd not handed to the plan;
+//! 3. rlimits: no core dumps, a bound on open files;
+//! 4. `PR_SET_NO_NEW_PRIVS`;
+//! 5. landlock (files, TCP ports, scoping), see [`landlock`](self::landlock);
+//! 6. seccomp, last, closest to the work loop, see [`seccomp`].
+//!
+//! Invariants: `enter` runs while the process has one thread (landlock
+//! binds the calling thread only on this kernel generation; seccomp is
+//! installed with TSYNC anyway), and nothing after it can widen it.
+
+mod kernel;
+mod landlock;
+#[doc(hidden)]
+pub mod probe;
+pub mod seccomp;
+mod sys;
+pub mod syscalls;
+
+use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::PathBuf;
+
+use corral_policy::{Access, AppKind, AppSpec, Enforcement};
+use serde::Serialize;
+
+pub use kernel::{
+    CgroupV2, KernelSupport, LandlockSupport, SeccompSupport, UserNamespaces, probe_kernel,
+};
+pub use seccomp::SeccompBuildError;
+pub use syscalls::{Arch, SeccompKill, killed_by_seccomp, syscall_name, syscall_number};
+
+/// The open-file bound a worker gets unless the plan says otherwise.
+pub const DEFAULT_OPEN_FILES: u64 = 1024;
+
+/// The lowest landlock ABI that `sandbox.landlock = "require"` accepts:
+/// 4, the first with TCP bind/connect rules, because the policy's
+/// `network.connect` is part of what the layer promises.
+pub const REQUIRED_LANDLOCK_ABI: u32 = 4;
+
+/// A sandbox layer whose presence the policy controls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layer {
+    Landlock,
+    Seccomp,
+}
+
+impl fmt::Display for Layer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Layer::Landlock => "landlock",
+            Layer::Seccomp => "seccomp",
+        })
+    }
+}
+
+/// Why a sandbox could not be entered. After an error other than
+/// [`SandboxError::Required`] the process may be partly restricted and must
+/// exit without running guest code.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(
+        "app {app}: sandbox.{layer} = \"require\", but {reason}; \
+         set sandbox.{layer} = \"best-effort\" to run it without that layer"
+    )]
+    Required {
+        app: String,
+        layer: Layer,
+        reason: String,
+    },
+    #[error(
+        "the sandbox must be entered while the process has one thread, but it has {threads} \
+         (landlock restricts only the calling thread): enter it before starting threads"
+    )]
+    NotSingleThreaded { threads: usize },
+    #[error("closing inherited file descriptors")]
+    CloseFds(#[source] std::io::Error),
+    #[error("setting rlimits")]
+    Rlimit(#[source] std::io::Error),
+    #[error("setting PR_SET_NO_NEW_PRIVS")]
+    NoNewPrivs(#[source] std::io::Error),
+    #[error("{}: can't be granted to the sandbox", path.display())]
+    Path {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("landlock")]
+    Landlock(#[source] Box<::landlock::RulesetError>),
+    #[error("landlock: the kernel enforced none of the ruleset")]
+    LandlockNotEnforced,
+    #[error("building the seccomp filter")]
+    SeccompBuild(#[from] SeccompBuildError),
+    #[error("installing the seccomp filter")]
+    SeccompInstall(#[source] seccompiler::Error),
+}
+
+/// The landlock part of [`ActiveLayers`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LandlockLayer {
+    /// The kernel's landlock ABI.
+    pub abi: u32,
+    /// Files: read below ro paths, read-write below rw paths, nothing else.
+    pub filesystem: bool,
+    /// TCP: no bind, connect only to `network.connect` ports (ABI 4+).
+    pub tcp: bool,
+    /// No signals and abstract unix sockets outside the sandbox (ABI 6+).
+    pub scoping: bool,
+}
+
+/// The seccomp part of [`ActiveLayers`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SeccompLayer {
+    pub arch: Arch,
+    /// How many system calls the app's list allows.
+    pub allowed_calls: usize,
+}
+
+/// Which layers a sandbox has (or would have), and why any is missing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ActiveLayers {
+    pub no_new_privs: bool,
+    pub rlimits: bool,
+    pub landlock: Option<LandlockLayer>,
+    pub seccomp: Option<SeccompLayer>,
+    /// One line per missing layer or part, for status and logs.
+    pub missing: Vec<String>,
+}
+
+impl fmt::Display for ActiveLayers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.landlock {
+            Some(l) => {
+                let mut parts = vec!["files"];
+                if l.tcp {
+                    parts.push("tcp");
+                }
+                if l.scoping {
+                    parts.push("scoping");
+                }
+                write!(f, "landlock=abi{}({})", l.abi, parts.join(","))?;
+            }
+            None => f.write_str("landlock=off")?,
+        }
+        match &self.seccomp {
+            Some(s) => write!(f, " seccomp=on({} calls)", s.allowed_calls),
+            None => f.write_str(" seccomp=off"),
+        }
+    }
+}
+
+/// Proof that [`SandboxPlan::enter`] succeeded, and what it enforced.
+#[derive(Debug)]
+pub struct Sandboxed {
+    layers: ActiveLayers,
+}
+
+impl Sandboxed {
+    pub fn layers(&self) -> &ActiveLayers {
+        &self.layers
+    }
+}
+
+/// Everything a worker of one app is allowed, ready to be entered.
+#[derive(Debug, Clone)]
+pub struct SandboxPlan {
+    app: String,
+    kind: AppKind,
+    keep_fds: Vec<RawFd>,
+    read_only: Vec<PathBuf>,
+    read_write: Vec<PathBuf>,
+    connect_ports: Vec<u16>,
+    network: bool,
+    landlock: Enforcement,
+    seccomp: Enforcement,
+    open_files: u64,
+    disabled: Vec<Layer>,
+}
+
+impl SandboxPlan {
+    /// The sandbox of a worker of `app`: its dirs (ro or rw), its
+    /// `network.connect` ports, its kind's syscall list and the policy's
+    /// `sandbox.*` enforcement. Fds to keep are added with [`keep_fd`](Self::keep_fd).
+    pub fn for_app(app: &AppSpec) -> Self {
+        let mut plan = SandboxPlan {
+            app: app.name.clone(),
+            kind: app.kind,
+            keep_fds: Vec::new(),
+            read_only: Vec::new(),
+            read_write: Vec::new(),
+            connect_ports: Vec::new(),
+            network: !app.network.connect.is_empty(),
+            landlock: app.sandbox.landlock,
+            seccomp: app.sandbox.seccomp,
+            open_files: DEFAULT_OPEN_FILES,
+            disabled: Vec::new(),
+        };
+        for dir in &app.dirs {
+            match dir.access {
+                Access::ReadOnly => plan.allow_read(dir.host.clone()),
+                Access::ReadWrite => plan.allow_write(dir.host.clone()),
+            }
+        }
+        for target in &app.network.connect {
+            if !plan.connect_ports.contains(&target.port) {
+                plan.connect_ports.push(target.port);
+            }
+        }
+        plan
+    }
+
+    /// Keeps `fd` open across [`enter`](Self::enter) (the listening socket,
+    /// the control socket, the artifact, a runtime's epoll fd). 0, 1 and 2
+    /// are always kept. The caller keeps owning it.
+    pub fn keep_fd(&mut self, fd: impl AsFd) {
+        self.keep_fds.push(fd.as_fd().as_raw_fd());
+    }
+
+    /// Grants read access below `path` (a directory) or to it (a file),
+    /// e.g. the module that `corral run` reads.
+    pub fn allow_read(&mut self, path: impl Into<PathBuf>) {
+        self.read_only.push(path.into());
+    }
+
+    /// Grants read-write access below `path`.
+    pub fn allow_write(&mut self, path: impl Into<PathBuf>) {
+        self.read_write.push(path.into());
+    }
+
+    /// The bound on open files (`RLIMIT_NOFILE`), [`DEFAULT_OPEN_FILES`]
+    /// unless set.
+    pub fn set_open_files(&mut self, limit: u64) {
+        self.open_files = limit;
+    }
+
+    /// Leaves a layer out, whatever the policy says. Only for the probe
+    /// that proves each layer holds on its own; no worker calls this.
+    #[doc(hidden)]
+    pub fn disable_layer_for_probe(&mut self, layer: Layer) {
+        self.disabled.push(layer);
+    }
+
+    pub fn app(&self) -> &str {
+        &self.app
+    }
+
+    pub fn kind(&self) -> AppKind {
+        self.kind
+    }
+
+    /// The layers [`enter`](Self::enter) would give on `kernel`, or the
+    /// refusal of a `require`d layer the kernel lacks.
+    pub fn predict(&self, kernel: &KernelSupport) -> Result<ActiveLayers, SandboxError> {
+        self.predict_with(kernel, true)
+    }
+
+    /// The layers this plan would get on `kernel` if every layer were
+    /// `best-effort` (what `corral check` shows).
+    pub fn predict_best_effort(&self, kernel: &KernelSupport) -> ActiveLayers {
+        match self.predict_with(kernel, false) {
+            Ok(layers) => layers,
+            Err(e) => unreachable!("best-effort prediction refused: {e}"),
+        }
+    }
+
+    fn predict_with(
+        &self,
+        kernel: &KernelSupport,
+        honour_require: bool,
+    ) -> Result<ActiveLayers, SandboxError> {
+        let mut missing = Vec::new();
+        let refuse = |layer, enforcement, reason: String, missing: &mut Vec<String>| {
+            if honour_require && enforcement == Enforcement::Require {
+                Err(SandboxError::Required {
+                    app: self.app.clone(),
+                    layer,
+                    reason,
+                })
+            } else {
+                missing.push(format!("{layer}: {reason}"));
+                Ok(())
+            }
+        };
+        let landlock = if self.disabled.contains(&Layer::Landlock) {
+            missing.push("landlock: left out by the probe".into());
+            None
+        } else {
+            match kernel.landlock {
+                LandlockSupport::Available { abi } => {
+                    if abi < REQUIRED_LANDLOCK_ABI {
+                        refuse(
+                            Layer::Landlock,
+                            self.landlock,
+                            format!("this kernel's landlock ABI {abi} has no TCP rules (needs 4)"),
+                            &mut missing,
+                        )?;
+                    }
+                    if abi < 6 {
+                        missing.push(format!(
+                            "landlock: ABI {abi} has no scoping of signals and abstract sockets (needs 6)"
+                        ));
+                    }
+                    Some(LandlockLayer {
+                        abi,
+                        filesystem: true,
+                        tcp: abi >= 4,
+                        scoping: abi >= 6,
+                    })
+                }
+                LandlockSupport::NotEnabled => {
+                    refuse(
+                        Layer::Landlock,
+                        self.landlock,
+                        "landlock is built in but not enabled at boot (add it to lsm=)".into(),
+                        &mut missing,
+                    )?;
+                    None
+                }
+                LandlockSupport::NotImplemented => {
+                    refuse(
+                        Layer::Landlock,
+                        self.landlock,
+                        "this kernel has no landlock".into(),
+                        &mut missing,
+                    )?;
+                    None
+                }
+            }
+        };
+        let seccomp = if self.disabled.contains(&Layer::Seccomp) {
+            missing.push("seccomp: left out by the probe".into());
+            None
+        } else {
+            match (kernel.arch, kernel.seccomp.available) {
+                (Some(arch), true) => Some(SeccompLayer {
+                    arch,
+                    allowed_calls: seccomp::AppFilter::for_app(self.kind, self.network, arch)?
+                        .allowed_count(),
+                }),
+                (None, _) => {
+                    refuse(
+                        Layer::Seccomp,
+                        self.seccomp,
+                        format!("corral has no syscall list for {}", std::env::consts::ARCH),
+                        &mut missing,
+                    )?;
+                    None
+                }
+                (Some(_), false) => {
+                    let why = kernel.seccomp.reason.clone().unwrap_or_default();
+                    refuse(
+                        Layer::Seccomp,
+                        self.seccomp,
+                        format!("this kernel has no seccomp filters ({why})"),
+                        &mut missing,
+                    )?;
+                    None
+                }
+            }
+        };
+        Ok(ActiveLayers {
+            no_new_privs: true,
+            rlimits: true,
+            landlock,
+            seccomp,
+            missing,
+        })
+    }
+
+    /// Restricts the calling process to this plan, for good.
+    pub fn enter(self) -> Result<Sandboxed, SandboxError> {
+        let kernel = probe_kernel();
+        let mut layers = self.predict(&kernel)?; // refuse before changing anything
+        let filters = self.compile_seccomp(&layers)?; // allocate before the fds go
+        self.check_single_threaded()?;
+        self.close_inherited_fds()?; // keep only the fds we were handed
+        self.set_rlimits()?;
+        set_no_new_privs()?; // required for unprivileged seccomp and landlock
+        if let Some(expected) = layers.landlock {
+            layers.landlock = Some(self.restrict_fs(expected.abi)?);
+        }
+        if let Some(filters) = filters {
+            install_seccomp(&filters)?; // last, closest to the work loop
+        }
+        Ok(Sandboxed { layers })
+    }
+
+    fn compile_seccomp(
+        &self,
+        layers: &ActiveLayers,
+    ) -> Result<Option<Vec<seccompiler::BpfProgram>>, SandboxError> {
+        let Some(layer) = layers.seccomp else {
+            return Ok(None);
+        };
+        let filter = seccomp::AppFilter::for_app(self.kind, self.network, layer.arch)?;
+        Ok(Some(filter.compile()?))
+    }
+
+    fn check_single_threaded(&self) -> Result<(), SandboxError> {
+        match sys::thread_count() {
+            Some(threads) if threads > 1 => Err(SandboxError::NotSingleThreaded { threads }),
+            _ => Ok(()),
+        }
+    }
+
+    fn close_inherited_fds(&self) -> Result<(), SandboxError> {
+        sys::close_fds_except(&self.keep_fds).map_err(SandboxError::CloseFds)
+    }
+
+    fn set_rlimits(&self) -> Result<(), SandboxError> {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let err = |e: rustix::io::Errno| SandboxError::Rlimit(e.into());
+        let none = Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        };
+        setrlimit(Resource::Core, none).map_err(err)?;
+        let highest_kept = self.keep_fds.iter().copied().max().unwrap_or(2).max(2) as u64;
+        let mut files = self.open_files.max(highest_kept + 1);
+        if let Some(hard) = getrlimit(Resource::Nofile).maximum {
+            files = files.min(hard);
+        }
+        let nofile = Rlimit {
+            current: Some(files),
+            maximum: Some(files),
+        };
+        setrlimit(Resource::Nofile, nofile).map_err(err)
+    }
+
+    fn restrict_fs(&self, kernel_abi: u32) -> Result<LandlockLayer, SandboxError> {
+        landlock::restrict(
+            &landlock::FsNetRules {
+                read_only: &self.read_only,
+                read_write: &self.read_write,
+                connect_ports: &self.connect_ports,
+            },
+            kernel_abi,
+        )
+    }
+}
+
+fn set_no_new_privs() -> Result<(), SandboxError> {
+    rustix::thread::set_no_new_privs(true).map_err(|e| SandboxError::NoNewPrivs(e.into()))
+}
+
+fn install_seccomp(filters: &[seccompiler::BpfProgram]) -> Result<(), SandboxError> {
+    seccomp::install(filters).map_err(SandboxError::SeccompInstall)
+}
