@@ -61,11 +61,26 @@ fn print_errors(err: &PolicyError) {
 /// The apps as an aligned table, one row per app, then a summary line.
 pub(crate) fn render_table(policy: &Policy) -> String {
     let mut rows = vec![
-        ["APP", "KIND", "LISTEN", "POOL", "SANDBOX"]
-            .map(String::from)
-            .to_vec(),
+        [
+            "APP",
+            "KIND",
+            "LISTEN",
+            "POOL",
+            "SANDBOX",
+            "LAYERS ON THIS KERNEL",
+        ]
+        .map(String::from)
+        .to_vec(),
     ];
+    let kernel = crate::sandbox::probe_kernel();
     for (name, app) in &policy.apps {
+        // What a worker would get here if every layer were best-effort;
+        // `corral doctor` says whether `require` refuses the app.
+        let plan = crate::sandbox::SandboxPlan::for_app(app);
+        let mut layers = plan.predict_best_effort(&kernel).to_string();
+        if plan.predict(&kernel).is_err() {
+            layers.push_str(" (require: refused)");
+        }
         let listen: Vec<String> = app.listen.iter().map(ToString::to_string).collect();
         rows.push(vec![
             name.clone(),
@@ -80,6 +95,7 @@ pub(crate) fn render_table(policy: &Policy) -> String {
                 "landlock={} seccomp={}",
                 app.sandbox.landlock, app.sandbox.seccomp
             ),
+            layers,
         ]);
     }
     let widths: Vec<usize> = (0..rows[0].len())

@@ -11,8 +11,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod check;
+mod doctor;
 
 pub use check::CheckCommand;
+pub use doctor::DoctorCommand;
 
 /// Where the policy lives unless `--policy` says otherwise.
 pub fn default_policy_path() -> PathBuf {
@@ -34,12 +36,15 @@ const EXIT_CODES: &str =
 pub enum Command {
     /// Validate a policy file and its drop-ins, and show the apps it defines.
     Check(CheckCommand),
+    /// Show the kernel's sandbox features and the layers each app would get.
+    Doctor(DoctorCommand),
 }
 
 impl Cli {
     pub fn execute(self) -> anyhow::Result<ExitCode> {
         match self.command {
             Command::Check(c) => c.execute(),
+            Command::Doctor(c) => c.execute(),
         }
     }
 }

@@ -458,3 +458,108 @@ fn set_no_new_privs() -> Result<(), SandboxError> {
 fn install_seccomp(filters: &[seccompiler::BpfProgram]) -> Result<(), SandboxError> {
     seccomp::install(filters).map_err(SandboxError::SeccompInstall)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(sandbox: &str) -> SandboxPlan {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("m.wat"), "(module)").unwrap();
+        let text = format!(
+            "[apps.web]\nmodule = \"m.wat\"\nkind = \"command\"\nsandbox = {sandbox}\n\
+             network = {{ connect = [\"127.0.0.1:5432\", \"[::1]:5432\"] }}\n"
+        );
+        let policy = corral_policy::parse_str(
+            &text,
+            &dir.path().join("policy.toml"),
+            &corral_policy::Environment::default(),
+        )
+        .unwrap();
+        SandboxPlan::for_app(&policy.apps["web"])
+    }
+
+    fn kernel(landlock: LandlockSupport, seccomp: bool) -> KernelSupport {
+        KernelSupport {
+            release: "test".into(),
+            arch: Some(Arch::x86_64),
+            landlock,
+            seccomp: SeccompSupport {
+                available: seccomp,
+                reason: (!seccomp).then(|| "ENOSYS".into()),
+            },
+            user_namespaces: UserNamespaces {
+                max: None,
+                unprivileged_clone: None,
+                apparmor_restricted: None,
+            },
+            cgroup_v2: CgroupV2 {
+                mount: None,
+                hybrid: false,
+                own_cgroup: None,
+                controllers: Vec::new(),
+                delegated: false,
+            },
+        }
+    }
+
+    #[test]
+    fn require_refuses_a_kernel_without_the_layer() {
+        let p = plan(r#"{ landlock = "require", seccomp = "require" }"#);
+        let err = p
+            .predict(&kernel(LandlockSupport::NotImplemented, true))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SandboxError::Required {
+                    layer: Layer::Landlock,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = p
+            .predict(&kernel(LandlockSupport::Available { abi: 3 }, true))
+            .unwrap_err();
+        assert!(err.to_string().contains("ABI 3 has no TCP rules"), "{err}");
+        let err = p
+            .predict(&kernel(LandlockSupport::Available { abi: 7 }, false))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SandboxError::Required {
+                    layer: Layer::Seccomp,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn best_effort_runs_without_the_layer_and_says_so() {
+        let p = plan(r#"{ landlock = "best-effort", seccomp = "best-effort" }"#);
+        let layers = p
+            .predict(&kernel(LandlockSupport::NotEnabled, false))
+            .unwrap();
+        assert_eq!(layers.landlock, None);
+        assert_eq!(layers.seccomp, None);
+        assert_eq!(layers.missing.len(), 2, "{:?}", layers.missing);
+        assert_eq!(layers.to_string(), "landlock=off seccomp=off");
+        let layers = p
+            .predict(&kernel(LandlockSupport::Available { abi: 5 }, true))
+            .unwrap();
+        assert!(
+            layers
+                .to_string()
+                .starts_with("landlock=abi5(files,tcp) seccomp=on(")
+        );
+    }
+
+    #[test]
+    fn plan_takes_ports_once() {
+        assert_eq!(plan(r#"{ landlock = "require" }"#).connect_ports, [5432]);
+    }
+}
