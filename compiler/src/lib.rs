@@ -1,1 +1,27 @@
-//! placeholder
+//! corral-compiler: the engine configuration, ahead-of-time compilation
+//! (wasmtime/cranelift) and the content-addressed artifact cache shared by
+//! `corral compile` and the daemon.
+//!
+//! - [`engine_config`] / [`new_engine`]: THE wasmtime configuration, derived
+//!   from an app's spec ([`EngineOptions`]); the same one compiles and loads.
+//! - [`Cache`]: `<cache>/<target>/<engine-hash>/<module-sha256>.cwasm`, with
+//!   atomic writes, a per-entry compile lock, digest checks before loading,
+//!   LRU garbage collection that keeps entries in use. See docs/cache.md.
+//! - The one `unsafe` deserialize is in `deserialize.rs`.
+
+mod cache;
+mod deserialize;
+mod engine;
+mod error;
+mod lock;
+mod source;
+
+pub use cache::{
+    Artifact, ArtifactKey, Cache, CompiledEntry, Entry, EntryMeta, GcReport, Program, Verification,
+};
+pub use engine::{
+    Allocation, BuiltEngine, CpuFeatures, EngineOptions, PoolingOptions, build_engine,
+    engine_config, engine_hash, host_triple, new_engine,
+};
+pub use error::{CacheError, CompileError};
+pub use source::{ProgramKind, Source};

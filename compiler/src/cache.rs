@@ -1,0 +1,735 @@
+//! The content-addressed artifact cache.
+//!
+//! Layout (see docs/cache.md):
+//! ```text
+//! <cache>/<target-triple>/<engine-hash>/<module-sha256>.cwasm   the artifact (mode 0600)
+//!                                       <module-sha256>.json    metadata, written first
+//!                                       <module-sha256>.lock    compile lock (flock)
+//! ```
+//! Invariants:
+//! - Files appear only by rename from a temp file in the same directory, so
+//!   a reader never sees a half-written one; a crash leaves only `.tmp-*`
+//!   files, which gc removes once stale.
+//! - An entry is created, replaced or deleted only while holding its
+//!   `.lock` (gc and clear take it without waiting and skip if busy).
+//! - An artifact is deserialized only after its size and SHA-256 match the
+//!   metadata (see `deserialize.rs`); a mismatch discards and rebuilds it.
+//! - "Last use" is the artifact's modification time, set on every load.
+//! - An artifact in use holds a shared `flock` on its `.cwasm` (see
+//!   `lock.rs`); gc never deletes such an entry.
+
+use std::fmt;
+use std::fs::{self, DirBuilder, File};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use wasmtime::Engine;
+
+use crate::deserialize::{self, Verified};
+use crate::engine::{engine_hash, host_triple};
+use crate::error::{CacheError, CompileError};
+use crate::lock;
+use crate::source::{ProgramKind, Source};
+
+/// Temp files older than this are leftovers of a crash; gc removes them.
+const STALE_TEMP: Duration = Duration::from_secs(3600);
+
+/// What identifies an artifact: target, engine settings, module contents.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ArtifactKey {
+    pub target: String,
+    /// Hex digest of wasmtime's `precompile_compatibility_hash()`.
+    pub engine: String,
+    /// Hex SHA-256 of the module's binary.
+    pub module: String,
+}
+
+impl fmt::Display for ArtifactKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.target, self.engine, self.module)
+    }
+}
+
+/// The metadata sidecar (`<sha>.json`). Written once, with the artifact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub struct EntryMeta {
+    /// The file it was compiled from (first compile).
+    pub source: PathBuf,
+    pub kind: ProgramKind,
+    pub module_size: u64,
+    pub artifact_size: u64,
+    /// Hex SHA-256 of the `.cwasm`, checked before every load.
+    pub artifact_sha256: String,
+    /// Seconds since the Unix epoch.
+    pub compiled_at: u64,
+    pub compile_ms: u64,
+}
+
+/// A loaded program.
+pub enum Program {
+    Module(wasmtime::Module),
+    Component(wasmtime::component::Component),
+}
+
+impl Program {
+    pub fn kind(&self) -> ProgramKind {
+        match self {
+            Program::Module(_) => ProgramKind::Module,
+            Program::Component(_) => ProgramKind::Component,
+        }
+    }
+}
+
+impl fmt::Debug for Program {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Program::{}", self.kind())
+    }
+}
+
+/// A compiled program from the cache, mapped and ready to instantiate.
+///
+/// While it (or any duplicate of [`Artifact::file`], in any process) is
+/// open, gc keeps the entry.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Artifact {
+    pub key: ArtifactKey,
+    pub path: PathBuf,
+    pub program: Program,
+    /// `true` if it was already in the cache (possibly compiled by another
+    /// process while we waited for its lock).
+    pub cache_hit: bool,
+    pub meta: EntryMeta,
+    /// How long the compile took, when this call compiled it.
+    pub compile_time: Option<Duration>,
+    file: File,
+}
+
+impl Artifact {
+    /// The open artifact, holding the shared "in use" lock. Pass a
+    /// duplicate of it to a zygote (it keeps the entry pinned there too).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+/// An entry made sure of without loading it (cross-target compiles).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct CompiledEntry {
+    pub key: ArtifactKey,
+    pub path: PathBuf,
+    pub meta: EntryMeta,
+    pub cache_hit: bool,
+    pub compile_time: Option<Duration>,
+}
+
+/// One entry as found on disk (`corral cache list`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub struct Entry {
+    pub key: ArtifactKey,
+    pub path: PathBuf,
+    /// Bytes on disk (artifact + metadata).
+    pub size: u64,
+    /// `None` if the metadata is missing or unreadable.
+    pub meta: Option<EntryMeta>,
+    /// Seconds since the Unix epoch.
+    pub last_use: u64,
+    pub in_use: bool,
+}
+
+/// Result of checking one entry (`corral cache verify`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Verification {
+    pub key: ArtifactKey,
+    pub path: PathBuf,
+    /// `None` if the entry is sound; otherwise why not.
+    pub problem: Option<String>,
+    pub removed: bool,
+}
+
+/// What gc or clear did.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GcReport {
+    pub removed: Vec<ArtifactKey>,
+    pub freed: u64,
+    /// Entries over the limit that were kept because they are in use.
+    pub kept_in_use: Vec<ArtifactKey>,
+    /// Bytes in the cache afterwards.
+    pub size_after: u64,
+    pub stale_temp_files: u64,
+}
+
+/// Paths of one entry.
+#[derive(Debug, Clone)]
+struct EntryPaths {
+    dir: PathBuf,
+    cwasm: PathBuf,
+    meta: PathBuf,
+    lock: PathBuf,
+}
+
+impl EntryPaths {
+    fn new(root: &Path, key: &ArtifactKey) -> Self {
+        let dir = root.join(&key.target).join(&key.engine);
+        EntryPaths {
+            cwasm: dir.join(format!("{}.cwasm", key.module)),
+            meta: dir.join(format!("{}.json", key.module)),
+            lock: dir.join(format!("{}.lock", key.module)),
+            dir,
+        }
+    }
+}
+
+/// What looking at an entry found.
+enum Probe<T> {
+    Hit(T),
+    Missing,
+    Corrupt(String),
+}
+
+/// The artifact cache rooted at one directory.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+impl Cache {
+    /// Open the cache at `dir` for reading and writing, creating it (mode
+    /// 0700) if needed and checking that it is writable.
+    pub fn open(dir: &Path) -> Result<Cache, CacheError> {
+        create_private_dir(dir)?;
+        tempfile::tempfile_in(dir).map_err(|source| CacheError::NotWritable {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Ok(Cache {
+            root: dir.to_path_buf(),
+        })
+    }
+
+    /// The cache at `dir` for listing and checking; nothing is created.
+    pub fn open_existing(dir: &Path) -> Cache {
+        Cache {
+            root: dir.to_path_buf(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The artifact of `source` for `engine` (a host engine, from
+    /// [`crate::new_engine`]): loaded from the cache, or compiled, stored
+    /// and loaded. Blocks for as long as a compile takes; the daemon calls
+    /// it from a blocking thread.
+    pub fn load_or_compile(
+        &self,
+        engine: &Engine,
+        source: &Path,
+    ) -> Result<Artifact, CompileError> {
+        let source = Source::read(source)?;
+        self.load_or_compile_source(engine, &source)
+    }
+
+    /// As [`Cache::load_or_compile`], for a source already read.
+    pub fn load_or_compile_source(
+        &self,
+        engine: &Engine,
+        source: &Source,
+    ) -> Result<Artifact, CompileError> {
+        let key = self.key(engine, &host_triple(), source);
+        let paths = EntryPaths::new(&self.root, &key);
+        let load = |paths: &EntryPaths| open_entry(paths, Some(engine));
+
+        if let Probe::Hit((file, meta, program)) = load(&paths)? {
+            return Ok(artifact(key, paths, file, meta, program, true, None));
+        }
+        create_private_dir(&paths.dir)?;
+        let _lock = lock_entry(&paths)?;
+        match load(&paths)? {
+            Probe::Hit((file, meta, program)) => {
+                return Ok(artifact(key, paths, file, meta, program, true, None));
+            }
+            Probe::Missing => {}
+            Probe::Corrupt(reason) => discard(&paths, &reason)?,
+        }
+        let (meta, took) = compile_and_store(engine, source, &paths)?;
+        match load(&paths)? {
+            Probe::Hit((file, _, program)) => {
+                Ok(artifact(key, paths, file, meta, program, false, Some(took)))
+            }
+            Probe::Missing => Err(CompileError::Load {
+                path: paths.cwasm,
+                reason: "vanished right after it was written".into(),
+            }),
+            Probe::Corrupt(reason) => {
+                // Not rebuilt again: the engine and the artifact disagree.
+                discard(&paths, &reason)?;
+                Err(CompileError::Load {
+                    path: paths.cwasm,
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Make sure the cache holds `source` compiled by `engine` for
+    /// `target` (a triple; the engine must have been configured for it),
+    /// without loading it: the way to fill another machine's directory.
+    pub fn compile_for_target(
+        &self,
+        engine: &Engine,
+        target: &str,
+        source: &Source,
+    ) -> Result<CompiledEntry, CompileError> {
+        let key = self.key(engine, target, source);
+        let paths = EntryPaths::new(&self.root, &key);
+        let done = |meta, hit, took| CompiledEntry {
+            key: key.clone(),
+            path: paths.cwasm.clone(),
+            meta,
+            cache_hit: hit,
+            compile_time: took,
+        };
+        if let Probe::Hit((_, meta, _)) = open_entry(&paths, None)? {
+            return Ok(done(meta, true, None));
+        }
+        create_private_dir(&paths.dir)?;
+        let _lock = lock_entry(&paths)?;
+        match open_entry(&paths, None)? {
+            Probe::Hit((_, meta, _)) => return Ok(done(meta, true, None)),
+            Probe::Missing => {}
+            Probe::Corrupt(reason) => discard(&paths, &reason)?,
+        }
+        let (meta, took) = compile_and_store(engine, source, &paths)?;
+        Ok(done(meta, false, Some(took)))
+    }
+
+    /// The key `source` has under `engine` for `target`.
+    pub fn key(&self, engine: &Engine, target: &str, source: &Source) -> ArtifactKey {
+        ArtifactKey {
+            target: target.to_string(),
+            engine: engine_hash(engine),
+            module: source.digest.clone(),
+        }
+    }
+
+    /// Every entry, least recently used first.
+    pub fn entries(&self) -> Result<Vec<Entry>, CacheError> {
+        let mut entries = Vec::new();
+        for (key, paths) in self.walk()? {
+            let Ok(file) = File::open(&paths.cwasm) else {
+                continue;
+            };
+            let stat = file.metadata().map_err(|source| CacheError::Read {
+                path: paths.cwasm.clone(),
+                source,
+            })?;
+            let meta_size = fs::metadata(&paths.meta).map(|m| m.len()).unwrap_or(0);
+            let in_use = !lock::try_lock(&file, true).map_err(|source| CacheError::Lock {
+                path: paths.cwasm.clone(),
+                source,
+            })?;
+            entries.push(Entry {
+                key,
+                size: stat.len() + meta_size,
+                meta: read_meta(&paths.meta).ok(),
+                last_use: unix_secs(stat.modified().unwrap_or(UNIX_EPOCH)),
+                in_use,
+                path: paths.cwasm,
+            });
+        }
+        entries.sort_by(|a, b| (a.last_use, &a.key.module).cmp(&(b.last_use, &b.key.module)));
+        Ok(entries)
+    }
+
+    /// Check every entry's size and digest; with `remove`, delete the bad
+    /// ones (they are rebuilt on next use anyway).
+    pub fn verify(&self, remove: bool) -> Result<Vec<Verification>, CacheError> {
+        let mut out = Vec::new();
+        for (key, paths) in self.walk()? {
+            let problem = match open_entry(&paths, None) {
+                Ok(Probe::Hit(_)) => None,
+                Ok(Probe::Missing) => Some("artifact disappeared while checking".to_string()),
+                Ok(Probe::Corrupt(reason)) => Some(reason),
+                Err(e) => Some(e.to_string()),
+            };
+            let mut removed = false;
+            if let (Some(reason), true) = (&problem, remove)
+                && let Some(_lock) = try_lock_entry(&paths)?
+            {
+                discard(&paths, reason)?;
+                removed = true;
+            }
+            out.push(Verification {
+                key,
+                path: paths.cwasm,
+                problem,
+                removed,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Delete least recently used entries until the cache holds at most
+    /// `max_size` bytes. Entries in use or being compiled are kept (and
+    /// reported); stale temp files are removed.
+    pub fn gc(&self, max_size: u64) -> Result<GcReport, CacheError> {
+        let mut report = GcReport {
+            stale_temp_files: self.remove_stale_temp_files()?,
+            ..GcReport::default()
+        };
+        let entries = self.entries()?;
+        let mut total: u64 = entries.iter().map(|e| e.size).sum();
+        for entry in entries {
+            if total <= max_size {
+                break;
+            }
+            if self.remove_entry(&entry.key)? {
+                total -= entry.size;
+                report.freed += entry.size;
+                report.removed.push(entry.key);
+            } else {
+                report.kept_in_use.push(entry.key);
+            }
+        }
+        report.size_after = total;
+        Ok(report)
+    }
+
+    /// Delete every entry not in use, and stale temp files.
+    pub fn clear(&self) -> Result<GcReport, CacheError> {
+        self.gc(0)
+    }
+
+    /// Delete one entry unless it is in use or being compiled; `Ok(false)`
+    /// if it was kept.
+    pub fn remove_entry(&self, key: &ArtifactKey) -> Result<bool, CacheError> {
+        let paths = EntryPaths::new(&self.root, key);
+        let Some(_lock) = try_lock_entry(&paths)? else {
+            return Ok(false);
+        };
+        match File::open(&paths.cwasm) {
+            Ok(file) => {
+                let free = lock::try_lock(&file, true).map_err(|source| CacheError::Lock {
+                    path: paths.cwasm.clone(),
+                    source,
+                })?;
+                if !free {
+                    return Ok(false);
+                }
+                remove_if_exists(&paths.cwasm)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(CacheError::Read {
+                    path: paths.cwasm,
+                    source,
+                });
+            }
+        }
+        remove_if_exists(&paths.meta)?;
+        // Last, while still holding it: a waiter re-checks the path.
+        remove_if_exists(&paths.lock)?;
+        Ok(true)
+    }
+
+    /// (key, paths) of every `.cwasm` under the root.
+    fn walk(&self) -> Result<Vec<(ArtifactKey, EntryPaths)>, CacheError> {
+        let mut out = Vec::new();
+        for target in read_dir_names(&self.root)? {
+            let tdir = self.root.join(&target);
+            if !tdir.is_dir() {
+                continue;
+            }
+            for engine in read_dir_names(&tdir)? {
+                let edir = tdir.join(&engine);
+                if !edir.is_dir() {
+                    continue;
+                }
+                for name in read_dir_names(&edir)? {
+                    if let Some(module) = name.strip_suffix(".cwasm")
+                        && !module.starts_with('.')
+                    {
+                        let key = ArtifactKey {
+                            target: target.clone(),
+                            engine: engine.clone(),
+                            module: module.to_string(),
+                        };
+                        let paths = EntryPaths::new(&self.root, &key);
+                        out.push((key, paths));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove_stale_temp_files(&self) -> Result<u64, CacheError> {
+        let mut n = 0;
+        let now = SystemTime::now();
+        for target in read_dir_names(&self.root)? {
+            let tdir = self.root.join(&target);
+            if !tdir.is_dir() {
+                continue;
+            }
+            for engine in read_dir_names(&tdir)? {
+                let edir = tdir.join(&engine);
+                if !edir.is_dir() {
+                    continue;
+                }
+                for name in read_dir_names(&edir)? {
+                    let path = edir.join(&name);
+                    let old = fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > STALE_TEMP);
+                    if name.starts_with(".tmp-") && old {
+                        remove_if_exists(&path)?;
+                        n += 1;
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+fn artifact(
+    key: ArtifactKey,
+    paths: EntryPaths,
+    file: File,
+    meta: EntryMeta,
+    program: Option<crate::Program>,
+    cache_hit: bool,
+    compile_time: Option<Duration>,
+) -> Artifact {
+    Artifact {
+        key,
+        path: paths.cwasm,
+        program: program.expect("open_entry loads when given an engine"),
+        cache_hit,
+        meta,
+        compile_time,
+        file,
+    }
+}
+
+/// Open, pin (shared lock), verify and, given an engine, load an entry.
+fn open_entry(
+    paths: &EntryPaths,
+    engine: Option<&Engine>,
+) -> Result<Probe<(File, EntryMeta, Option<Program>)>, CacheError> {
+    let file = match File::open(&paths.cwasm) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Probe::Missing),
+        Err(source) => {
+            return Err(CacheError::Read {
+                path: paths.cwasm.clone(),
+                source,
+            });
+        }
+    };
+    let lock_err = |source| CacheError::Lock {
+        path: paths.cwasm.clone(),
+        source,
+    };
+    lock::lock_shared(&file).map_err(lock_err)?;
+    // gc may have deleted it between our open and lock.
+    if !lock::same_file(&file, &paths.cwasm).map_err(lock_err)? {
+        return Ok(Probe::Missing);
+    }
+    let meta = match read_meta(&paths.meta) {
+        Ok(meta) => meta,
+        Err(reason) => return Ok(Probe::Corrupt(reason)),
+    };
+    let verified = match Verified::check(
+        &file,
+        &paths.cwasm,
+        meta.kind,
+        meta.artifact_size,
+        &meta.artifact_sha256,
+    ) {
+        Ok(v) => v,
+        Err(mismatch) => return Ok(Probe::Corrupt(mismatch.to_string())),
+    };
+    let program = match engine {
+        None => None,
+        Some(engine) => match deserialize::deserialize(engine, verified) {
+            Ok(p) => Some(p),
+            Err(e) => return Ok(Probe::Corrupt(format!("wasmtime refused it: {e:#}"))),
+        },
+    };
+    // Last use, for gc. Best effort: a read-only cache still loads.
+    if engine.is_some()
+        && let Err(e) = file.set_modified(SystemTime::now())
+    {
+        tracing::debug!(path = %paths.cwasm.display(), error = %e, "cannot record last use");
+    }
+    Ok(Probe::Hit((file, meta, program)))
+}
+
+fn read_meta(path: &Path) -> Result<EntryMeta, String> {
+    let bytes = fs::read(path).map_err(|e| format!("metadata {}: {e}", path.display()))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("metadata {}: {e}", path.display()))
+}
+
+/// Remove a corrupt entry (caller holds its lock) and say so.
+fn discard(paths: &EntryPaths, reason: &str) -> Result<(), CacheError> {
+    tracing::warn!(
+        path = %paths.cwasm.display(),
+        %reason,
+        "discarding corrupt cache entry; it will be rebuilt"
+    );
+    remove_if_exists(&paths.cwasm)?;
+    remove_if_exists(&paths.meta)
+}
+
+fn lock_entry(paths: &EntryPaths) -> Result<lock::FileLock, CacheError> {
+    lock::lock_file(&paths.lock).map_err(|source| CacheError::Lock {
+        path: paths.lock.clone(),
+        source,
+    })
+}
+
+/// The entry's lock if nobody holds it (gc and clear never wait).
+fn try_lock_entry(paths: &EntryPaths) -> Result<Option<File>, CacheError> {
+    let err = |source| CacheError::Lock {
+        path: paths.lock.clone(),
+        source,
+    };
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&paths.lock)
+        .map_err(err)?;
+    let locked = lock::try_lock(&file, true).map_err(err)?;
+    if locked && lock::same_file(&file, &paths.lock).map_err(err)? {
+        Ok(Some(file))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Compile `source` with `engine` and store it as `paths` (caller holds
+/// the entry lock). Metadata first, then the artifact, each by rename.
+fn compile_and_store(
+    engine: &Engine,
+    source: &Source,
+    paths: &EntryPaths,
+) -> Result<(EntryMeta, Duration), CompileError> {
+    let start = Instant::now();
+    tracing::info!(
+        source = %source.path.display(),
+        size = source.wasm.len(),
+        kind = %source.kind,
+        "compiling"
+    );
+    let compiled = source.precompile(engine)?;
+    let took = start.elapsed();
+    let meta = EntryMeta {
+        source: std::path::absolute(&source.path).unwrap_or_else(|_| source.path.clone()),
+        kind: source.kind,
+        module_size: source.wasm.len() as u64,
+        artifact_size: compiled.len() as u64,
+        artifact_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&compiled)),
+        compiled_at: unix_secs(SystemTime::now()),
+        compile_ms: took.as_millis() as u64,
+    };
+    let json = serde_json::to_vec_pretty(&meta).expect("metadata serializes");
+    write_atomic(&paths.meta, &json)?;
+    write_atomic(&paths.cwasm, &compiled)?;
+    sync_dir(&paths.dir)?;
+    Ok((meta, took))
+}
+
+/// Write `bytes` to `path` through a temp file in the same directory
+/// (removed on any error), fsync, rename.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let err = |source| CacheError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(err)?;
+    tmp.write_all(bytes).map_err(err)?;
+    tmp.as_file().sync_all().map_err(err)?;
+    tmp.persist(path).map_err(|e| err(e.error))?;
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), CacheError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| CacheError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// Create `dir` and missing parents with mode 0700.
+fn create_private_dir(dir: &Path) -> Result<(), CacheError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| CacheError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+fn remove_if_exists(path: &Path) -> Result<(), CacheError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(CacheError::Remove {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn read_dir_names(dir: &Path) -> Result<Vec<String>, CacheError> {
+    let read = match fs::read_dir(dir) {
+        Ok(r) => r,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(CacheError::Read {
+                path: dir.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let mut names = Vec::new();
+    for entry in read {
+        let entry = entry.map_err(|source| CacheError::Read {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        if let Some(name) = entry.file_name().to_str() {
+            names.push(name.to_string());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}

@@ -1,0 +1,397 @@
+//! The cache on real files in temp dirs, with real wasmtime.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use corral_compiler::{
+    Cache, CacheError, CompileError, CpuFeatures, EngineOptions, Program, ProgramKind, Source,
+    build_engine, new_engine,
+};
+
+const ADD: &str = r#"(module (func (export "add") (param i32 i32) (result i32)
+    local.get 0 local.get 1 i32.add))"#;
+const SUB: &str = r#"(module (func (export "sub") (param i32 i32) (result i32)
+    local.get 0 local.get 1 i32.sub))"#;
+
+fn write(dir: &Path, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+    let path = dir.join(name);
+    fs::write(&path, contents).unwrap();
+    path
+}
+
+fn cli_engine() -> wasmtime::Engine {
+    new_engine(&EngineOptions::default_for_cli()).unwrap()
+}
+
+#[test]
+fn compile_then_hit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::open(&tmp.path().join("cache")).unwrap();
+    let module = write(tmp.path(), "add.wat", ADD);
+    let engine = cli_engine();
+
+    let first = cache.load_or_compile(&engine, &module).unwrap();
+    assert!(!first.cache_hit);
+    assert!(first.compile_time.is_some());
+    assert!(matches!(first.program, Program::Module(_)));
+    assert_eq!(first.meta.kind, ProgramKind::Module);
+
+    let second = cache.load_or_compile(&engine, &module).unwrap();
+    assert!(second.cache_hit);
+    assert_eq!(first.key, second.key);
+    assert_eq!(first.path, second.path);
+
+    // The layout and modes of ARCHITECTURE.md.
+    let rel = second.path.strip_prefix(cache.root()).unwrap();
+    assert_eq!(
+        rel.to_str().unwrap(),
+        format!(
+            "{}/{}/{}.cwasm",
+            second.key.target, second.key.engine, second.key.module
+        )
+    );
+    assert_eq!(second.key.target, corral_compiler::host_triple());
+    let dir_mode = fs::metadata(second.path.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(dir_mode & 0o777, 0o700);
+    let file_mode = fs::metadata(&second.path).unwrap().permissions().mode();
+    assert_eq!(file_mode & 0o077, 0);
+
+    // The loaded module runs.
+    let Program::Module(m) = &second.program else {
+        panic!()
+    };
+    let mut store = wasmtime::Store::new(&engine, ());
+    store.set_epoch_deadline(1);
+    let instance = wasmtime::Instance::new(&mut store, m, &[]).unwrap();
+    let add = instance
+        .get_typed_func::<(i32, i32), i32>(&mut store, "add")
+        .unwrap();
+    assert_eq!(add.call(&mut store, (2, 3)).unwrap(), 5);
+}
+
+#[test]
+fn text_and_binary_share_an_entry_and_components_are_recognized() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::open(tmp.path()).unwrap();
+    let engine = cli_engine();
+    let wat = write(tmp.path(), "add.wat", ADD);
+    let wasm = write(tmp.path(), "add.wasm", wat::parse_str(ADD).unwrap());
+    let a = cache.load_or_compile(&engine, &wat).unwrap();
+    let b = cache.load_or_compile(&engine, &wasm).unwrap();
+    assert!(b.cache_hit);
+    assert_eq!(a.key, b.key);
+
+    let comp = write(
+        tmp.path(),
+        "c.wat",
+        r#"(component (core module (func (export "f"))))"#,
+    );
+    let c = cache.load_or_compile(&engine, &comp).unwrap();
+    assert!(matches!(c.program, Program::Component(_)));
+    let c2 = cache.load_or_compile(&engine, &comp).unwrap();
+    assert!(c2.cache_hit);
+    assert_eq!(c2.meta.kind, ProgramKind::Component);
+}
+
+#[test]
+fn changed_module_misses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::open(tmp.path()).unwrap();
+    let engine = cli_engine();
+    let module = write(tmp.path(), "m.wat", ADD);
+    let a = cache.load_or_compile(&engine, &module).unwrap();
+    write(tmp.path(), "m.wat", SUB);
+    let b = cache.load_or_compile(&engine, &module).unwrap();
+    assert!(!b.cache_hit);
+    assert_ne!(a.key.module, b.key.module);
+    assert_eq!(a.key.engine, b.key.engine);
+}
+
+#[test]
+fn changed_engine_config_misses_and_pooling_does_not_change_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::open(tmp.path()).unwrap();
+    let module = write(tmp.path(), "m.wat", ADD);
+    let native = cli_engine();
+    let baseline =
+        new_engine(&EngineOptions::default_for_cli().with_cpu(CpuFeatures::Baseline)).unwrap();
+    let a = cache.load_or_compile(&native, &module).unwrap();
+    let b = cache.load_or_compile(&baseline, &module).unwrap();
+    assert!(!b.cache_hit);
+    assert_ne!(a.key.engine, b.key.engine);
+    assert_eq!(a.key.module, b.key.module);
+
+    // An app's engine (pooling on) compiles the same code as the CLI's.
+    let policy_dir = tempfile::tempdir().unwrap();
+    let policy_path = policy_dir.path().join("policy.toml");
+    let text = format!(
+        "[apps.web]\nmodule = {:?}\nkind = \"stdio\"\nlisten = [\"127.0.0.1:9999\"]\n",
+        module.display().to_string()
+    );
+    let policy =
+        corral_policy::parse_str(&text, &policy_path, &corral_policy::Environment::default())
+            .unwrap();
+    let opts = EngineOptions::for_app(&policy.apps["web"]);
+    assert!(opts.pooling.is_some());
+    let pooled = build_engine(&opts, None).unwrap();
+    let c = cache.load_or_compile(&pooled.engine, &module).unwrap();
+    assert!(
+        c.cache_hit,
+        "pooling ({}) must not change the key",
+        pooled.allocation
+    );
+    assert_eq!(a.key, c.key);
+}
+
+#[test]
+fn corrupt_or_truncated_entry_is_rebuilt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::open(tmp.path()).unwrap();
+    let engine = cli_engine();
+    let module = write(tmp.path(), "m.wat", ADD);
+    let path = {
+        let a = cache.load_or_compile(&engine, &module).unwrap();
+        a.path.clone()
+    };
+
+    // One flipped byte in the middle.
+    let mut bytes = fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&path, &bytes).unwrap();
+    let b = cache.load_or_compile(&engine, &module).unwrap();
+    assert!(!b.cache_hit, "a corrupt entry must be rebuilt, not loaded");
+    drop(b);
+
+    // Truncated.
+    let len = fs::metadata(&path).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 3)
+        .unwrap();
+    let c = cache.load_or_compile(&engine, &module).unwrap();
+    assert!(!c.cache_hit);
+    drop(c);
+
+    // Metadata gone.
+    fs::remove_file(path.with_extension("json")).unwrap();
+    let d = cache.load_or_compile(&engine, &module).unwrap();
+    assert!(!d.cache_hit);
+    let e = cache.load_or_compile(&engine, &module).unwrap();
+    assert!(e.cache_hit);
+
+    // verify finds and removes damage.
+    drop((d, e));
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(10)
+        .unwrap();
+    let report = cache.verify(true).unwrap();
+    assert_eq!(report.len(), 1);
+    assert!(report[0].problem.is_some() && report[0].removed);
+    assert!(!path.exists());
+}
+
+#[test]
+fn cross_target_gives_an_aarch64_elf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::open(tmp.path()).unwrap();
+    let target = "aarch64-unknown-linux-gnu";
+    let built = build_engine(&EngineOptions::default_for_cli(), Some(target)).unwrap();
+    let source = Source::read(&write(tmp.path(), "m.wat", ADD)).unwrap();
+    let entry = cache
+        .compile_for_target(&built.engine, target, &source)
+        .unwrap();
+    assert!(!entry.cache_hit);
+    assert!(entry.path.starts_with(tmp.path().join(target)));
+    let elf = fs::read(&entry.path).unwrap();
+    assert_eq!(&elf[..4], b"\x7fELF");
+    assert_eq!(elf[4], 2, "ELFCLASS64");
+    const EM_AARCH64: u16 = 183;
+    assert_eq!(u16::from_le_bytes([elf[18], elf[19]]), EM_AARCH64);
+
+    let again = cache
+        .compile_for_target(&built.engine, target, &source)
+        .unwrap();
+    assert!(again.cache_hit);
+    // It is listed under its target.
+    let listed = cache.entries().unwrap();
+    assert!(listed.iter().any(|e| e.key.target == target));
+}
+
+#[test]
+fn gc_stays_within_the_limit_and_keeps_entries_in_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::open(&tmp.path().join("c")).unwrap();
+    let engine = cli_engine();
+    let mut artifacts = Vec::new();
+    for i in 0..4 {
+        let m = write(
+            tmp.path(),
+            &format!("m{i}.wat"),
+            format!("(module (func (export \"f{i}\") (result i32) i32.const {i}))"),
+        );
+        let a = cache.load_or_compile(&engine, &m).unwrap();
+        // Distinct last-use times, oldest first.
+        let t = std::time::SystemTime::now() - std::time::Duration::from_secs(100 - i * 10);
+        fs::File::options()
+            .write(true)
+            .open(&a.path)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+        artifacts.push(a);
+    }
+    let held = artifacts.remove(0); // the oldest stays in use
+    let keys: Vec<_> = artifacts.iter().map(|a| a.key.clone()).collect();
+    drop(artifacts);
+
+    let entries = cache.entries().unwrap();
+    let total: u64 = entries.iter().map(|e| e.size).sum();
+    assert!(entries[0].in_use && entries[0].key == held.key);
+    let each = entries[1].size;
+    let limit = total - each - 1; // forces out two entries
+
+    let report = cache.gc(limit).unwrap();
+    assert!(report.size_after <= limit, "{report:?}");
+    assert_eq!(report.kept_in_use, vec![held.key.clone()]);
+    assert_eq!(
+        report.removed,
+        keys[..2].to_vec(),
+        "least recently used go first"
+    );
+    let left: Vec<_> = cache
+        .entries()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    assert_eq!(left, vec![held.key.clone(), keys[2].clone()]);
+
+    drop(held);
+    let report = cache.clear().unwrap();
+    assert_eq!(report.removed.len(), 2);
+    assert!(cache.entries().unwrap().is_empty());
+}
+
+#[test]
+fn unwritable_cache_dir_is_an_error_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = write(tmp.path(), "plain-file", "x");
+    let err = Cache::open(&file.join("cache")).unwrap_err();
+    assert!(matches!(err, CacheError::CreateDir { .. }), "{err}");
+    assert!(err.to_string().contains("plain-file/cache"), "{err}");
+
+    // A read-only directory (root ignores modes, so only as a user).
+    if !rustix::process::geteuid().is_root() {
+        let ro = tmp.path().join("ro");
+        fs::create_dir(&ro).unwrap();
+        fs::set_permissions(&ro, fs::Permissions::from_mode(0o500)).unwrap();
+        let err = Cache::open(&ro).unwrap_err();
+        assert!(matches!(err, CacheError::NotWritable { .. }), "{err}");
+    }
+}
+
+#[test]
+fn bad_modules_give_one_line_errors_and_leave_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache_dir = tmp.path().join("cache");
+    let cache = Cache::open(&cache_dir).unwrap();
+    let engine = cli_engine();
+
+    let not_wasm = write(tmp.path(), "notes.txt", "hello, world\n");
+    let err = cache.load_or_compile(&engine, &not_wasm).unwrap_err();
+    assert!(matches!(err, CompileError::NotWasm { .. }), "{err}");
+
+    let full = wat::parse_str(ADD).unwrap();
+    let truncated = write(tmp.path(), "trunc.wasm", &full[..full.len() - 5]);
+    let err = cache.load_or_compile(&engine, &truncated).unwrap_err();
+    assert!(matches!(err, CompileError::Truncated { .. }), "{err}");
+
+    // Validation failure: i32.add on an i64 operand.
+    let invalid = write(
+        tmp.path(),
+        "invalid.wasm",
+        wat::parse_str("(module (func (result i32) i64.const 1 i32.const 2 i32.add))").unwrap(),
+    );
+    let err = cache.load_or_compile(&engine, &invalid).unwrap_err();
+    match &err {
+        CompileError::Invalid { reason, offset, .. } => {
+            assert!(reason.contains("type mismatch"), "{err}");
+            assert!(offset.is_some(), "{err}");
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+
+    let bad_text = write(
+        tmp.path(),
+        "bad.wat",
+        "(module (func (result i32) i32.konst 1))",
+    );
+    let err = cache.load_or_compile(&engine, &bad_text).unwrap_err();
+    assert!(matches!(err, CompileError::InvalidText { .. }), "{err}");
+
+    let missing = tmp.path().join("missing.wasm");
+    let err = cache.load_or_compile(&engine, &missing).unwrap_err();
+    assert!(matches!(err, CompileError::ReadSource { .. }), "{err}");
+
+    for (err, name) in [
+        (
+            cache.load_or_compile(&engine, &not_wasm).unwrap_err(),
+            "notes.txt",
+        ),
+        (
+            cache.load_or_compile(&engine, &truncated).unwrap_err(),
+            "trunc.wasm",
+        ),
+        (
+            cache.load_or_compile(&engine, &invalid).unwrap_err(),
+            "invalid.wasm",
+        ),
+        (
+            cache.load_or_compile(&engine, &bad_text).unwrap_err(),
+            "bad.wat",
+        ),
+    ] {
+        let line = err.to_string();
+        assert!(line.contains(name), "{line}");
+        assert!(!line.contains('\n'), "one line: {line}");
+    }
+
+    // No artifacts, metadata or temp files were left in the cache.
+    let leftovers: Vec<_> = walk(&cache_dir)
+        .into_iter()
+        .filter(|p| p.extension().is_none_or(|e| e != "lock"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn unknown_target_is_an_error_naming_it() {
+    for target in ["sparc-sun-solaris", "not-a-triple-at-all"] {
+        let err = build_engine(&EngineOptions::default_for_cli(), Some(target)).unwrap_err();
+        assert!(matches!(err, CompileError::Target { .. }), "{err}");
+        assert!(err.to_string().contains(target), "{err}");
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
