@@ -656,8 +656,9 @@ fn compile_and_store(
 }
 
 /// Write `bytes` to `path` through a temp file in the same directory
-/// (removed on any error), fsync, rename.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
+/// (removed on any error), fsync, rename: readers see the old file or the
+/// whole new one, never a part.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let err = |source| CacheError::Write {
         path: path.to_path_buf(),

@@ -18,6 +18,7 @@ mod source;
 
 pub use cache::{
     Artifact, ArtifactKey, Cache, CompiledEntry, Entry, EntryMeta, GcReport, Program, Verification,
+    write_atomic,
 };
 pub use engine::{
     Allocation, BuiltEngine, CpuFeatures, EngineOptions, PoolingOptions, build_engine,

@@ -10,10 +10,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod cache;
 mod check;
+mod compile;
 mod doctor;
 
+pub use cache::{CacheCommand, CacheDirArgs};
 pub use check::CheckCommand;
+pub use compile::CompileCommand;
 pub use doctor::DoctorCommand;
 
 /// Where the policy lives unless `--policy` says otherwise.
@@ -36,6 +40,10 @@ const EXIT_CODES: &str =
 pub enum Command {
     /// Validate a policy file and its drop-ins, and show the apps it defines.
     Check(CheckCommand),
+    /// Compile WebAssembly modules and components ahead of time into the cache.
+    Compile(CompileCommand),
+    /// List, verify, garbage-collect or clear the artifact cache.
+    Cache(CacheCommand),
     /// Show the kernel's sandbox features and the layers each app would get.
     Doctor(DoctorCommand),
 }
@@ -44,6 +52,8 @@ impl Cli {
     pub fn execute(self) -> anyhow::Result<ExitCode> {
         match self.command {
             Command::Check(c) => c.execute(),
+            Command::Compile(c) => c.execute(),
+            Command::Cache(c) => c.execute(),
             Command::Doctor(c) => c.execute(),
         }
     }
