@@ -2,4 +2,5 @@
 //! the `corrald` daemon, its worker pools, the Wasm host and the sandbox.
 
 pub mod cli;
+pub mod host;
 pub mod sandbox;

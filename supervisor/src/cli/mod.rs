@@ -14,11 +14,13 @@ mod cache;
 mod check;
 mod compile;
 mod doctor;
+mod run;
 
 pub use cache::{CacheCommand, CacheDirArgs};
 pub use check::CheckCommand;
 pub use compile::CompileCommand;
 pub use doctor::DoctorCommand;
+pub use run::RunCommand;
 
 /// Where the policy lives unless `--policy` says otherwise.
 pub fn default_policy_path() -> PathBuf {
@@ -46,6 +48,8 @@ pub enum Command {
     Cache(CacheCommand),
     /// Show the kernel's sandbox features and the layers each app would get.
     Doctor(DoctorCommand),
+    /// Run a Wasm module or component once, or serve an http component.
+    Run(RunCommand),
 }
 
 impl Cli {
@@ -55,6 +59,7 @@ impl Cli {
             Command::Compile(c) => c.execute(),
             Command::Cache(c) => c.execute(),
             Command::Doctor(c) => c.execute(),
+            Command::Run(c) => c.execute(),
         }
     }
 }

@@ -1,0 +1,258 @@
+//! `corral run`: run a module or component once with the grants of the
+//! command line (or of a policy app), or serve an http component locally.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use corral_policy::{Access, AppKind, DirGrant, Environment};
+
+use crate::host::{self, ComponentKind, EpochTicker, GuestCaps, Program, StdioMode, exit_code};
+
+const RUN_EXIT_CODES: &str = "\
+Exit codes:
+  0-123  the guest's own exit code (wasi exit / proc_exit; a command
+         component whose run returns an error exits 1)
+  124    the guest exceeded limits.timeout
+  125    corral could not run the guest (unreadable or invalid module,
+         missing import, bad --dir, unknown --app)
+  126    the guest trapped (its backtrace is printed on stderr)
+  127    the guest exceeded limits.memory, limits.instances or limits.tables
+  2      bad command line";
+
+/// Run a WebAssembly program once: a WASI preview1 command module, a
+/// `wasi:cli/command` component, or (with --serve) a `wasi:http/proxy`
+/// component. The guest gets nothing it is not granted: no host env, no
+/// directories, no network.
+#[derive(Debug, clap::Args)]
+#[command(after_help = RUN_EXIT_CODES)]
+pub struct RunCommand {
+    /// Preopen host directory HOST as GUEST (an absolute guest path;
+    /// default: the same path), read-write unless `:ro` is appended.
+    #[arg(long = "dir", value_name = "HOST[::GUEST][:ro]")]
+    pub dirs: Vec<String>,
+
+    /// Set a guest environment variable.
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    pub envs: Vec<String>,
+
+    /// Take the grants and limits of an app from this policy (with --app).
+    #[arg(long, value_name = "PATH", requires = "app")]
+    pub policy: Option<PathBuf>,
+
+    /// The app of --policy whose grants apply; FILE defaults to its module.
+    #[arg(long, value_name = "NAME", requires = "policy")]
+    pub app: Option<String>,
+
+    /// The artifact cache directory.
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+
+    /// Wall-clock limit for the run (overrides limits.timeout), e.g. `5s`.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+
+    /// Linear memory limit (overrides limits.memory), e.g. `64MiB`.
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<bytesize::ByteSize>,
+
+    /// Serve an http component on ADDR (e.g. 127.0.0.1:8080) instead of
+    /// running once.
+    #[arg(long, value_name = "ADDR")]
+    pub serve: Option<SocketAddr>,
+
+    /// The module or component (.wasm or .wat).
+    #[arg(value_name = "FILE", required_unless_present = "app")]
+    pub file: Option<PathBuf>,
+
+    /// Arguments for the guest (argv[1..]).
+    #[arg(last = true, value_name = "ARGS")]
+    pub args: Vec<String>,
+}
+
+impl RunCommand {
+    pub fn execute(self) -> anyhow::Result<ExitCode> {
+        match self.run() {
+            Ok(code) => Ok(code),
+            Err(e) => {
+                eprintln!("corral: {e:#}");
+                Ok(ExitCode::from(exit_code::HOST_ERROR))
+            }
+        }
+    }
+
+    fn run(self) -> anyhow::Result<ExitCode> {
+        let (file, mut caps) = self.grants()?;
+        let engine = host::new_engine()?;
+        let program = host::load_program(&engine, &file, self.cache.as_deref())?;
+        let what = file.display().to_string();
+
+        // The ticker thread drives timeouts; started after loading so that
+        // compiling is not counted against the guest.
+        let _ticker = EpochTicker::start(&engine).context("starting the epoch ticker")?;
+        match (program, self.serve) {
+            (Program::Module(module), None) => {
+                let rt = current_thread_runtime()?;
+                let outcome = rt.block_on(async {
+                    let linker = host::p1::linker(&engine)?;
+                    host::p1::run(&engine, &linker, &module, &caps, true).await
+                })?;
+                outcome.report(&what);
+                Ok(ExitCode::from(outcome.exit_code()))
+            }
+            (Program::Module(_), Some(_)) => {
+                bail!(
+                    "{what}: a core module cannot be served; --serve needs a wasi:http/proxy component"
+                )
+            }
+            (Program::Component(component), serve) => {
+                match (host::component_kind(&engine, &component), serve) {
+                    (Some(ComponentKind::Command), None) => {
+                        let rt = current_thread_runtime()?;
+                        let outcome = rt.block_on(async {
+                            let linker = host::p2::linker(&engine)?;
+                            host::p2::run_command(&engine, &linker, &component, &caps, true).await
+                        })?;
+                        outcome.report(&what);
+                        Ok(ExitCode::from(outcome.exit_code()))
+                    }
+                    (Some(ComponentKind::HttpProxy), Some(addr)) => {
+                        caps.stdio = StdioMode::LogToStderr;
+                        let handler = host::http::HttpHandler::new(&engine, &component, caps)?;
+                        let rt = tokio::runtime::Builder::new_multi_thread()
+                            .enable_all()
+                            .build()?;
+                        rt.block_on(async move {
+                            let listener = tokio::net::TcpListener::bind(addr)
+                                .await
+                                .with_context(|| format!("binding {addr}"))?;
+                            let local = listener.local_addr()?;
+                            eprintln!("Serving HTTP on http://{local}/");
+                            handler.serve(listener).await
+                        })?;
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    (Some(ComponentKind::HttpProxy), None) => bail!(
+                        "{what} is a wasi:http/proxy component: serve it with `corral run --serve 127.0.0.1:8080 {what}`"
+                    ),
+                    (Some(ComponentKind::Command), Some(_)) => {
+                        bail!(
+                            "{what} is a wasi:cli/command component; --serve needs a wasi:http/proxy component"
+                        )
+                    }
+                    (None, _) => bail!(
+                        "{what} exports neither wasi:cli/run nor wasi:http/incoming-handler (0.2.x)"
+                    ),
+                }
+            }
+        }
+    }
+
+    /// The program to run and everything it is granted.
+    fn grants(&self) -> anyhow::Result<(PathBuf, GuestCaps)> {
+        let kind = if self.serve.is_some() {
+            AppKind::Http
+        } else {
+            AppKind::Command
+        };
+        let (file, mut caps) = match (&self.policy, &self.app) {
+            (Some(policy), Some(name)) => {
+                let policy = corral_policy::load(policy, &Environment::from_process())
+                    .map_err(|e| anyhow::anyhow!("{}", diagnostics(&e)))?;
+                let Some(app) = policy.apps.get(name) else {
+                    let names: Vec<&str> = policy.apps.keys().map(String::as_str).collect();
+                    bail!(
+                        "no app `{name}` in the policy (it has: {})",
+                        names.join(", ")
+                    );
+                };
+                let caps = GuestCaps::for_app(app, |n| std::env::var(n).ok());
+                let file = self.file.clone().unwrap_or_else(|| app.module.clone());
+                (file, caps)
+            }
+            _ => {
+                let file = self.file.clone().context("FILE is required")?;
+                let argv0 = file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| file.display().to_string());
+                (file.clone(), GuestCaps::none(&argv0, kind))
+            }
+        };
+        caps.argv.extend(self.args.iter().cloned());
+        for kv in &self.envs {
+            let Some((k, v)) = kv.split_once('=') else {
+                bail!("--env {kv}: expected NAME=VALUE");
+            };
+            caps.env.retain(|(name, _)| name != k);
+            caps.env.push((k.to_string(), v.to_string()));
+        }
+        for spec in &self.dirs {
+            caps.dirs.push(parse_dir(spec)?);
+        }
+        if let Some(t) = self.timeout {
+            caps.limits.timeout = Some(t);
+        }
+        if let Some(m) = self.memory {
+            caps.limits.memory = m.as_u64();
+        }
+        Ok((file, caps))
+    }
+}
+
+/// `HOST[::GUEST][:ro|:rw]`.
+fn parse_dir(spec: &str) -> anyhow::Result<DirGrant> {
+    let (rest, access) = if let Some(r) = spec.strip_suffix(":ro") {
+        (r, Access::ReadOnly)
+    } else if let Some(r) = spec.strip_suffix(":rw") {
+        (r, Access::ReadWrite)
+    } else {
+        (spec, Access::ReadWrite)
+    };
+    let (host, guest) = match rest.split_once("::") {
+        Some((h, g)) => (h.to_string(), g.to_string()),
+        None => {
+            let abs =
+                std::path::absolute(Path::new(rest)).with_context(|| format!("--dir {spec}"))?;
+            (rest.to_string(), abs.display().to_string())
+        }
+    };
+    DirGrant::new(PathBuf::from(host), &guest, access)
+        .map_err(|e| anyhow::anyhow!("--dir {spec}: {e}"))
+}
+
+fn diagnostics(e: &corral_policy::PolicyError) -> String {
+    let d = e.diagnostics();
+    if d.is_empty() {
+        e.to_string()
+    } else {
+        d.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dir_specs() {
+        let tmp = std::env::temp_dir();
+        let t = tmp.display();
+        let g = parse_dir(&format!("{t}::/data:ro")).unwrap();
+        assert_eq!((g.guest.as_str(), g.access), ("/data", Access::ReadOnly));
+        let g = parse_dir(&format!("{t}::/")).unwrap();
+        assert_eq!((g.guest.as_str(), g.access), ("/", Access::ReadWrite));
+        assert!(parse_dir(&format!("{t}::data")).is_err());
+    }
+}

@@ -1,0 +1,329 @@
+//! The Wasm host: runs guests with exactly the capabilities and limits an
+//! app is granted.
+//!
+//! - [`p1`]: WASI preview1 command modules (`_start`).
+//! - [`p2`]: components: `wasi:cli/command` run once, and the store state
+//!   shared with `wasi:http` (all of WASI 0.2 is linked, so http handlers
+//!   that also import `wasi:cli` or `wasi:filesystem` link; imports at any
+//!   0.2.x patch version link semver-compatibly).
+//! - [`http`]: serving a `wasi:http/proxy` component with hyper, a fresh
+//!   instance per request.
+//! - [`limits`]: memory/instance/table limits and the epoch deadline.
+//!
+//! One engine shape for everything: async support and epoch interruption
+//! are always on, so every guest call is `*_async` and can be timed out.
+//! Nothing of the host process leaks into the guest unless [`GuestCaps`]
+//! says so: no inherited env, no preopens, no network by default.
+
+pub mod http;
+pub mod limits;
+pub mod p1;
+pub mod p2;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use corral_policy::{Access, AppKind, AppSpec, ConnectTarget, DirGrant, Limits};
+use wasmtime::Engine;
+use wasmtime_wasi::sockets::SocketAddrUse;
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+
+pub use limits::{EpochTicker, LimitExceeded};
+
+/// A loaded program: a core module or a component.
+#[derive(Clone)]
+pub enum Program {
+    Module(wasmtime::Module),
+    Component(wasmtime::component::Component),
+}
+
+impl std::fmt::Debug for Program {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Program::Module(_) => "Program::Module",
+            Program::Component(_) => "Program::Component",
+        })
+    }
+}
+
+/// What a guest may use: everything it sees of the host comes from here.
+#[derive(Debug, Clone)]
+pub struct GuestCaps {
+    /// `argv`, including `argv[0]`.
+    pub argv: Vec<String>,
+    /// The whole environment the guest sees.
+    pub env: Vec<(String, String)>,
+    pub dirs: Vec<DirGrant>,
+    /// Outbound network (sockets and `wasi:http/outgoing-handler`).
+    pub connect: Vec<ConnectTarget>,
+    pub limits: Limits,
+    pub stdio: StdioMode,
+}
+
+/// Where the guest's stdin, stdout and stderr go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StdioMode {
+    /// The host process's own (`corral run`).
+    Inherit,
+    /// stdin empty; stdout and stderr to the host's stderr (serving, where
+    /// the host's stdout is not the guest's to write).
+    LogToStderr,
+}
+
+impl GuestCaps {
+    /// The grants of a policy app. `argv[0]` is the app's name; `host_env`
+    /// looks up the `inherit-env` names (only those) in the host.
+    pub fn for_app(app: &AppSpec, host_env: impl Fn(&str) -> Option<String>) -> GuestCaps {
+        let mut env: Vec<(String, String)> = Vec::new();
+        for name in &app.inherit_env {
+            if let Some(value) = host_env(name) {
+                env.push((name.clone(), value));
+            }
+        }
+        for (k, v) in &app.env {
+            env.retain(|(name, _)| name != k);
+            env.push((k.clone(), v.clone()));
+        }
+        let mut argv = vec![app.name.clone()];
+        argv.extend(app.args.iter().cloned());
+        GuestCaps {
+            argv,
+            env,
+            dirs: app.dirs.clone(),
+            connect: app.network.connect.clone(),
+            limits: app.limits,
+            stdio: match app.kind {
+                AppKind::Http => StdioMode::LogToStderr,
+                AppKind::Stdio | AppKind::Command => StdioMode::Inherit,
+            },
+        }
+    }
+
+    /// Nothing granted: no args beyond `argv0`, no env, dirs or network,
+    /// default limits for `kind`.
+    pub fn none(argv0: &str, kind: AppKind) -> GuestCaps {
+        GuestCaps {
+            argv: vec![argv0.to_string()],
+            env: Vec::new(),
+            dirs: Vec::new(),
+            connect: Vec::new(),
+            limits: corral_policy::defaults::limits(kind),
+            stdio: StdioMode::Inherit,
+        }
+    }
+
+    /// Whether a connection to `addr` (reached by `name`, if any) is granted.
+    pub fn may_connect(&self, addr: SocketAddr, name: Option<&str>) -> bool {
+        self.connect.iter().any(|t| t.allows(addr, name))
+    }
+
+    /// A WASI context builder with exactly these grants.
+    ///
+    /// `blocking`: do filesystem I/O on the calling thread (right for a
+    /// single guest per thread, as `corral run`; wrong when guests share an
+    /// executor).
+    pub(crate) fn wasi_builder(&self, blocking: bool) -> anyhow::Result<WasiCtxBuilder> {
+        let mut b = WasiCtxBuilder::new();
+        b.args(&self.argv);
+        b.envs(&self.env);
+        match self.stdio {
+            StdioMode::Inherit => {
+                b.inherit_stdio();
+            }
+            StdioMode::LogToStderr => {
+                b.stdout(wasmtime_wasi::cli::stderr());
+                b.stderr(wasmtime_wasi::cli::stderr());
+            }
+        }
+        // Before the preopens: each preopen records this setting.
+        b.allow_blocking_current_thread(blocking);
+        for d in &self.dirs {
+            let perms = match d.access {
+                Access::ReadOnly => FsPerms::ReadOnly,
+                Access::ReadWrite => FsPerms::ReadWrite,
+            };
+            b.preopened_dir(&d.host, &d.guest, perms)
+                .map_err(anyhow::Error::from)
+                .with_context(|| format!("preopening {} as {}", d.host.display(), d.guest))?;
+        }
+        let outbound = !self.connect.is_empty();
+        b.allow_tcp(outbound);
+        b.allow_udp(outbound);
+        // Name lookup only helps reach `connect` entries given by name, and
+        // the resolved address must still be granted by address.
+        b.allow_ip_name_lookup(false);
+        let connect = Arc::new(self.connect.clone());
+        b.socket_addr_check(move |addr, usage| {
+            let connect = connect.clone();
+            Box::pin(async move { socket_allowed(&connect, addr, usage) })
+        });
+        Ok(b)
+    }
+}
+
+/// The rule for wasi:sockets: connect/send only to granted addresses;
+/// binds only the implicit ephemeral bind of an outbound socket; no listen.
+fn socket_allowed(connect: &[ConnectTarget], addr: SocketAddr, usage: SocketAddrUse) -> bool {
+    match usage {
+        SocketAddrUse::TcpConnect | SocketAddrUse::UdpSend => {
+            connect.iter().any(|t| t.allows(addr, None))
+        }
+        SocketAddrUse::TcpBind | SocketAddrUse::UdpBind => {
+            !connect.is_empty() && addr.ip().is_unspecified() && addr.port() == 0
+        }
+        _ => false,
+    }
+}
+
+/// How a run ended, and the exit code `corral run` gives it.
+#[derive(Debug)]
+pub enum RunOutcome {
+    /// The guest returned or called exit.
+    Exited(i32),
+    /// The guest trapped (or a host call failed fatally).
+    Trapped(wasmtime::Error),
+    /// The guest went over a limit.
+    Limit(LimitExceeded, wasmtime::Error),
+}
+
+/// Exit codes of `corral run` besides the guest's own (documented in
+/// `corral run --help` and docs/run.md).
+pub mod exit_code {
+    /// limits.timeout exceeded (as timeout(1)).
+    pub const TIMEOUT: u8 = 124;
+    /// corral could not run the guest (load, compile, link, bad grant).
+    pub const HOST_ERROR: u8 = 125;
+    /// The guest trapped.
+    pub const TRAP: u8 = 126;
+    /// limits.memory, limits.instances or limits.tables exceeded.
+    pub const LIMIT: u8 = 127;
+}
+
+impl RunOutcome {
+    /// Classify the result of running guest code.
+    pub fn from_result(result: wasmtime::Result<i32>, limits: &Limits) -> RunOutcome {
+        match result {
+            Ok(code) => RunOutcome::Exited(code),
+            Err(err) => {
+                if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
+                    return RunOutcome::Exited(exit.0);
+                }
+                match LimitExceeded::find(&err, limits) {
+                    Some(limit) => RunOutcome::Limit(limit, err),
+                    None => RunOutcome::Trapped(err),
+                }
+            }
+        }
+    }
+
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunOutcome::Exited(code) => (*code).clamp(0, 255) as u8,
+            RunOutcome::Trapped(_) => exit_code::TRAP,
+            RunOutcome::Limit(LimitExceeded::Timeout { .. }, _) => exit_code::TIMEOUT,
+            RunOutcome::Limit(..) => exit_code::LIMIT,
+        }
+    }
+
+    /// Say on stderr why the guest stopped, if it did not simply exit:
+    /// the limit by name, or the trap with the guest's backtrace.
+    pub fn report(&self, what: &str) {
+        match self {
+            RunOutcome::Exited(_) => {}
+            RunOutcome::Limit(limit, err) => eprintln!("{limit}\n{}", describe(what, err)),
+            RunOutcome::Trapped(err) => {
+                eprintln!("corral: {what} trapped\n{}", describe(what, err))
+            }
+        }
+    }
+}
+
+/// An error's chain, one cause per paragraph: for a trap that is the
+/// guest's backtrace (function names from the name section) and the
+/// reason. Never the host's Rust backtrace.
+fn describe(what: &str, err: &wasmtime::Error) -> String {
+    let mut out = format!("{what}:");
+    for cause in err.chain() {
+        out.push('\n');
+        for line in cause.to_string().lines() {
+            out.push_str("    ");
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.trim_end().to_string()
+}
+
+/// What kind of guest a component is, from its exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComponentKind {
+    /// Exports `wasi:cli/run`.
+    Command,
+    /// Exports `wasi:http/incoming-handler`.
+    HttpProxy,
+}
+
+/// Classify a component by its exports (any 0.2.x version).
+pub fn component_kind(
+    engine: &Engine,
+    component: &wasmtime::component::Component,
+) -> Option<ComponentKind> {
+    let ty = component.component_type();
+    let names: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
+    if names
+        .iter()
+        .any(|n| n.starts_with("wasi:http/incoming-handler@0.2"))
+    {
+        Some(ComponentKind::HttpProxy)
+    } else if names.iter().any(|n| n.starts_with("wasi:cli/run@0.2")) {
+        Some(ComponentKind::Command)
+    } else {
+        None
+    }
+}
+
+/// The engine every guest runs on: async calls, epoch interruption, the
+/// component model, backtraces with function names.
+pub fn new_engine() -> anyhow::Result<Engine> {
+    let mut config = wasmtime::Config::new();
+    config.epoch_interruption(true);
+    config.wasm_component_model(true);
+    config.wasm_backtrace_details(wasmtime::WasmBacktraceDetails::Enable);
+    Ok(Engine::new(&config)?)
+}
+
+/// Load `source` (binary or text, module or component) for `engine`.
+///
+/// `_cache` is where compiled artifacts are kept once the compiler crate
+/// provides its cache; until then this compiles in memory.
+pub fn load_program(
+    engine: &Engine,
+    source: &Path,
+    _cache: Option<&Path>,
+) -> anyhow::Result<Program> {
+    let bytes = std::fs::read(source).with_context(|| format!("reading {}", source.display()))?;
+    let is_component = if bytes.starts_with(b"\0asm") {
+        // The layer field: 0 for core modules, 1 for components.
+        bytes.get(6..8) == Some(&[1, 0])
+    } else {
+        String::from_utf8_lossy(&bytes)
+            .trim_start()
+            .starts_with("(component")
+    };
+    let what = || format!("compiling {}", source.display());
+    Ok(if is_component {
+        Program::Component(
+            wasmtime::component::Component::new(engine, &bytes)
+                .map_err(anyhow::Error::from)
+                .with_context(what)?,
+        )
+    } else {
+        Program::Module(
+            wasmtime::Module::new(engine, &bytes)
+                .map_err(anyhow::Error::from)
+                .with_context(what)?,
+        )
+    })
+}
