@@ -70,6 +70,10 @@ enum Action {
     Accept { fd: RawFd },
     /// Instantiate and run a Wasm module (pooling allocator, async, traps) N times.
     Wasm { iterations: u32 },
+    /// Run a WASI preview1 command (wasmtime-wasi, its tokio runtime and
+    /// blocking threads) that reads `data.txt` from the app's first dir,
+    /// prints it, and writes it to `out.txt` in its second dir.
+    Wasi,
     /// Time N instantiate+call rounds of a Wasm module.
     Bench { iterations: u32 },
 }
@@ -115,7 +119,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     // What must be ready before the sandbox: a worker loads everything first.
     let wasm = match args.action {
-        Action::Wasm { .. } | Action::Bench { .. } => Some(WasmWork::load()?),
+        Action::Wasm { .. } | Action::Bench { .. } | Action::Wasi => Some(WasmWork::load()?),
         _ => None,
     };
     if !args.no_sandbox {
@@ -135,6 +139,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Action::Kill { pid } => kill(pid),
         Action::Accept { fd } => accept(fd),
         Action::Wasm { iterations } => wasm.expect("loaded").run(iterations),
+        Action::Wasi => wasm.expect("loaded").run_wasi(&app.dirs),
         Action::Bench { iterations } => {
             let work = wasm.expect("loaded");
             let start = Instant::now();
@@ -266,7 +271,39 @@ fn accept(fd: RawFd) -> std::io::Result<()> {
 struct WasmWork {
     engine: wasmtime::Engine,
     module: wasmtime::Module,
+    wasi_module: wasmtime::Module,
 }
+
+/// A preview1 command: copy `data.txt` of the first preopen (fd 3) to
+/// stdout and to a new `out.txt` in the second preopen (fd 4); exits with
+/// 10 + errno on the first failing call.
+const WASI_WAT: &str = r#"
+(module
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "data.txt")
+  (data (i32.const 120) "out.txt")
+  (func $check (param i32)
+    (if (local.get 0) (then (call $proc_exit (i32.add (i32.const 10) (local.get 0))))))
+  (func (export "_start")
+    ;; open data.txt below fd 3 for reading (rights: fd_read)
+    (call $check (call $path_open (i32.const 3) (i32.const 0) (i32.const 100) (i32.const 8)
+      (i32.const 0) (i64.const 2) (i64.const 0) (i32.const 0) (i32.const 0)))
+    (i32.store (i32.const 16) (i32.const 1024))
+    (i32.store (i32.const 20) (i32.const 64))
+    (call $check (call $fd_read (i32.load (i32.const 0)) (i32.const 16) (i32.const 1) (i32.const 24)))
+    (i32.store (i32.const 32) (i32.const 1024))
+    (i32.store (i32.const 36) (i32.load (i32.const 24)))
+    (call $check (call $fd_write (i32.const 1) (i32.const 32) (i32.const 1) (i32.const 40)))
+    ;; create out.txt below fd 4 (oflags: creat; rights: fd_write)
+    (call $check (call $path_open (i32.const 4) (i32.const 0) (i32.const 120) (i32.const 7)
+      (i32.const 1) (i64.const 64) (i64.const 0) (i32.const 0) (i32.const 8)))
+    (call $check (call $fd_write (i32.load (i32.const 8)) (i32.const 32) (i32.const 1) (i32.const 40)))))
+"#;
 
 const PROBE_WAT: &str = r#"
 (module
@@ -294,7 +331,12 @@ impl WasmWork {
         config.allocation_strategy(wasmtime::PoolingAllocationConfig::default());
         let engine = wasmtime::Engine::new(&config)?;
         let module = wasmtime::Module::new(&engine, PROBE_WAT)?;
-        Ok(WasmWork { engine, module })
+        let wasi_module = wasmtime::Module::new(&engine, WASI_WAT)?;
+        Ok(WasmWork {
+            engine,
+            module,
+            wasi_module,
+        })
     }
 
     fn instance(&self) -> anyhow::Result<(wasmtime::Store<u32>, wasmtime::Instance)> {
@@ -329,6 +371,35 @@ impl WasmWork {
                 anyhow::ensure!(block_on(trap.call_async(&mut store, ())).is_err());
                 let oob = instance.get_typed_func::<(), i32>(&mut store, "oob")?;
                 anyhow::ensure!(block_on(oob.call_async(&mut store, ())).is_err());
+            }
+            Ok(())
+        };
+        work().map_err(std::io::Error::other)
+    }
+
+    /// As a stdio or command worker does per connection: a fresh WASI
+    /// context (preopens opened inside the sandbox) and instance.
+    fn run_wasi(self, dirs: &[corral_policy::DirGrant]) -> std::io::Result<()> {
+        let work = || -> anyhow::Result<()> {
+            let mut builder = wasmtime_wasi::WasiCtxBuilder::new();
+            builder.inherit_stdout();
+            for dir in dirs {
+                let perms = match dir.access {
+                    corral_policy::Access::ReadOnly => wasmtime_wasi::FsPerms::ReadOnly,
+                    corral_policy::Access::ReadWrite => wasmtime_wasi::FsPerms::ReadWrite,
+                };
+                builder.preopened_dir(&dir.host, &dir.guest, perms)?;
+            }
+            let mut store = wasmtime::Store::new(&self.engine, builder.build_p1());
+            let mut linker = wasmtime::Linker::new(&self.engine);
+            wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |ctx| ctx)?;
+            let instance = linker.instantiate(&mut store, &self.wasi_module)?;
+            let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+            if let Err(e) = start.call(&mut store, ()) {
+                match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+                    Some(exit) => anyhow::bail!("the guest exited with {}", exit.0),
+                    None => return Err(anyhow::anyhow!("{e:#}")),
+                }
             }
             Ok(())
         };
