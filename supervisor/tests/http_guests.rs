@@ -1,0 +1,202 @@
+//! `corral run --serve` with the wasi:http fixtures of tests/guests/: a
+//! hello handler, an echo of method/path/headers/body, and a handler whose
+//! outbound request is allowed or denied by `network.connect`. Each test
+//! starts the real binary on a free port and talks HTTP/1.1 to it.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+fn guest(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/guests")
+        .join(name)
+}
+
+/// A `corral run --serve` process, killed on drop.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    _cache: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(extra: &[&str], file: Option<&Path>) -> Server {
+        let cache = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_corral"));
+        cmd.arg("run")
+            .arg("--cache")
+            .arg(cache.path())
+            .args(["--serve", "127.0.0.1:0"])
+            .args(extra);
+        if let Some(file) = file {
+            cmd.arg(file);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        let addr = line
+            .strip_prefix("Serving HTTP on http://")
+            .and_then(|rest| rest.trim_end().strip_suffix('/'))
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .parse()
+            .unwrap();
+        // Keep draining stderr so the server never blocks on it.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            let _ = stderr.read_to_string(&mut sink);
+        });
+        Server {
+            child,
+            addr,
+            _cache: cache,
+        }
+    }
+
+    /// One request on a fresh connection; returns (status, headers, body).
+    fn request(&self, head: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+        let mut s = TcpStream::connect(self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            s,
+            "{head}\r\nhost: test\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        s.write_all(body).unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let headers = String::from_utf8_lossy(&raw[..split]).into_owned();
+        let status = headers[9..12].parse().unwrap();
+        let mut body = raw[split + 4..].to_vec();
+        if headers
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            body = dechunk(&body);
+        }
+        (status, headers, body)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let eol = data.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&data[..eol]).unwrap().trim(), 16).unwrap();
+        data = &data[eol + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+#[test]
+fn hello_answers_every_request() {
+    let server = Server::start(&[], Some(&guest("http-hello.wasm")));
+    for path in ["/", "/anything?x=1"] {
+        let (status, headers, body) = server.request(&format!("GET {path} HTTP/1.1"), b"");
+        assert_eq!(status, 200);
+        assert!(headers.contains("content-type: text/plain"), "{headers}");
+        assert_eq!(body, b"Hello from corral!\n");
+    }
+}
+
+#[test]
+fn echo_sees_method_path_headers_and_body() {
+    let server = Server::start(&[], Some(&guest("http-echo.wasm")));
+    let (status, headers, body) =
+        server.request("PUT /some/path?q=1&r=2 HTTP/1.1\r\nx-test: yes", b"ping\n");
+    assert_eq!(status, 200);
+    assert!(headers.contains("x-echo-method: PUT"), "{headers}");
+    let body = String::from_utf8(body).unwrap();
+    let (head, payload) = body.split_once("\n\n").unwrap();
+    let mut lines = head.lines();
+    assert_eq!(lines.next(), Some("PUT /some/path?q=1&r=2"));
+    let mut header_lines: Vec<&str> = lines.collect();
+    header_lines.sort();
+    assert_eq!(header_lines, ["content-length: 5", "x-test: yes"]);
+    assert_eq!(payload, "ping\n");
+}
+
+/// A one-shot upstream that answers `upstream says hi` and counts
+/// connections.
+fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            counter.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 17\r\nconnection: close\r\n\r\nupstream says hi\n",
+            );
+        }
+    });
+    (addr, hits)
+}
+
+#[test]
+fn outbound_request_only_to_network_connect() {
+    let (allowed, allowed_hits) = upstream();
+    let (denied, denied_hits) = upstream();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[apps.fetch]\nmodule = {:?}\nkind = \"http\"\nlisten = [\"127.0.0.1:9\"]\n\
+             network = {{ connect = [\"{allowed}\"] }}\n\
+             sandbox = {{ landlock = \"best-effort\", seccomp = \"best-effort\" }}\n",
+            guest("http-fetch.wasm").display().to_string()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(
+        &["--policy", policy.to_str().unwrap(), "--app", "fetch"],
+        None,
+    );
+
+    let (status, _, body) = server.request(&format!("GET / HTTP/1.1\r\nx-fetch: {allowed}/x"), b"");
+    assert_eq!(
+        (status, String::from_utf8_lossy(&body).as_ref()),
+        (200, "fetched 200: upstream says hi\n")
+    );
+    assert_eq!(allowed_hits.load(Ordering::SeqCst), 1);
+
+    let (status, _, body) = server.request(&format!("GET / HTTP/1.1\r\nx-fetch: {denied}/x"), b"");
+    assert_eq!(
+        (status, String::from_utf8_lossy(&body).as_ref()),
+        (502, "denied: ErrorCode::HttpRequestDenied")
+    );
+    assert_eq!(
+        denied_hits.load(Ordering::SeqCst),
+        0,
+        "no connection was made"
+    );
+}
