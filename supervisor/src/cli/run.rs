@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use corral_compiler::EngineOptions;
 use corral_policy::{Access, AppKind, DirGrant, Environment};
 
 use crate::host::{self, ComponentKind, EpochTicker, GuestCaps, Program, StdioMode, exit_code};
@@ -46,9 +47,8 @@ pub struct RunCommand {
     #[arg(long, value_name = "NAME", requires = "policy")]
     pub app: Option<String>,
 
-    /// The artifact cache directory.
-    #[arg(long, value_name = "DIR")]
-    pub cache: Option<PathBuf>,
+    #[command(flatten)]
+    pub cache: super::CacheDirArgs,
 
     /// Wall-clock limit for the run (overrides limits.timeout), e.g. `5s`.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -84,9 +84,14 @@ impl RunCommand {
     }
 
     fn run(self) -> anyhow::Result<ExitCode> {
-        let (file, mut caps) = self.grants()?;
-        let engine = host::new_engine()?;
-        let program = host::load_program(&engine, &file, self.cache.as_deref())?;
+        let Grants {
+            file,
+            mut caps,
+            engine_options,
+            cache_dir,
+        } = self.grants()?;
+        let engine = host::new_engine(&engine_options)?;
+        let program = host::load_program(&engine, &file, &cache_dir)?;
         let what = file.display().to_string();
 
         // The ticker thread drives timeouts; started after loading so that
@@ -150,14 +155,14 @@ impl RunCommand {
         }
     }
 
-    /// The program to run and everything it is granted.
-    fn grants(&self) -> anyhow::Result<(PathBuf, GuestCaps)> {
+    /// The program to run, everything it is granted, and how to load it.
+    fn grants(&self) -> anyhow::Result<Grants> {
         let kind = if self.serve.is_some() {
             AppKind::Http
         } else {
             AppKind::Command
         };
-        let (file, mut caps) = match (&self.policy, &self.app) {
+        let (file, mut caps, mut engine_options, cache_dir) = match (&self.policy, &self.app) {
             (Some(policy), Some(name)) => {
                 let policy = corral_policy::load(policy, &Environment::from_process())
                     .map_err(|e| anyhow::anyhow!("{}", diagnostics(&e)))?;
@@ -170,7 +175,8 @@ impl RunCommand {
                 };
                 let caps = GuestCaps::for_app(app, |n| std::env::var(n).ok());
                 let file = self.file.clone().unwrap_or_else(|| app.module.clone());
-                (file, caps)
+                let cache_dir = self.cache.resolve(Some(&policy))?;
+                (file, caps, EngineOptions::for_app(app), cache_dir)
             }
             _ => {
                 let file = self.file.clone().context("FILE is required")?;
@@ -178,7 +184,13 @@ impl RunCommand {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_else(|| file.display().to_string());
-                (file.clone(), GuestCaps::none(&argv0, kind))
+                let cache_dir = self.cache.resolve(None)?;
+                (
+                    file.clone(),
+                    GuestCaps::none(&argv0, kind),
+                    EngineOptions::default_for_cli(),
+                    cache_dir,
+                )
             }
         };
         caps.argv.extend(self.args.iter().cloned());
@@ -197,9 +209,23 @@ impl RunCommand {
         }
         if let Some(m) = self.memory {
             caps.limits.memory = m.as_u64();
+            engine_options.memory_limit = m.as_u64();
         }
-        Ok((file, caps))
+        Ok(Grants {
+            file,
+            caps,
+            engine_options,
+            cache_dir,
+        })
     }
+}
+
+/// What [`RunCommand::grants`] decided.
+struct Grants {
+    file: PathBuf,
+    caps: GuestCaps,
+    engine_options: EngineOptions,
+    cache_dir: PathBuf,
 }
 
 /// `HOST[::GUEST][:ro|:rw]`.

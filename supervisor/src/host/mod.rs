@@ -33,20 +33,7 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 pub use limits::{EpochTicker, LimitExceeded};
 
 /// A loaded program: a core module or a component.
-#[derive(Clone)]
-pub enum Program {
-    Module(wasmtime::Module),
-    Component(wasmtime::component::Component),
-}
-
-impl std::fmt::Debug for Program {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Program::Module(_) => "Program::Module",
-            Program::Component(_) => "Program::Component",
-        })
-    }
-}
+pub use corral_compiler::Program;
 
 /// What a guest may use: everything it sees of the host comes from here.
 #[derive(Debug, Clone)]
@@ -284,46 +271,26 @@ pub fn component_kind(
     }
 }
 
-/// The engine every guest runs on: async calls, epoch interruption, the
-/// component model, backtraces with function names.
-pub fn new_engine() -> anyhow::Result<Engine> {
-    let mut config = wasmtime::Config::new();
-    config.epoch_interruption(true);
-    config.wasm_component_model(true);
-    config.wasm_backtrace_details(wasmtime::WasmBacktraceDetails::Enable);
-    Ok(Engine::new(&config)?)
+/// The engine for `opts` (the compiler's configuration: epoch
+/// interruption, component model, pooling allocator with copy-on-write
+/// memory images when `opts` asks for it). When the pool's address-space
+/// reservation fails, the engine allocates on demand; that is said on
+/// stderr.
+pub fn new_engine(opts: &corral_compiler::EngineOptions) -> anyhow::Result<Engine> {
+    let built = corral_compiler::build_engine(opts, None)?;
+    if let corral_compiler::Allocation::OnDemandFallback { reason } = &built.allocation {
+        eprintln!(
+            "corral: pooling allocator unavailable ({reason}); allocating instances on demand"
+        );
+    }
+    Ok(built.engine)
 }
 
-/// Load `source` (binary or text, module or component) for `engine`.
-///
-/// `_cache` is where compiled artifacts are kept once the compiler crate
-/// provides its cache; until then this compiles in memory.
-pub fn load_program(
-    engine: &Engine,
-    source: &Path,
-    _cache: Option<&Path>,
-) -> anyhow::Result<Program> {
-    let bytes = std::fs::read(source).with_context(|| format!("reading {}", source.display()))?;
-    let is_component = if bytes.starts_with(b"\0asm") {
-        // The layer field: 0 for core modules, 1 for components.
-        bytes.get(6..8) == Some(&[1, 0])
-    } else {
-        String::from_utf8_lossy(&bytes)
-            .trim_start()
-            .starts_with("(component")
-    };
-    let what = || format!("compiling {}", source.display());
-    Ok(if is_component {
-        Program::Component(
-            wasmtime::component::Component::new(engine, &bytes)
-                .map_err(anyhow::Error::from)
-                .with_context(what)?,
-        )
-    } else {
-        Program::Module(
-            wasmtime::Module::new(engine, &bytes)
-                .map_err(anyhow::Error::from)
-                .with_context(what)?,
-        )
-    })
+/// Load `source` for `engine` through the artifact cache in `cache`
+/// (compiled once per module, engine and target).
+pub fn load_program(engine: &Engine, source: &Path, cache: &Path) -> anyhow::Result<Program> {
+    let cache = corral_compiler::Cache::open(cache)
+        .with_context(|| format!("opening the artifact cache {}", cache.display()))?;
+    let artifact = cache.load_or_compile(engine, source)?;
+    Ok(artifact.program)
 }
