@@ -39,7 +39,9 @@ pub use kernel::{
     CgroupV2, KernelSupport, LandlockSupport, SeccompSupport, UserNamespaces, probe_kernel,
 };
 pub use seccomp::SeccompBuildError;
-pub use syscalls::{Arch, SeccompKill, killed_by_seccomp, syscall_name, syscall_number};
+pub use syscalls::{
+    Arch, SeccompKill, killed_by_seccomp, seccomp_kill, syscall_name, syscall_number,
+};
 
 /// The open-file bound a worker gets unless the plan says otherwise.
 pub const DEFAULT_OPEN_FILES: u64 = 1024;

@@ -70,6 +70,15 @@ enum Action {
     Accept { fd: RawFd },
     /// Instantiate and run a Wasm module (pooling allocator, async, traps) N times.
     Wasm { iterations: u32 },
+    /// Whether fd N is open (`fcntl(F_GETFD)`; EBADF when closed).
+    FdOpen { fd: RawFd },
+    /// Check the rlimits and no_new_privs that `enter` sets.
+    Limits,
+    /// Raise RLIMIT_NOFILE's soft limit (setting limits is not allowed).
+    SetLimit,
+    /// Panic, as a buggy worker would: it must exit 101 with its message,
+    /// not be killed by the filter on the way.
+    Panic,
     /// Run a WASI preview1 command (wasmtime-wasi, its tokio runtime and
     /// blocking threads) that reads `data.txt` from the app's first dir,
     /// prints it, and writes it to `out.txt` in its second dir.
@@ -138,6 +147,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Action::Bind { port } => std::net::TcpListener::bind(("127.0.0.1", port)).map(drop),
         Action::Kill { pid } => kill(pid),
         Action::Accept { fd } => accept(fd),
+        Action::FdOpen { fd } => fd_open(fd),
+        Action::Limits => limits(),
+        Action::SetLimit => set_limit(),
+        Action::Panic => panic!("probe panics on purpose"),
         Action::Wasm { iterations } => wasm.expect("loaded").run(iterations),
         Action::Wasi => wasm.expect("loaded").run_wasi(&app.dirs),
         Action::Bench { iterations } => {
@@ -262,6 +275,49 @@ fn accept(fd: RawFd) -> std::io::Result<()> {
     let listener = std::net::TcpListener::from(unsafe { OwnedFd::from_raw_fd(fd) });
     let (mut conn, _) = listener.accept()?;
     conn.write_all(b"hello\n")
+}
+
+fn fd_open(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: F_GETFD only reads the descriptor's flags; fd may be closed,
+    // which is what this checks (EBADF).
+    let rc = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if rc >= 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `ok` when core dumps are off, open files bounded and no_new_privs set;
+/// otherwise says which is wrong.
+fn limits() -> std::io::Result<()> {
+    use rustix::process::{Resource, getrlimit};
+    let core = getrlimit(Resource::Core);
+    let nofile = getrlimit(Resource::Nofile);
+    let nnp = rustix::thread::no_new_privs()?;
+    let ok = core.current == Some(0)
+        && core.maximum == Some(0)
+        && nofile
+            .maximum
+            .is_some_and(|n| n <= super::DEFAULT_OPEN_FILES)
+        && nnp;
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "core {core:?}, nofile {nofile:?}, no_new_privs {nnp}"
+        )))
+    }
+}
+
+fn set_limit() -> std::io::Result<()> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let nofile = getrlimit(Resource::Nofile);
+    let lower = Rlimit {
+        current: nofile.current.map(|n| n / 2),
+        maximum: nofile.maximum,
+    };
+    setrlimit(Resource::Nofile, lower).map_err(Into::into)
 }
 
 /// A Wasm workload as a worker runs it: an engine with the pooling

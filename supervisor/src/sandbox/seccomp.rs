@@ -88,14 +88,24 @@ struct ArgCheck {
     arg: u8,
     eq: u64,
     mask: Option<u64>,
+    /// A second condition that must hold too.
+    and: Option<AndCheck>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AndCheck {
+    arg: u8,
+    eq: u64,
 }
 
 /// What the filter does with one system call, for one app.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Allow,
-    /// Allowed when one of these `(arg, mask, value)` checks holds.
-    AllowIf(Vec<(u8, Option<u64>, u64)>),
+    /// Allowed when one of these rules holds; a rule is a list of
+    /// `(arg, mask, value)` conditions that must all hold.
+    AllowIf(Vec<Vec<(u8, Option<u64>, u64)>>),
     Errno(i32),
     Kill,
 }
@@ -159,9 +169,9 @@ impl AppFilter {
             if otherwise.is_some() && (e.args.is_empty() && e.kinds.is_none() && !e.network) {
                 return Err(bad("`otherwise` needs `args`, `kinds` or `network`".into()));
             }
-            if otherwise.is_some() && e.args.iter().any(|c| c.mask.is_some()) {
+            if otherwise.is_some() && e.args.iter().any(|c| c.mask.is_some() || c.and.is_some()) {
                 return Err(bad(
-                    "`otherwise` can't be combined with masked checks".into()
+                    "`otherwise` can't be combined with `mask` or `and` checks".into(),
                 ));
             }
             if let Some(kinds) = &e.kinds
@@ -180,9 +190,16 @@ impl AppFilter {
                 (false, _, Some(errno)) => Verdict::Errno(errno),
                 (false, _, None) => Verdict::Kill,
                 (true, true, _) => Verdict::Allow,
-                (true, false, _) => {
-                    Verdict::AllowIf(e.args.iter().map(|c| (c.arg, c.mask, c.eq)).collect())
-                }
+                (true, false, _) => Verdict::AllowIf(
+                    e.args
+                        .iter()
+                        .map(|c| {
+                            let mut rule = vec![(c.arg, c.mask, c.eq)];
+                            rule.extend(c.and.map(|a| (a.arg, None, a.eq)));
+                            rule
+                        })
+                        .collect(),
+                ),
             };
             calls.push(ListedCall {
                 name: name.clone(),
@@ -249,14 +266,18 @@ impl AppFilter {
                     let nr = number(&call.name)?;
                     let rules = checks
                         .iter()
-                        .map(|&(arg, mask, eq)| {
-                            let op = match mask {
-                                Some(m) => SeccompCmpOp::MaskedEq(m),
-                                None => SeccompCmpOp::Eq,
-                            };
-                            let len = arg_len(&call.name, arg);
-                            let cond = SeccompCondition::new(arg, len, op, eq)?;
-                            SeccompRule::new(vec![cond])
+                        .map(|rule| {
+                            let conds = rule
+                                .iter()
+                                .map(|&(arg, mask, eq)| {
+                                    let op = match mask {
+                                        Some(m) => SeccompCmpOp::MaskedEq(m),
+                                        None => SeccompCmpOp::Eq,
+                                    };
+                                    SeccompCondition::new(arg, arg_len(&call.name, arg), op, eq)
+                                })
+                                .collect::<Result<Vec<_>, _>>()?;
+                            SeccompRule::new(conds)
                         })
                         .collect::<Result<Vec<_>, _>>()
                         .map_err(compile_err)?;
@@ -264,9 +285,11 @@ impl AppFilter {
                         // Program 1 passes the call; the errno program
                         // answers when every check fails.
                         allow.insert(nr, Vec::new());
+                        // Validated: one unmasked condition per rule.
                         let conds = checks
                             .iter()
-                            .map(|&(arg, _, eq)| {
+                            .map(|rule| {
+                                let (arg, _, eq) = rule[0];
                                 SeccompCondition::new(
                                     arg,
                                     arg_len(&call.name, arg),
@@ -321,7 +344,7 @@ impl AppFilter {
 /// socket families, prctl options, ioctl requests) compare 32 bits.
 fn arg_len(name: &str, arg: u8) -> SeccompCmpArgLen {
     match (name, arg) {
-        ("clone", 0) => SeccompCmpArgLen::Qword,
+        ("clone", 0) | ("prlimit64", 2) => SeccompCmpArgLen::Qword,
         _ => SeccompCmpArgLen::Dword,
     }
 }

@@ -155,6 +155,20 @@ pub fn killed_by_seccomp(status: ExitStatus) -> bool {
     status.signal() == Some(libc::SIGSYS)
 }
 
+/// What the supervisor logs when child `pid` exited with `status`: `None`
+/// unless it died of SIGSYS; then the call from the kernel's audit record
+/// when the kernel log is readable, or a report without a number.
+pub fn seccomp_kill(pid: u32, status: ExitStatus) -> Option<SeccompKill> {
+    if !killed_by_seccomp(status) {
+        return None;
+    }
+    Some(find_audit_record(pid).unwrap_or(SeccompKill {
+        pid: Some(pid),
+        arch: Arch::current(),
+        syscall: None,
+    }))
+}
+
 /// The report from a SIGSYS `siginfo_t`'s fields (`si_syscall`,
 /// `si_arch`), as a parent gets them from a trapped child or a handler.
 pub fn from_siginfo(pid: Option<u32>, si_arch: u32, si_syscall: i32) -> SeccompKill {
