@@ -23,6 +23,7 @@ use std::fs::{self, DirBuilder, File};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -201,6 +202,9 @@ enum Probe<T> {
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
+    /// Engine hashes already computed (engines are few and long-lived;
+    /// hashing one costs more than a small cache hit).
+    engine_hashes: Arc<Mutex<Vec<(Engine, String)>>>,
 }
 
 impl Cache {
@@ -212,15 +216,14 @@ impl Cache {
             path: dir.to_path_buf(),
             source,
         })?;
-        Ok(Cache {
-            root: dir.to_path_buf(),
-        })
+        Ok(Cache::open_existing(dir))
     }
 
     /// The cache at `dir` for listing and checking; nothing is created.
     pub fn open_existing(dir: &Path) -> Cache {
         Cache {
             root: dir.to_path_buf(),
+            engine_hashes: Arc::default(),
         }
     }
 
@@ -319,9 +322,19 @@ impl Cache {
     pub fn key(&self, engine: &Engine, target: &str, source: &Source) -> ArtifactKey {
         ArtifactKey {
             target: target.to_string(),
-            engine: engine_hash(engine),
+            engine: self.engine_hash(engine),
             module: source.digest.clone(),
         }
+    }
+
+    fn engine_hash(&self, engine: &Engine) -> String {
+        let mut known = self.engine_hashes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, hash)) = known.iter().find(|(e, _)| Engine::same(e, engine)) {
+            return hash.clone();
+        }
+        let hash = engine_hash(engine);
+        known.push((engine.clone(), hash.clone()));
+        hash
     }
 
     /// Every entry, least recently used first.

@@ -76,7 +76,8 @@ impl<'a> Verified<'a> {
 /// left alone) through a fixed buffer.
 pub(crate) fn file_sha256(file: &File) -> io::Result<String> {
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
+    let len = file.metadata()?.len();
+    let mut buf = vec![0u8; usize::try_from(len.clamp(1, 1 << 20)).unwrap_or(1 << 20)];
     let mut offset = 0u64;
     loop {
         let n = file.read_at(&mut buf, offset)?;
