@@ -506,7 +506,12 @@ impl Cache {
                     let old = fs::metadata(&path)
                         .and_then(|m| m.modified())
                         .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > STALE_TEMP);
-                    if name.starts_with(".tmp-") && old {
+                    // A crash between writing the metadata and the
+                    // artifact leaves metadata alone.
+                    let orphan = name
+                        .strip_suffix(".json")
+                        .is_some_and(|m| !edir.join(format!("{m}.cwasm")).exists());
+                    if (name.starts_with(".tmp-") || orphan) && old {
                         remove_if_exists(&path)?;
                         n += 1;
                     }
@@ -663,8 +668,12 @@ fn compile_and_store(
     };
     let json = serde_json::to_vec_pretty(&meta).expect("metadata serializes");
     write_atomic(&paths.meta, &json)?;
-    write_atomic(&paths.cwasm, &compiled)?;
-    sync_dir(&paths.dir)?;
+    if let Err(e) = write_atomic(&paths.cwasm, &compiled).and_then(|()| sync_dir(&paths.dir)) {
+        // No metadata without its artifact (e.g. the disk filled up).
+        remove_if_exists(&paths.cwasm)?;
+        remove_if_exists(&paths.meta)?;
+        return Err(e.into());
+    }
     Ok((meta, took))
 }
 

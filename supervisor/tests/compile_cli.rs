@@ -175,3 +175,43 @@ fn compile_policy_uses_its_cache_dir() {
     let listed = corral(&["cache", "list", "--policy", "policy.toml", "--json"], dir);
     assert_eq!(json(&listed)["entries"].as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn a_full_disk_is_a_one_line_error_and_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("slow.wat"), slow_module(300)).unwrap();
+    let small_fs = dir.join("small-fs");
+    std::fs::create_dir(&small_fs).unwrap();
+    // A 64 KiB tmpfs in a private mount namespace, so nothing leaks out.
+    let script = format!(
+        "mount -t tmpfs -o size=64k corral-test {fs} || exit 97; \
+         {corral} compile slow.wat --cache {fs}/cache; echo rc=$?; \
+         find {fs}/cache -type f ! -name '*.lock'",
+        fs = small_fs.display(),
+        corral = CORRAL
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .current_dir(dir)
+        .output()
+        .expect("run unshare");
+    if out.status.code() == Some(97) || !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "cannot mount a small tmpfs (needs root): {why}"
+        );
+        eprintln!("SKIPPED a_full_disk_...: cannot mount a small tmpfs (needs root): {why}");
+        return;
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("rc=1"), "{stdout} {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(lines[0].contains("No space left on device"), "{stderr}");
+    assert!(lines[0].contains(".cwasm"), "names the file: {stderr}");
+    let leftovers: Vec<&str> = stdout.lines().filter(|l| !l.starts_with("rc=")).collect();
+    assert!(leftovers.is_empty(), "left in the cache: {leftovers:?}");
+}
