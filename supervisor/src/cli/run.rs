@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use corral_compiler::EngineOptions;
-use corral_policy::{Access, AppKind, DirGrant, Environment};
+use corral_policy::{Access, AppKind, AppSpec, DirGrant, Environment};
 
 use crate::host::{self, ComponentKind, EpochTicker, GuestCaps, Program, StdioMode, exit_code};
+use crate::sandbox::SandboxPlan;
 
 const RUN_EXIT_CODES: &str = "\
 Exit codes:
@@ -63,6 +64,12 @@ pub struct RunCommand {
     #[arg(long, value_name = "ADDR")]
     pub serve: Option<SocketAddr>,
 
+    /// Do not enter the OS sandbox (landlock, seccomp, rlimits) before
+    /// running the guest. Without a policy the sandbox is best-effort:
+    /// layers this kernel lacks are left out and named on stderr.
+    #[arg(long)]
+    pub no_sandbox: bool,
+
     /// The module or component (.wasm or .wat).
     #[arg(value_name = "FILE", required_unless_present = "app")]
     pub file: Option<PathBuf>,
@@ -84,15 +91,62 @@ impl RunCommand {
     }
 
     fn run(self) -> anyhow::Result<ExitCode> {
+        // What this process inherited (closed by the sandbox) as opposed to
+        // what it opens from here on (the artifact, wasmtime's own fds).
+        let inherited = open_fds();
         let Grants {
             file,
             mut caps,
             engine_options,
             cache_dir,
+            app,
         } = self.grants()?;
         let engine = host::new_engine(&engine_options)?;
-        let program = host::load_program(&engine, &file, &cache_dir)?;
+        let artifact = host::load_artifact(&engine, &file, &cache_dir)?;
         let what = file.display().to_string();
+
+        if !self.no_sandbox && !artifact.cache_hit && std::env::var_os(REEXEC_ENV).is_none() {
+            // Compiling started worker threads, and the sandbox can only be
+            // entered by a single-threaded process: start over, now loading
+            // from the cache.
+            return Err(reexec_self());
+        }
+        // Bound before the sandbox, which allows no bind.
+        let listener = match self.serve {
+            Some(addr) => {
+                Some(std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?)
+            }
+            None => None,
+        };
+        if !self.no_sandbox {
+            let app = match app {
+                Some(app) => app,
+                None => cli_app_spec(&file, self.serve)?,
+            };
+            let mut plan = SandboxPlan::for_app(&app);
+            for dir in &caps.dirs {
+                match dir.access {
+                    Access::ReadOnly => plan.allow_read(dir.host.clone()),
+                    Access::ReadWrite => plan.allow_write(dir.host.clone()),
+                }
+            }
+            // Everything opened since start: the artifact (and wasmtime's
+            // mapping of it), the cache lock, the listener.
+            for fd in open_fds() {
+                if fd > 2 && !inherited.contains(&fd) {
+                    // SAFETY: `fd` was listed in /proc/self/fd just now and is
+                    // only borrowed for the duration of this call, which
+                    // reads its number; nothing in between closes fds.
+                    plan.keep_fd(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
+                }
+            }
+            // Before any thread (tokio, the epoch ticker) starts.
+            let sandboxed = plan.enter().context("entering the sandbox")?;
+            for missing in &sandboxed.layers().missing {
+                eprintln!("corral: sandbox (best-effort): {missing}");
+            }
+        }
+        let program = artifact.program;
 
         // The ticker thread drives timeouts; started after loading so that
         // compiling is not counted against the guest.
@@ -123,16 +177,16 @@ impl RunCommand {
                         outcome.report(&what);
                         Ok(ExitCode::from(outcome.exit_code()))
                     }
-                    (Some(ComponentKind::HttpProxy), Some(addr)) => {
+                    (Some(ComponentKind::HttpProxy), Some(_)) => {
                         caps.stdio = StdioMode::LogToStderr;
                         let handler = host::http::HttpHandler::new(&engine, &component, caps)?;
                         let rt = tokio::runtime::Builder::new_multi_thread()
                             .enable_all()
                             .build()?;
+                        let listener = listener.context("bound above")?;
+                        listener.set_nonblocking(true)?;
                         rt.block_on(async move {
-                            let listener = tokio::net::TcpListener::bind(addr)
-                                .await
-                                .with_context(|| format!("binding {addr}"))?;
+                            let listener = tokio::net::TcpListener::from_std(listener)?;
                             let local = listener.local_addr()?;
                             eprintln!("Serving HTTP on http://{local}/");
                             handler.serve(listener).await
@@ -162,7 +216,7 @@ impl RunCommand {
         } else {
             AppKind::Command
         };
-        let (file, mut caps, mut engine_options, cache_dir) = match (&self.policy, &self.app) {
+        let (file, mut caps, mut engine_options, cache_dir, app) = match (&self.policy, &self.app) {
             (Some(policy), Some(name)) => {
                 let policy = corral_policy::load(policy, &Environment::from_process())
                     .map_err(|e| anyhow::anyhow!("{}", diagnostics(&e)))?;
@@ -176,7 +230,13 @@ impl RunCommand {
                 let caps = GuestCaps::for_app(app, |n| std::env::var(n).ok());
                 let file = self.file.clone().unwrap_or_else(|| app.module.clone());
                 let cache_dir = self.cache.resolve(Some(&policy))?;
-                (file, caps, EngineOptions::for_app(app), cache_dir)
+                (
+                    file,
+                    caps,
+                    EngineOptions::for_app(app),
+                    cache_dir,
+                    Some(app.clone()),
+                )
             }
             _ => {
                 let file = self.file.clone().context("FILE is required")?;
@@ -190,6 +250,7 @@ impl RunCommand {
                     GuestCaps::none(&argv0, kind),
                     EngineOptions::default_for_cli(),
                     cache_dir,
+                    None,
                 )
             }
         };
@@ -216,6 +277,7 @@ impl RunCommand {
             caps,
             engine_options,
             cache_dir,
+            app,
         })
     }
 }
@@ -226,6 +288,70 @@ struct Grants {
     caps: GuestCaps,
     engine_options: EngineOptions,
     cache_dir: PathBuf,
+    /// The policy's app, when --policy/--app named one.
+    app: Option<AppSpec>,
+}
+
+/// The fds open in this process, from /proc/self/fd.
+fn open_fds() -> Vec<std::os::fd::RawFd> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        // Not the directory handle this listing itself uses.
+        let target = std::fs::read_link(e.path()).ok()?;
+        if target.starts_with("/proc") && target.ends_with("fd") {
+            return None;
+        }
+        e.file_name().to_str()?.parse().ok()
+    })
+    .collect()
+}
+
+/// Set in the environment of `corral run` started again by itself.
+const REEXEC_ENV: &str = "CORRAL_RUN_REEXEC";
+
+/// Replace this process with `corral run` on the same arguments.
+fn reexec_self() -> anyhow::Error {
+    use std::os::unix::process::CommandExt as _;
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return anyhow::Error::new(e).context("finding corral's own executable"),
+    };
+    let err = std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .env(REEXEC_ENV, "1")
+        .exec();
+    anyhow::Error::new(err).context(format!("re-executing {}", exe.display()))
+}
+
+/// The app spec the sandbox of a policy-less `corral run` is planned from:
+/// the file, the kind, best-effort layers (what this kernel has); the
+/// command line's dirs are added to the plan by the caller.
+fn cli_app_spec(file: &Path, serve: Option<SocketAddr>) -> anyhow::Result<AppSpec> {
+    let module = std::path::absolute(file)?;
+    let module = serde_json::to_string(&module.to_string_lossy())?; // a valid TOML basic string
+    let (kind, listen) = match serve {
+        Some(addr) if addr.port() != 0 => ("http", format!("[{:?}]", addr.to_string())),
+        Some(addr) => (
+            "http",
+            format!("[{:?}]", SocketAddr::new(addr.ip(), 9).to_string()),
+        ),
+        None => ("command", "[]".to_string()),
+    };
+    let text = format!(
+        "[apps.run]\nmodule = {module}\nkind = \"{kind}\"\nlisten = {listen}\n\
+         sandbox = {{ landlock = \"best-effort\", seccomp = \"best-effort\" }}\n"
+    );
+    let here = std::env::current_dir()?.join("corral-run.toml");
+    let policy = corral_policy::parse_str(&text, &here, &Environment::default())
+        .map_err(|e| anyhow::anyhow!("{}", diagnostics(&e)))?;
+    policy
+        .apps
+        .get("run")
+        .cloned()
+        .context("the generated policy has its app")
 }
 
 /// `HOST[::GUEST][:ro|:rw]`.

@@ -204,7 +204,7 @@ mod tests {
         };
         assert_eq!(
             e.to_string(),
-            "corral: limits.memory (64 MiB) exceeded: the guest asked for 65601536 bytes"
+            "corral: limits.memory (64 MiB) exceeded: the guest asked for 65600 KiB"
         );
         let t = LimitExceeded::Timeout {
             limit: Duration::from_millis(1500),

@@ -287,10 +287,14 @@ pub fn new_engine(opts: &corral_compiler::EngineOptions) -> anyhow::Result<Engin
 }
 
 /// Load `source` for `engine` through the artifact cache in `cache`
-/// (compiled once per module, engine and target).
-pub fn load_program(engine: &Engine, source: &Path, cache: &Path) -> anyhow::Result<Program> {
+/// (compiled once per module, engine and target). The artifact's file
+/// stays open while it is held (the cache keeps in-use entries).
+pub fn load_artifact(
+    engine: &Engine,
+    source: &Path,
+    cache: &Path,
+) -> anyhow::Result<corral_compiler::Artifact> {
     let cache = corral_compiler::Cache::open(cache)
         .with_context(|| format!("opening the artifact cache {}", cache.display()))?;
-    let artifact = cache.load_or_compile(engine, source)?;
-    Ok(artifact.program)
+    Ok(cache.load_or_compile(engine, source)?)
 }
