@@ -119,6 +119,49 @@ impl Artifact {
     }
 }
 
+/// What a process handed an artifact's file descriptor (a zygote) needs to
+/// check and load it with [`load_handed_over`]. Serializable, to travel with
+/// the fd over the control socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Handoff {
+    pub key: ArtifactKey,
+    pub kind: ProgramKind,
+    pub size: u64,
+    pub sha256: String,
+}
+
+impl Artifact {
+    /// What to send along with a duplicate of [`Artifact::file`].
+    pub fn handoff(&self) -> Handoff {
+        Handoff {
+            key: self.key.clone(),
+            kind: self.meta.kind,
+            size: self.meta.artifact_size,
+            sha256: self.meta.artifact_sha256.clone(),
+        }
+    }
+}
+
+/// Load an artifact from a file descriptor received from corrald: its size
+/// and SHA-256 are checked against `handoff`, then the file is mapped.
+/// `engine` must have been built from the same [`crate::EngineOptions`].
+pub fn load_handed_over(
+    engine: &Engine,
+    file: &File,
+    handoff: &Handoff,
+) -> Result<Program, CompileError> {
+    use std::os::fd::AsRawFd;
+    let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    let load_err = |reason: String| CompileError::Load {
+        path: path.clone(),
+        reason: format!("{reason} (artifact {})", handoff.key),
+    };
+    let verified = Verified::check(file, &path, handoff.kind, handoff.size, &handoff.sha256)
+        .map_err(|m| load_err(m.to_string()))?;
+    deserialize::deserialize(engine, verified).map_err(|e| load_err(format!("{e:#}")))
+}
+
 /// An entry made sure of without loading it (cross-target compiles).
 #[derive(Debug, Clone)]
 #[non_exhaustive]

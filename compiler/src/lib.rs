@@ -17,8 +17,8 @@ mod lock;
 mod source;
 
 pub use cache::{
-    Artifact, ArtifactKey, Cache, CompiledEntry, Entry, EntryMeta, GcReport, Program, Verification,
-    write_atomic,
+    Artifact, ArtifactKey, Cache, CompiledEntry, Entry, EntryMeta, GcReport, Handoff, Program,
+    Verification, load_handed_over, write_atomic,
 };
 pub use engine::{
     Allocation, BuiltEngine, CpuFeatures, EngineOptions, PoolingOptions, build_engine,

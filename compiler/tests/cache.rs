@@ -395,3 +395,25 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+#[test]
+fn a_handed_over_fd_is_verified_then_loaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::open(tmp.path()).unwrap();
+    let engine = cli_engine();
+    let module = write(tmp.path(), "m.wat", ADD);
+    let artifact = cache.load_or_compile(&engine, &module).unwrap();
+    let handoff = artifact.handoff();
+    let fd = artifact.file().try_clone().unwrap();
+    let program = corral_compiler::load_handed_over(&engine, &fd, &handoff).unwrap();
+    assert!(matches!(program, Program::Module(_)));
+
+    // A file that does not match the handoff is refused before mapping.
+    let mut bytes = fs::read(&artifact.path).unwrap();
+    bytes[100] ^= 1;
+    let copy = write(tmp.path(), "copy.cwasm", &bytes);
+    let err = corral_compiler::load_handed_over(&engine, &fs::File::open(&copy).unwrap(), &handoff)
+        .unwrap_err();
+    assert!(matches!(err, CompileError::Load { .. }), "{err}");
+    assert!(err.to_string().contains("SHA-256"), "{err}");
+}
