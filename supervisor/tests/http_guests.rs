@@ -140,6 +140,20 @@ fn echo_sees_method_path_headers_and_body() {
     assert_eq!(payload, "ping\n");
 }
 
+#[test]
+fn a_guest_over_its_memory_limit_gets_503_and_the_server_stays_up() {
+    let server = Server::start(&["--memory", "1MiB"], Some(&guest("http-hello.wasm")));
+    for _ in 0..2 {
+        let (status, _, body) = server.request("GET / HTTP/1.1", b"");
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            body.starts_with("corral: limits.memory (1 MiB) exceeded"),
+            "{body}"
+        );
+    }
+}
+
 /// A one-shot upstream that answers `upstream says hi` and counts
 /// connections.
 fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {

@@ -92,29 +92,35 @@ fn unbounded_memory_growth_traps_naming_the_limit() {
 }
 
 #[test]
-fn policy_app_limits_apply() {
+fn policy_app_limits_apply_with_and_without_the_pooling_allocator() {
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.toml");
+    let module = guest("grow.wasm").display().to_string();
+    // `command` apps allocate on demand; `stdio` (and `http`) apps use the
+    // pooling allocator, whose slot size is the same limit.
     std::fs::write(
         &policy,
         format!(
-            "[apps.grow]\nmodule = {:?}\nkind = \"command\"\nlimits = {{ memory = \"2MiB\" }}\n\
-             sandbox = {{ landlock = \"best-effort\", seccomp = \"best-effort\" }}\n",
-            guest("grow.wasm").display().to_string()
+            "[defaults]\nlimits = {{ memory = \"2MiB\" }}\n\
+             sandbox = {{ landlock = \"best-effort\", seccomp = \"best-effort\" }}\n\
+             [apps.grow]\nmodule = {module:?}\nkind = \"command\"\n\
+             [apps.pooled]\nmodule = {module:?}\nkind = \"stdio\"\nlisten = [\"127.0.0.1:9\"]\n"
         ),
     )
     .unwrap();
-    let out = corral_run(
-        &dir.path().join("cache"),
-        &["--policy", policy.to_str().unwrap(), "--app", "grow"],
-        b"",
-    );
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(127), "stderr: {stderr}");
-    assert!(
-        stderr.starts_with("corral: limits.memory (2 MiB) exceeded"),
-        "{stderr}"
-    );
+    for app in ["grow", "pooled"] {
+        let out = corral_run(
+            &dir.path().join("cache"),
+            &["--policy", policy.to_str().unwrap(), "--app", app],
+            b"",
+        );
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(127), "{app}: stderr: {stderr}");
+        assert!(
+            stderr.starts_with("corral: limits.memory (2 MiB) exceeded"),
+            "{app}: {stderr}"
+        );
+    }
 }
 
 #[test]
