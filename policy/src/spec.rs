@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A loaded and validated policy.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -48,7 +48,12 @@ pub struct DaemonSpec {
 }
 
 /// One `[apps.NAME]` table, with `[defaults]` and drop-ins merged in.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+///
+/// `Deserialize` (here and on the types it holds) exists only for corrald's
+/// handoff of an already-validated spec to its zygote over the control
+/// socket; a policy file is always read through [`crate::load`], never
+/// deserialized into these types.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub struct AppSpec {
@@ -70,7 +75,7 @@ pub struct AppSpec {
 }
 
 /// What kind of guest an app is and how it is driven.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AppKind {
     /// A component exporting `wasi:http/incoming-handler`; a fresh instance
@@ -128,8 +133,17 @@ impl Serialize for ListenAddr {
     }
 }
 
+/// For the corrald→zygote handoff (see [`AppSpec`]): the string form, read
+/// back with the policy's own parser.
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        crate::validate::parse_listen(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A host directory preopened for the guest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct DirGrant {
     /// Absolute host path; it existed and was a directory at load time.
@@ -157,7 +171,7 @@ impl DirGrant {
 }
 
 /// Read-only or read-write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Access {
     #[serde(rename = "ro")]
     ReadOnly,
@@ -166,7 +180,7 @@ pub enum Access {
 }
 
 /// Outbound network the app may use.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct NetworkSpec {
     /// Where the guest may connect; empty means no outbound network.
@@ -219,14 +233,22 @@ impl Serialize for ConnectTarget {
     }
 }
 
+/// For the corrald→zygote handoff (see [`AppSpec`]).
+impl<'de> Deserialize<'de> for ConnectTarget {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        crate::validate::parse_connect(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Worker pool sizing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub struct PoolSpec {
     pub min: u32,
     pub max: u32,
-    #[serde(serialize_with = "ser_duration")]
+    #[serde(serialize_with = "ser_duration", deserialize_with = "de_duration")]
     pub idle_timeout: Duration,
     pub concurrency: u32,
     /// `None` is `"unlimited"`.
@@ -234,7 +256,7 @@ pub struct PoolSpec {
 }
 
 /// Resource limits per instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub struct Limits {
@@ -242,7 +264,10 @@ pub struct Limits {
     pub memory: u64,
     /// Wall-clock limit per request (http), connection (stdio) or run
     /// (`corral run`); `None` is `"off"`.
-    #[serde(serialize_with = "ser_opt_duration")]
+    #[serde(
+        serialize_with = "ser_opt_duration",
+        deserialize_with = "de_opt_duration"
+    )]
     pub timeout: Option<Duration>,
     /// Core instances per store (a component may create several).
     pub instances: u32,
@@ -253,7 +278,7 @@ pub struct Limits {
 }
 
 /// Whether each OS sandbox layer must be present.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct SandboxSpec {
     pub landlock: Enforcement,
@@ -261,7 +286,7 @@ pub struct SandboxSpec {
 }
 
 /// What to do where the kernel lacks a sandbox layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Enforcement {
     /// Refuse to start the app.
@@ -280,21 +305,21 @@ impl fmt::Display for Enforcement {
 }
 
 /// Restarts of zygotes (all kinds) and of `command` instances.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub struct RestartSpec {
     pub on: RestartOn,
-    #[serde(serialize_with = "ser_duration")]
+    #[serde(serialize_with = "ser_duration", deserialize_with = "de_duration")]
     pub backoff_min: Duration,
-    #[serde(serialize_with = "ser_duration")]
+    #[serde(serialize_with = "ser_duration", deserialize_with = "de_duration")]
     pub backoff_max: Duration,
     /// `None` is `"off"`: never give up.
     pub give_up: Option<GiveUp>,
 }
 
 /// When a `command` app's instance is restarted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartOn {
     Always,
@@ -303,11 +328,11 @@ pub enum RestartOn {
 }
 
 /// `N in DURATION`: that many crashes within the window mark the app failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct GiveUp {
     pub crashes: u32,
-    #[serde(serialize_with = "ser_duration")]
+    #[serde(serialize_with = "ser_duration", deserialize_with = "de_duration")]
     pub window: Duration,
 }
 
@@ -330,5 +355,66 @@ fn ser_opt_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, 
     match d {
         Some(d) => ser_duration(d, s),
         None => s.serialize_str("off"),
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    crate::validate::parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text == "off" {
+        return Ok(None);
+    }
+    crate::validate::parse_duration(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What corrald sends its zygote is what the zygote gets back.
+    #[test]
+    fn app_spec_round_trips_through_json() {
+        let dir = std::env::temp_dir();
+        let module = dir.join("corral-spec-round-trip.wat");
+        std::fs::write(&module, "(module)").unwrap();
+        let text = format!(
+            r#"
+[apps.web]
+module = {module:?}
+kind = "http"
+listen = ["127.0.0.1:8080", "[::1]:8081", "unix:/run/web.sock", "systemd:web"]
+args = ["-v"]
+env = {{ A = "1" }}
+dirs = [{{ host = {dir:?}, guest = "/data", access = "ro" }}]
+network = {{ connect = ["127.0.0.1:5432", "db.example:5432"] }}
+pool = {{ min = 1, max = 3, idle-timeout = "90s", concurrency = 8, max-requests = 1000 }}
+limits = {{ timeout = "off" }}
+restart = {{ backoff = "250ms..10s", give-up = "5 in 1m" }}
+
+[apps.job]
+module = {module:?}
+kind = "command"
+limits = {{ timeout = "1h 30m" }}
+"#,
+            module = module.display().to_string(),
+            dir = dir.display().to_string(),
+        );
+        let policy = crate::parse_str(
+            &text,
+            &dir.join("policy.toml"),
+            &crate::Environment::default(),
+        )
+        .unwrap_or_else(|e| panic!("{:?}", e.diagnostics()));
+        for app in policy.apps.values() {
+            let json = serde_json::to_string(app).unwrap();
+            let back: AppSpec = serde_json::from_str(&json).unwrap();
+            assert_eq!(&back, app, "{json}");
+        }
     }
 }
