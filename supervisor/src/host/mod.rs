@@ -298,3 +298,87 @@ pub fn load_artifact(
         .with_context(|| format!("opening the artifact cache {}", cache.display()))?;
     Ok(cache.load_or_compile(engine, source)?)
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// An app from a policy text (its module is one of the test guests).
+    pub(crate) fn app(extra: &str) -> AppSpec {
+        let module = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/guests/exit3.wasm");
+        let text = format!(
+            "[apps.t]\nmodule = {:?}\nkind = \"command\"\n{extra}",
+            module.display().to_string()
+        );
+        let policy = corral_policy::parse_str(
+            &text,
+            Path::new("/tmp/test-policy.toml"),
+            &corral_policy::Environment::default(),
+        )
+        .unwrap_or_else(|e| panic!("{:?}", e.diagnostics()));
+        policy.apps["t"].clone()
+    }
+
+    #[test]
+    fn env_is_only_what_the_app_grants() {
+        let app = app("args = [\"a\"]\nenv = { A = \"1\", SHADOWED = \"app\" }\n\
+             inherit-env = [\"HOST_X\", \"SHADOWED\", \"UNSET\"]\n");
+        let host = |name: &str| match name {
+            "HOST_X" => Some("x".to_string()),
+            "SHADOWED" => Some("host".to_string()),
+            "HOST_SECRET" => Some("secret".to_string()),
+            _ => None,
+        };
+        let caps = GuestCaps::for_app(&app, host);
+        let mut env = caps.env.clone();
+        env.sort();
+        let expected = [("A", "1"), ("HOST_X", "x"), ("SHADOWED", "app")]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+        assert_eq!(env, expected);
+        assert_eq!(caps.argv, ["t", "a"]);
+    }
+
+    #[test]
+    fn sockets_connect_only_to_network_connect() {
+        let app = app("network = { connect = [\"127.0.0.1:5432\"] }\n");
+        let connect = &app.network.connect;
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(socket_allowed(
+            connect,
+            at("127.0.0.1:5432"),
+            SocketAddrUse::TcpConnect
+        ));
+        assert!(!socket_allowed(
+            connect,
+            at("127.0.0.1:5433"),
+            SocketAddrUse::TcpConnect
+        ));
+        assert!(!socket_allowed(
+            connect,
+            at("10.0.0.1:5432"),
+            SocketAddrUse::UdpSend
+        ));
+        // The implicit ephemeral bind of a client socket, nothing else.
+        assert!(socket_allowed(
+            connect,
+            at("0.0.0.0:0"),
+            SocketAddrUse::TcpBind
+        ));
+        assert!(!socket_allowed(
+            connect,
+            at("0.0.0.0:8080"),
+            SocketAddrUse::TcpBind
+        ));
+        assert!(!socket_allowed(
+            connect,
+            at("0.0.0.0:0"),
+            SocketAddrUse::TcpListen
+        ));
+        // No grants: not even the bind.
+        assert!(!socket_allowed(
+            &[],
+            at("0.0.0.0:0"),
+            SocketAddrUse::TcpBind
+        ));
+    }
+}

@@ -189,3 +189,31 @@ impl WasiHttpHooks for OutboundGate {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outgoing_http_only_to_granted_authorities() {
+        let app = crate::host::tests::app(
+            "network = { connect = [\"127.0.0.1:8080\", \"api.example.com:443\", \"[::1]:9000\"] }\n",
+        );
+        let gate = OutboundGate {
+            connect: Arc::new(app.network.connect.clone()),
+        };
+        let allows = |uri: &str| gate.allows(&uri.parse().unwrap());
+        assert!(allows("http://127.0.0.1:8080/x"));
+        assert!(!allows("http://127.0.0.1:8081/x"));
+        assert!(!allows("http://127.0.0.1/x"), "port 80 is not granted");
+        assert!(
+            allows("https://api.example.com/v1"),
+            "https defaults to 443"
+        );
+        assert!(allows("https://API.Example.com:443/"));
+        assert!(!allows("http://api.example.com/"), "port 80 is not granted");
+        assert!(!allows("https://evil.example.com/"));
+        assert!(allows("http://[::1]:9000/"));
+        assert!(!allows("/no-authority"));
+    }
+}
