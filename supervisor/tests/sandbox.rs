@@ -351,6 +351,27 @@ fn connect_to_an_allowed_port_succeeds() {
     server.join().unwrap();
 }
 
+/// Hands `listener` to the probe as fd 3 (as systemd and corrald do).
+fn with_listener_at_fd_3(cmd: &mut Command, listener: &TcpListener) {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(listener);
+    // SAFETY: between fork and exec the closure calls only dup2 and fcntl,
+    // which are async-signal-safe, on an fd that stays open in the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            let ok = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0) == 0
+            } else {
+                libc::dup2(fd, 3) == 3
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
 #[test]
 fn accept_on_an_inherited_listening_socket_succeeds() {
     require_kernel!();
@@ -358,27 +379,50 @@ fn accept_on_an_inherited_listening_socket_succeeds() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let mut cmd = f.command(&["--keep-fd", "3"], &["accept", "3"]);
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
-    // SAFETY: between fork and exec the closure calls only dup2 and fcntl,
-    // which are async-signal-safe, on an fd that stays open in the parent.
-    unsafe {
-        cmd.pre_exec(move || {
-            if fd == 3 {
-                if libc::fcntl(3, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(fd, 3) != 3 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    with_listener_at_fd_3(&mut cmd, &listener);
     let child = std::thread::spawn(move || outcome(cmd));
     let mut conn = TcpStream::connect(addr).unwrap();
     let mut got = String::new();
     conn.read_to_string(&mut got).unwrap();
     assert_eq!(got, "hello\n");
     assert_eq!(child.join().unwrap(), Outcome::Ok);
+}
+
+/// Sends `connections` one-line requests, one after the other; returns the
+/// time they took and checks each answer.
+fn client(addr: std::net::SocketAddr, connections: u32) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    for _ in 0..connections {
+        let mut conn = TcpStream::connect(addr).unwrap();
+        conn.write_all(b"GET\n").unwrap();
+        let mut got = String::new();
+        conn.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "ok 1\n");
+    }
+    start.elapsed()
+}
+
+/// Serves `connections` with the probe (tokio current-thread, one Wasm
+/// instance per connection) in `web`'s sandbox plus `extra`; returns the
+/// client's time.
+fn serve(f: &Fixture, extra: &[&str], connections: u32) -> std::time::Duration {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let n = connections.to_string();
+    let mut args = vec!["--keep-fd", "3"];
+    args.extend_from_slice(extra);
+    let mut cmd = f.command(&args, &["serve", "3", &n]);
+    with_listener_at_fd_3(&mut cmd, &listener);
+    let child = std::thread::spawn(move || outcome(cmd));
+    let took = client(addr, connections);
+    assert_eq!(child.join().unwrap(), Outcome::Ok);
+    took
+}
+
+#[test]
+fn serving_loop_with_tokio_runs_a_wasm_instance_per_connection() {
+    require_kernel!();
+    serve(&Fixture::new(), &[], 20);
 }
 
 // --- process state: fds, rlimits, no_new_privs ---
@@ -508,32 +552,57 @@ fn seccomp_alone_kills_exec_and_refuses_bind() {
     assert_eq!(f.probe_with(&only_seccomp, &["mount", "/tmp"]), SIGSYS);
 }
 
-// --- the benchmark: run with `--ignored --nocapture` ---
+// --- the benchmarks: run with `--ignored --nocapture` ---
+
+/// The sandbox's cost on the serving path: the probe's tokio loop answering
+/// sequential connections, each with a fresh Wasm instance; the client's
+/// time with and without the sandbox, best of 7 interleaved runs each.
+#[test]
+#[ignore = "a benchmark; run with --ignored --nocapture"]
+fn bench_serving_cost() {
+    let f = Fixture::new();
+    let connections: u32 = std::env::var("CORRAL_BENCH_CONNECTIONS")
+        .map(|n| n.parse().unwrap())
+        .unwrap_or(2000);
+    // Interleaved, so that load from elsewhere hits both alike; best of 7.
+    let (mut without, mut with) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..7 {
+        without = without.min(serve(&f, &["--no-sandbox"], connections).as_secs_f64());
+        with = with.min(serve(&f, &[], connections).as_secs_f64());
+    }
+    let rate = |secs: f64| f64::from(connections) / secs;
+    println!(
+        "serving: {:.0} connections/s without sandbox, {:.0} with; ratio (with/without) {:.3}",
+        rate(without),
+        rate(with),
+        without / with
+    );
+}
 
 /// The sandbox's cost on a Wasm instantiate+call loop: the same workload in
-/// a child with and without the sandbox, best of 5 runs each.
+/// a child with and without the sandbox, best of 5 interleaved runs each.
 #[test]
 #[ignore = "a benchmark; run with --ignored --nocapture"]
 fn bench_sandbox_cost() {
     let f = Fixture::new();
     let iterations = std::env::var("CORRAL_BENCH_ITERATIONS").unwrap_or_else(|_| "20000".into());
     let run = |extra: &[&str]| -> f64 {
-        (0..5)
-            .map(|_| {
-                let out = f.command(extra, &["bench", &iterations]).output().unwrap();
-                assert!(out.status.success(), "{out:?}");
-                let stdout = String::from_utf8_lossy(&out.stdout);
-                stdout
-                    .trim()
-                    .strip_prefix("ns-per-iter ")
-                    .unwrap()
-                    .parse::<f64>()
-                    .unwrap()
-            })
-            .fold(f64::INFINITY, f64::min)
+        let out = f.command(extra, &["bench", &iterations]).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        stdout
+            .trim()
+            .strip_prefix("ns-per-iter ")
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
     };
-    let without = run(&["--no-sandbox"]);
-    let with = run(&[]);
+    // Interleaved, so that load from elsewhere hits both alike.
+    let (mut without, mut with) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..5 {
+        without = without.min(run(&["--no-sandbox"]));
+        with = with.min(run(&[]));
+    }
     println!(
         "instantiate+call: {without:.0} ns/iter without sandbox, {with:.0} ns/iter with; \
          ratio (without/with) {:.3}",

@@ -83,6 +83,10 @@ enum Action {
     /// blocking threads) that reads `data.txt` from the app's first dir,
     /// prints it, and writes it to `out.txt` in its second dir.
     Wasi,
+    /// Serve N connections on an inherited listening fd as a worker does:
+    /// a tokio current-thread runtime built inside the sandbox, a fresh Wasm
+    /// instance per connection; each gets `ok N\n` after sending a line.
+    Serve { fd: RawFd, connections: u32 },
     /// Time N instantiate+call rounds of a Wasm module.
     Bench { iterations: u32 },
 }
@@ -128,7 +132,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     // What must be ready before the sandbox: a worker loads everything first.
     let wasm = match args.action {
-        Action::Wasm { .. } | Action::Bench { .. } | Action::Wasi => Some(WasmWork::load()?),
+        Action::Wasm { .. } | Action::Bench { .. } | Action::Wasi | Action::Serve { .. } => {
+            Some(WasmWork::load()?)
+        }
         _ => None,
     };
     if !args.no_sandbox {
@@ -153,6 +159,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Action::Panic => panic!("probe panics on purpose"),
         Action::Wasm { iterations } => wasm.expect("loaded").run(iterations),
         Action::Wasi => wasm.expect("loaded").run_wasi(&app.dirs),
+        Action::Serve { fd, connections } => serve(wasm.expect("loaded"), fd, connections),
         Action::Bench { iterations } => {
             let work = wasm.expect("loaded");
             let start = Instant::now();
@@ -318,6 +325,43 @@ fn set_limit() -> std::io::Result<()> {
         maximum: nofile.maximum,
     };
     setrlimit(Resource::Nofile, lower).map_err(Into::into)
+}
+
+fn serve(work: WasmWork, fd: RawFd, connections: u32) -> std::io::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    // SAFETY: the parent handed this fd over for the probe to own.
+    let listener = std::net::TcpListener::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    listener.set_nonblocking(true)?;
+    // Built after `enter`: its epoll and eventfd are created inside.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let work = std::rc::Rc::new(work);
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async move {
+                let mut tasks = Vec::new();
+                for _ in 0..connections {
+                    let (conn, _) = listener.accept().await?;
+                    let work = work.clone();
+                    tasks.push(tokio::task::spawn_local(async move {
+                        let (read, mut write) = conn.into_split();
+                        let mut line = String::new();
+                        BufReader::new(read).read_line(&mut line).await?;
+                        let out = work.round(100).map_err(std::io::Error::other)?;
+                        write.write_all(format!("ok {out}\n").as_bytes()).await?;
+                        write.shutdown().await
+                    }));
+                }
+                for task in tasks {
+                    task.await.map_err(std::io::Error::other)??;
+                }
+                Ok(())
+            })
+            .await
+    })
 }
 
 /// A Wasm workload as a worker runs it: an engine with the pooling
