@@ -248,7 +248,14 @@ pub struct Cache {
     /// Engine hashes already computed (engines are few and long-lived;
     /// hashing one costs more than a small cache hit).
     engine_hashes: Arc<Mutex<Vec<(Engine, String)>>>,
+    /// When root writes into a cache owned by another user (the daemon's),
+    /// new files and directories are given to that user, so the daemon can
+    /// use what `sudo corral compile --policy` put there.
+    owner: Option<Owner>,
 }
+
+/// A user and group that files are given to.
+type Owner = (u32, u32);
 
 impl Cache {
     /// Open the cache at `dir` for reading and writing, creating it (mode
@@ -264,9 +271,17 @@ impl Cache {
 
     /// The cache at `dir` for listing and checking; nothing is created.
     pub fn open_existing(dir: &Path) -> Cache {
+        use std::os::unix::fs::MetadataExt;
+        let owner = match fs::metadata(dir) {
+            Ok(m) if rustix::process::geteuid().is_root() && m.uid() != 0 => {
+                Some((m.uid(), m.gid()))
+            }
+            _ => None,
+        };
         Cache {
             root: dir.to_path_buf(),
             engine_hashes: Arc::default(),
+            owner,
         }
     }
 
@@ -300,8 +315,8 @@ impl Cache {
         if let Probe::Hit((file, meta, program)) = load(&paths)? {
             return Ok(artifact(key, paths, file, meta, program, true, None));
         }
-        create_private_dir(&paths.dir)?;
-        let _lock = lock_entry(&paths)?;
+        self.create_entry_dir(&paths)?;
+        let _lock = lock_entry(&paths, self.owner)?;
         match load(&paths)? {
             Probe::Hit((file, meta, program)) => {
                 return Ok(artifact(key, paths, file, meta, program, true, None));
@@ -309,7 +324,7 @@ impl Cache {
             Probe::Missing => {}
             Probe::Corrupt(reason) => discard(&paths, &reason)?,
         }
-        let (meta, took) = compile_and_store(engine, source, &paths)?;
+        let (meta, took) = compile_and_store(engine, source, &paths, self.owner)?;
         match load(&paths)? {
             Probe::Hit((file, _, program)) => {
                 Ok(artifact(key, paths, file, meta, program, false, Some(took)))
@@ -350,14 +365,14 @@ impl Cache {
         if let Probe::Hit((_, meta, _)) = open_entry(&paths, None)? {
             return Ok(done(meta, true, None));
         }
-        create_private_dir(&paths.dir)?;
-        let _lock = lock_entry(&paths)?;
+        self.create_entry_dir(&paths)?;
+        let _lock = lock_entry(&paths, self.owner)?;
         match open_entry(&paths, None)? {
             Probe::Hit((_, meta, _)) => return Ok(done(meta, true, None)),
             Probe::Missing => {}
             Probe::Corrupt(reason) => discard(&paths, &reason)?,
         }
-        let (meta, took) = compile_and_store(engine, source, &paths)?;
+        let (meta, took) = compile_and_store(engine, source, &paths, self.owner)?;
         Ok(done(meta, false, Some(took)))
     }
 
@@ -368,6 +383,18 @@ impl Cache {
             engine: self.engine_hash(engine),
             module: source.digest.clone(),
         }
+    }
+
+    /// `<root>/<target>/<engine>/`, mode 0700, owned like the root.
+    fn create_entry_dir(&self, paths: &EntryPaths) -> Result<(), CacheError> {
+        create_private_dir(&paths.dir)?;
+        if let Some(owner) = self.owner {
+            let target_dir = paths.dir.parent().unwrap_or(&paths.dir);
+            for dir in [target_dir, paths.dir.as_path()] {
+                give_to(dir, owner)?;
+            }
+        }
+        Ok(())
     }
 
     fn engine_hash(&self, engine: &Engine) -> String {
@@ -422,7 +449,7 @@ impl Cache {
             };
             let mut removed = false;
             if let (Some(reason), true) = (&problem, remove)
-                && let Some(_lock) = try_lock_entry(&paths)?
+                && let Some(_lock) = try_lock_entry(&paths, self.owner)?
             {
                 discard(&paths, reason)?;
                 removed = true;
@@ -472,7 +499,7 @@ impl Cache {
     /// if it was kept.
     pub fn remove_entry(&self, key: &ArtifactKey) -> Result<bool, CacheError> {
         let paths = EntryPaths::new(&self.root, key);
-        let Some(_lock) = try_lock_entry(&paths)? else {
+        let Some(_lock) = try_lock_entry(&paths, self.owner)? else {
             return Ok(false);
         };
         match File::open(&paths.cwasm) {
@@ -655,15 +682,19 @@ fn discard(paths: &EntryPaths, reason: &str) -> Result<(), CacheError> {
     remove_if_exists(&paths.meta)
 }
 
-fn lock_entry(paths: &EntryPaths) -> Result<lock::FileLock, CacheError> {
-    lock::lock_file(&paths.lock).map_err(|source| CacheError::Lock {
+fn lock_entry(paths: &EntryPaths, owner: Option<Owner>) -> Result<lock::FileLock, CacheError> {
+    let lock = lock::lock_file(&paths.lock).map_err(|source| CacheError::Lock {
         path: paths.lock.clone(),
         source,
-    })
+    })?;
+    if let Some(owner) = owner {
+        give_to(&paths.lock, owner)?;
+    }
+    Ok(lock)
 }
 
 /// The entry's lock if nobody holds it (gc and clear never wait).
-fn try_lock_entry(paths: &EntryPaths) -> Result<Option<File>, CacheError> {
+fn try_lock_entry(paths: &EntryPaths, owner: Option<Owner>) -> Result<Option<File>, CacheError> {
     let err = |source| CacheError::Lock {
         path: paths.lock.clone(),
         source,
@@ -676,6 +707,9 @@ fn try_lock_entry(paths: &EntryPaths) -> Result<Option<File>, CacheError> {
         .mode(0o600)
         .open(&paths.lock)
         .map_err(err)?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(err)?;
+    }
     let locked = lock::try_lock(&file, true).map_err(err)?;
     if locked && lock::same_file(&file, &paths.lock).map_err(err)? {
         Ok(Some(file))
@@ -690,6 +724,7 @@ fn compile_and_store(
     engine: &Engine,
     source: &Source,
     paths: &EntryPaths,
+    owner: Option<Owner>,
 ) -> Result<(EntryMeta, Duration), CompileError> {
     let start = Instant::now();
     tracing::info!(
@@ -710,8 +745,8 @@ fn compile_and_store(
         compile_ms: took.as_millis() as u64,
     };
     let json = serde_json::to_vec_pretty(&meta).expect("metadata serializes");
-    write_atomic(&paths.meta, &json)?;
-    if let Err(e) = write_atomic(&paths.cwasm, &compiled).and_then(|()| sync_dir(&paths.dir)) {
+    write_file(&paths.meta, &json, owner)?;
+    if let Err(e) = write_file(&paths.cwasm, &compiled, owner).and_then(|()| sync_dir(&paths.dir)) {
         // No metadata without its artifact (e.g. the disk filled up).
         remove_if_exists(&paths.cwasm)?;
         remove_if_exists(&paths.meta)?;
@@ -724,6 +759,11 @@ fn compile_and_store(
 /// (removed on any error), fsync, rename: readers see the old file or the
 /// whole new one, never a part.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
+    write_file(path, bytes, None)
+}
+
+/// [`write_atomic`], the file given to `owner` before it appears.
+fn write_file(path: &Path, bytes: &[u8], owner: Option<Owner>) -> Result<(), CacheError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let err = |source| CacheError::Write {
         path: path.to_path_buf(),
@@ -734,6 +774,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
         .tempfile_in(dir)
         .map_err(err)?;
     tmp.write_all(bytes).map_err(err)?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(tmp.as_file(), Some(uid), Some(gid)).map_err(err)?;
+    }
     tmp.as_file().sync_all().map_err(err)?;
     tmp.persist(path).map_err(|e| err(e.error))?;
     Ok(())
@@ -758,6 +801,13 @@ fn create_private_dir(dir: &Path) -> Result<(), CacheError> {
             path: dir.to_path_buf(),
             source,
         })
+}
+
+fn give_to(path: &Path, (uid, gid): Owner) -> Result<(), CacheError> {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|source| CacheError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn remove_if_exists(path: &Path) -> Result<(), CacheError> {

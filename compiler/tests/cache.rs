@@ -417,3 +417,32 @@ fn a_handed_over_fd_is_verified_then_loaded() {
     assert!(matches!(err, CompileError::Load { .. }), "{err}");
     assert!(err.to_string().contains("SHA-256"), "{err}");
 }
+
+#[test]
+fn root_writing_into_a_users_cache_gives_the_files_to_that_user() {
+    use std::os::unix::fs::MetadataExt;
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED root_writing_into_a_users_cache_...: needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("cache");
+    fs::create_dir(&root).unwrap();
+    let (uid, gid) = (65534, 65534);
+    std::os::unix::fs::chown(&root, Some(uid), Some(gid)).unwrap();
+    let cache = Cache::open(&root).unwrap();
+    let a = cache
+        .load_or_compile(&cli_engine(), &write(tmp.path(), "m.wat", ADD))
+        .unwrap();
+    let dir = a.path.parent().unwrap();
+    for p in [
+        dir.parent().unwrap(),
+        dir,
+        &a.path,
+        &a.path.with_extension("json"),
+        &a.path.with_extension("lock"),
+    ] {
+        let m = fs::metadata(p).unwrap();
+        assert_eq!((m.uid(), m.gid()), (uid, gid), "{}", p.display());
+    }
+}
