@@ -214,3 +214,41 @@ fn outbound_request_only_to_network_connect() {
         "no connection was made"
     );
 }
+
+#[test]
+fn a_request_stuck_in_a_host_call_times_out_with_504() {
+    // An upstream that accepts and never answers: the guest waits inside
+    // the outgoing-handler host call, where only the backstop can stop it.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming() {
+            held.push(stream);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[apps.fetch]\nmodule = {:?}\nkind = \"http\"\nlisten = [\"127.0.0.1:9\"]\n\
+             network = {{ connect = [\"{silent_addr}\"] }}\nlimits = {{ timeout = \"300ms\" }}\n\
+             sandbox = {{ landlock = \"best-effort\", seccomp = \"best-effort\" }}\n",
+            guest("http-fetch.wasm").display().to_string()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(
+        &["--policy", policy.to_str().unwrap(), "--app", "fetch"],
+        None,
+    );
+    for _ in 0..2 {
+        let (status, _, body) =
+            server.request(&format!("GET / HTTP/1.1\r\nx-fetch: {silent_addr}/"), b"");
+        assert_eq!(
+            (status, String::from_utf8_lossy(&body).as_ref()),
+            (504, "corral: limits.timeout (300ms) exceeded\n")
+        );
+    }
+}

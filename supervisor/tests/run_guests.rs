@@ -36,10 +36,17 @@ fn text(bytes: &[u8]) -> String {
 #[test]
 fn exit_code_3_is_passed_through() {
     let cache = tempfile::tempdir().unwrap();
-    let out = corral_run(cache.path(), &[guest("exit3.wasm").to_str().unwrap()], b"");
-    assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "exiting with 3\n");
-    assert_eq!(text(&out.stderr), "");
+    let file = guest("exit3.wasm");
+    // First run compiles (and re-executes to enter the sandbox), the second
+    // loads from the cache, the third runs without the sandbox.
+    for args in [&[][..], &[], &["--no-sandbox"]] {
+        let mut args = args.to_vec();
+        args.push(file.to_str().unwrap());
+        let out = corral_run(cache.path(), &args, b"");
+        assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "exiting with 3\n");
+        assert_eq!(text(&out.stderr), "");
+    }
 }
 
 #[test]
