@@ -50,6 +50,25 @@ fn exit_code_3_is_passed_through() {
 }
 
 #[test]
+fn a_trap_exits_126_with_the_guest_backtrace() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = corral_run(cache.path(), &[guest("trap.wasm").to_str().unwrap()], b"");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(126), "stderr: {stderr}");
+    assert!(
+        stderr.starts_with("corral: trap.wasm trapped\n"),
+        "{stderr}"
+    );
+    let inner = stderr.find("!inner").expect("inner in the backtrace");
+    let outer = stderr.find("!outer").expect("outer in the backtrace");
+    assert!(inner < outer, "innermost frame first: {stderr}");
+    assert!(
+        stderr.contains("wasm `unreachable` instruction executed"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn stdio_echo_copies_stdin_to_stdout() {
     let cache = tempfile::tempdir().unwrap();
     let input = b"hello corral\nsecond line\n";
