@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use wasmtime::Engine;
 
 use crate::deserialize::{self, Verified};
-use crate::engine::{engine_hash, host_triple};
+use crate::engine::{CpuFeatures, engine_hash, host_triple};
 use crate::error::{CacheError, CompileError};
 use crate::lock;
 use crate::source::{ProgramKind, Source};
@@ -69,6 +69,12 @@ pub struct EntryMeta {
     /// Seconds since the Unix epoch.
     pub compiled_at: u64,
     pub compile_ms: u64,
+    /// `baseline` when the code uses only the architecture's baseline CPU
+    /// features (cross-target, or `--cpu-features baseline`): such an entry
+    /// is also used by engines of other CPU settings that wasmtime finds
+    /// compatible (see `Cache::load_or_compile`). Unknown when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_features: Option<CpuFeatures>,
 }
 
 /// A loaded program.
@@ -312,8 +318,16 @@ impl Cache {
         let paths = EntryPaths::new(&self.root, &key);
         let load = |paths: &EntryPaths| open_entry(paths, Some(engine));
 
-        if let Probe::Hit((file, meta, program)) = load(&paths)? {
-            return Ok(artifact(key, paths, file, meta, program, true, None));
+        match load(&paths)? {
+            Probe::Hit((file, meta, program)) => {
+                return Ok(artifact(key, paths, file, meta, program, true, None));
+            }
+            Probe::Missing => {
+                if let Some(found) = self.portable_sibling(engine, &key) {
+                    return Ok(found);
+                }
+            }
+            Probe::Corrupt(_) => {}
         }
         self.create_entry_dir(&paths)?;
         let _lock = lock_entry(&paths, self.owner)?;
@@ -324,7 +338,7 @@ impl Cache {
             Probe::Missing => {}
             Probe::Corrupt(reason) => discard(&paths, &reason)?,
         }
-        let (meta, took) = compile_and_store(engine, source, &paths, self.owner)?;
+        let (meta, took) = compile_and_store(engine, source, &paths, self.owner, None)?;
         match load(&paths)? {
             Probe::Hit((file, _, program)) => {
                 Ok(artifact(key, paths, file, meta, program, false, Some(took)))
@@ -345,14 +359,21 @@ impl Cache {
     }
 
     /// Make sure the cache holds `source` compiled by `engine` for
-    /// `target` (a triple; the engine must have been configured for it),
-    /// without loading it: the way to fill another machine's directory.
+    /// `target` (a triple; the engine must have been configured for it with
+    /// `cpu`), without loading it: the way to fill another machine's
+    /// directory. Code for another target is always `Baseline`.
     pub fn compile_for_target(
         &self,
         engine: &Engine,
         target: &str,
+        cpu: CpuFeatures,
         source: &Source,
     ) -> Result<CompiledEntry, CompileError> {
+        let cpu = if target == host_triple() {
+            cpu
+        } else {
+            CpuFeatures::Baseline
+        };
         let key = self.key(engine, target, source);
         let paths = EntryPaths::new(&self.root, &key);
         let done = |meta, hit, took| CompiledEntry {
@@ -372,7 +393,7 @@ impl Cache {
             Probe::Missing => {}
             Probe::Corrupt(reason) => discard(&paths, &reason)?,
         }
-        let (meta, took) = compile_and_store(engine, source, &paths, self.owner)?;
+        let (meta, took) = compile_and_store(engine, source, &paths, self.owner, Some(cpu))?;
         Ok(done(meta, false, Some(took)))
     }
 
@@ -383,6 +404,43 @@ impl Cache {
             engine: self.engine_hash(engine),
             module: source.digest.clone(),
         }
+    }
+
+    /// On a miss: an entry of the same module and target compiled for the
+    /// baseline CPU under other engine settings (a pre-warmed fleet cache:
+    /// `corral compile --target T --cpu-features baseline`), if wasmtime
+    /// accepts it for `engine`. wasmtime checks that every setting that
+    /// matters (version, flags, tunables, wasm features) agrees and that
+    /// this CPU has every feature the code uses; a refusal just skips it.
+    fn portable_sibling(&self, engine: &Engine, key: &ArtifactKey) -> Option<Artifact> {
+        for engine_dir in read_dir_names(&self.root.join(&key.target)).ok()? {
+            if engine_dir == key.engine {
+                continue;
+            }
+            let sibling = ArtifactKey {
+                target: key.target.clone(),
+                engine: engine_dir,
+                module: key.module.clone(),
+            };
+            let paths = EntryPaths::new(&self.root, &sibling);
+            let portable =
+                read_meta(&paths.meta).is_ok_and(|m| m.cpu_features == Some(CpuFeatures::Baseline));
+            if !portable {
+                continue;
+            }
+            match open_entry(&paths, Some(engine)) {
+                Ok(Probe::Hit((file, meta, program))) => {
+                    tracing::debug!(key = %sibling, "using a baseline-CPU entry");
+                    return Some(artifact(sibling, paths, file, meta, program, true, None));
+                }
+                Ok(Probe::Missing) => {}
+                Ok(Probe::Corrupt(reason)) => {
+                    tracing::debug!(key = %sibling, %reason, "baseline-CPU entry not usable here");
+                }
+                Err(e) => tracing::debug!(key = %sibling, error = %e, "baseline-CPU entry"),
+            }
+        }
+        None
     }
 
     /// `<root>/<target>/<engine>/`, mode 0700, owned like the root.
@@ -725,6 +783,7 @@ fn compile_and_store(
     source: &Source,
     paths: &EntryPaths,
     owner: Option<Owner>,
+    cpu_features: Option<CpuFeatures>,
 ) -> Result<(EntryMeta, Duration), CompileError> {
     let start = Instant::now();
     tracing::info!(
@@ -743,6 +802,7 @@ fn compile_and_store(
         artifact_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&compiled)),
         compiled_at: unix_secs(SystemTime::now()),
         compile_ms: took.as_millis() as u64,
+        cpu_features,
     };
     let json = serde_json::to_vec_pretty(&meta).expect("metadata serializes");
     write_file(&paths.meta, &json, owner)?;

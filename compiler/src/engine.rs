@@ -51,7 +51,10 @@ pub struct PoolingOptions {
 }
 
 /// Which CPU features compiled code may use.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum CpuFeatures {
     /// Everything this host's CPU has (fastest; artifacts run only on CPUs
     /// with the same features or more). Only meaningful for the host target.

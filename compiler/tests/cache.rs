@@ -208,7 +208,7 @@ fn cross_target_gives_an_aarch64_elf() {
     let built = build_engine(&EngineOptions::default_for_cli(), Some(target)).unwrap();
     let source = Source::read(&write(tmp.path(), "m.wat", ADD)).unwrap();
     let entry = cache
-        .compile_for_target(&built.engine, target, &source)
+        .compile_for_target(&built.engine, target, CpuFeatures::Baseline, &source)
         .unwrap();
     assert!(!entry.cache_hit);
     assert!(entry.path.starts_with(tmp.path().join(target)));
@@ -219,7 +219,7 @@ fn cross_target_gives_an_aarch64_elf() {
     assert_eq!(u16::from_le_bytes([elf[18], elf[19]]), EM_AARCH64);
 
     let again = cache
-        .compile_for_target(&built.engine, target, &source)
+        .compile_for_target(&built.engine, target, CpuFeatures::Baseline, &source)
         .unwrap();
     assert!(again.cache_hit);
     // It is listed under its target.
@@ -445,4 +445,32 @@ fn root_writing_into_a_users_cache_gives_the_files_to_that_user() {
         let m = fs::metadata(p).unwrap();
         assert_eq!((m.uid(), m.gid()), (uid, gid), "{}", p.display());
     }
+}
+
+#[test]
+fn a_baseline_entry_serves_a_native_engine_on_a_miss() {
+    // A pre-warmed fleet cache holds baseline-CPU entries; the daemon's
+    // native engine uses them instead of compiling.
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::open(tmp.path()).unwrap();
+    let source = Source::read(&write(tmp.path(), "m.wat", ADD)).unwrap();
+    let host = corral_compiler::host_triple();
+    let baseline_opts = EngineOptions::default_for_cli().with_cpu(CpuFeatures::Baseline);
+    let baseline = new_engine(&baseline_opts).unwrap();
+    let warmed = cache
+        .compile_for_target(&baseline, &host, CpuFeatures::Baseline, &source)
+        .unwrap();
+    assert_eq!(warmed.meta.cpu_features, Some(CpuFeatures::Baseline));
+
+    let native = cli_engine();
+    let a = cache.load_or_compile_source(&native, &source).unwrap();
+    assert!(a.cache_hit);
+    assert_eq!(a.key, warmed.key);
+
+    // The other way round is a miss: a native entry is not portable.
+    let other = Source::read(&write(tmp.path(), "n.wat", SUB)).unwrap();
+    let n = cache.load_or_compile_source(&native, &other).unwrap();
+    let b = cache.load_or_compile_source(&baseline, &other).unwrap();
+    assert!(!b.cache_hit);
+    assert_ne!(n.key, b.key);
 }

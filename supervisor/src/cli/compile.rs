@@ -84,6 +84,7 @@ struct Job<'e> {
     label: String,
     file: PathBuf,
     target: String,
+    cpu: CpuFeatures,
     engine: &'e BuiltEngine,
 }
 
@@ -173,6 +174,7 @@ impl CompileCommand {
                     label: app.clone().unwrap_or_else(|| file.display().to_string()),
                     file: file.clone(),
                     target: target.clone(),
+                    cpu: opts.cpu,
                     engine: engine_for(opts, target),
                 });
             }
@@ -307,7 +309,7 @@ fn run_job(cache: &Cache, job: &Job<'_>, host: &str) -> JobResult {
     };
     let outcome = Source::read(&job.file).and_then(|source| {
         r.kind = Some(source.kind);
-        if job.target == host {
+        if job.target == host && job.cpu == CpuFeatures::Native {
             cache
                 .load_or_compile_source(&job.engine.engine, &source)
                 .map(|a| {
@@ -321,7 +323,7 @@ fn run_job(cache: &Cache, job: &Job<'_>, host: &str) -> JobResult {
                 })
         } else {
             cache
-                .compile_for_target(&job.engine.engine, &job.target, &source)
+                .compile_for_target(&job.engine.engine, &job.target, job.cpu, &source)
                 .map(|e| {
                     (
                         e.key,
