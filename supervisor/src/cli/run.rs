@@ -245,10 +245,16 @@ impl RunCommand {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_else(|| file.display().to_string());
                 let cache_dir = self.cache.resolve(None)?;
+                let engine_options = match self.serve {
+                    // Serving: the pooling allocator with copy-on-write
+                    // images, as an http app's worker has.
+                    Some(_) => EngineOptions::for_app(&cli_app_spec(&file, self.serve)?),
+                    None => EngineOptions::default_for_cli(),
+                };
                 (
                     file.clone(),
                     GuestCaps::none(&argv0, kind),
-                    EngineOptions::default_for_cli(),
+                    engine_options,
                     cache_dir,
                     None,
                 )
