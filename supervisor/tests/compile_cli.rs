@@ -215,3 +215,41 @@ fn a_full_disk_is_a_one_line_error_and_leaves_nothing_behind() {
     let leftovers: Vec<&str> = stdout.lines().filter(|l| !l.starts_with("rc=")).collect();
     assert!(leftovers.is_empty(), "left in the cache: {leftovers:?}");
 }
+
+#[test]
+fn a_read_only_cache_dir_is_a_one_line_error_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("a.wat"), "(module)").unwrap();
+    let ro = dir.join("ro-cache");
+    std::fs::create_dir(&ro).unwrap();
+    // Root ignores file modes, so make it read-only the way root can't
+    // ignore: a read-only mount, in a private mount namespace.
+    let script = format!(
+        "mount -t tmpfs -o ro corral-test {ro} || exit 97; echo mounted; \
+         {corral} compile a.wat --cache {ro}",
+        ro = ro.display(),
+        corral = CORRAL
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .current_dir(dir)
+        .output()
+        .expect("run unshare");
+    if !String::from_utf8_lossy(&out.stdout).contains("mounted") {
+        let why = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "cannot mount a read-only tmpfs (needs root): {why}"
+        );
+        eprintln!("SKIPPED a_read_only_cache_dir_...: cannot mount (needs root): {why}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("ro-cache: cache directory is not writable"),
+        "{stderr}"
+    );
+}
