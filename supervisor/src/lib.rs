@@ -2,5 +2,6 @@
 //! the `corrald` daemon, its worker pools, the Wasm host and the sandbox.
 
 pub mod cli;
+pub mod daemon;
 pub mod host;
 pub mod sandbox;

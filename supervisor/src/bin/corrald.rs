@@ -1,6 +1,42 @@
-//! corrald, the corral supervisor daemon (see ARCHITECTURE.md).
+//! corrald, the corral supervisor daemon (see ARCHITECTURE.md and
+//! `corral_supervisor::daemon`).
 
-fn main() -> std::process::ExitCode {
-    eprintln!("corrald: the daemon is not built yet; use `corral check` to validate a policy");
-    std::process::ExitCode::FAILURE
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// The corral supervisor: serves the apps of a policy from pre-forked,
+/// sandboxed worker pools.
+#[derive(Debug, Parser)]
+#[command(name = "corrald", version)]
+struct Args {
+    /// The policy file (drop-ins in policy.d/ next to it are merged).
+    #[arg(long, value_name = "PATH", default_value = corral_policy::defaults::POLICY_PATH)]
+    policy: PathBuf,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Internal: the per-app zygote corrald starts (control socket on stdin).
+    #[command(hide = true)]
+    Zygote,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CORRAL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match args.command {
+        Some(Command::Zygote) => corral_supervisor::daemon::zygote::main(),
+        None => corral_supervisor::daemon::run(&args.policy),
+    }
 }

@@ -50,13 +50,44 @@ pub struct GuestCaps {
 }
 
 /// Where the guest's stdin, stdout and stderr go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum StdioMode {
     /// The host process's own (`corral run`).
     Inherit,
     /// stdin empty; stdout and stderr to the host's stderr (serving, where
     /// the host's stdout is not the guest's to write).
     LogToStderr,
+    /// stdin and stdout are one accepted connection (stdio apps, inetd
+    /// style); stderr to the host's stderr.
+    Connection(ConnectionStdio),
+}
+
+/// The two halves of a connection, as a guest's stdin and stdout.
+#[derive(Clone)]
+pub struct ConnectionStdio {
+    stdin: Arc<wasmtime_wasi::cli::AsyncStdinStream>,
+    stdout: Arc<wasmtime_wasi::cli::AsyncStdoutStream>,
+}
+
+impl ConnectionStdio {
+    /// Stdio on `stream` (read half as stdin, write half as stdout).
+    /// Needs a tokio runtime: reading runs in a task of its own.
+    pub fn new<S>(stream: S) -> ConnectionStdio
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Sync + 'static,
+    {
+        let (read, write) = tokio::io::split(stream);
+        ConnectionStdio {
+            stdin: Arc::new(wasmtime_wasi::cli::AsyncStdinStream::new(read)),
+            stdout: Arc::new(wasmtime_wasi::cli::AsyncStdoutStream::new(64 * 1024, write)),
+        }
+    }
+}
+
+impl std::fmt::Debug for ConnectionStdio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionStdio").finish_non_exhaustive()
+    }
 }
 
 impl GuestCaps {
@@ -115,12 +146,17 @@ impl GuestCaps {
         let mut b = WasiCtxBuilder::new();
         b.args(&self.argv);
         b.envs(&self.env);
-        match self.stdio {
+        match &self.stdio {
             StdioMode::Inherit => {
                 b.inherit_stdio();
             }
             StdioMode::LogToStderr => {
                 b.stdout(wasmtime_wasi::cli::stderr());
+                b.stderr(wasmtime_wasi::cli::stderr());
+            }
+            StdioMode::Connection(conn) => {
+                b.stdin(conn.stdin.clone());
+                b.stdout(conn.stdout.clone());
                 b.stderr(wasmtime_wasi::cli::stderr());
             }
         }

@@ -1,0 +1,157 @@
+//! The daemon's raw OS calls and all of its `unsafe`: forking the
+//! zygote's workers and the memory the zygote shares with them.
+
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+/// What [`fork`] returned in this process.
+#[derive(Debug)]
+pub(crate) enum Forked {
+    /// This is the new worker.
+    Child,
+    /// This is the zygote; the worker has this pid.
+    Parent(i32),
+}
+
+/// `fork(2)` the calling process.
+///
+/// Only the zygote calls it, and only while it has a single thread: the
+/// sandbox refused to be entered otherwise (`SandboxPlan::enter` checks
+/// the thread count) and the zygote starts no thread afterwards, so the
+/// child gets a consistent copy of every lock and allocator.
+pub(crate) fn fork() -> std::io::Result<Forked> {
+    // SAFETY: the process is single-threaded (see above), so no lock can be
+    // held by a thread that does not exist in the child; the child goes on
+    // running ordinary Rust code, which is sound after fork in a
+    // single-threaded process.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(std::io::Error::last_os_error()),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent(pid)),
+    }
+}
+
+/// One worker's place in the shared pool state.
+#[derive(Debug, Default)]
+#[repr(C)]
+pub(crate) struct Slot {
+    /// Connections (http, stdio) being served right now.
+    pub(crate) in_flight: AtomicU32,
+    /// 1 once the worker has taken itself out of `live` (idle or
+    /// max-requests retirement): it accepts nothing more.
+    pub(crate) retiring: AtomicU32,
+    /// Requests (http) or connections (stdio) served.
+    pub(crate) served: AtomicU64,
+}
+
+/// The head of the shared pool state.
+#[derive(Debug, Default)]
+#[repr(C)]
+pub(crate) struct PoolHeader {
+    /// Workers that accept (forked and not retiring).
+    pub(crate) live: AtomicU32,
+    /// 1: every worker stops accepting and exits when done.
+    pub(crate) draining: AtomicU32,
+}
+
+/// A `MAP_SHARED` anonymous mapping holding a [`PoolHeader`] and `slots`
+/// [`Slot`]s, created by the zygote before it forks, so that it and all
+/// its workers see the same atomics. Never unmapped: it lives as long as
+/// the process.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SharedPool {
+    header: &'static PoolHeader,
+    slots: &'static [Slot],
+}
+
+impl SharedPool {
+    pub(crate) fn new(slots: usize) -> std::io::Result<SharedPool> {
+        use rustix::mm::{MapFlags, ProtFlags, mmap_anonymous};
+        let header_len = std::mem::size_of::<PoolHeader>().next_multiple_of(64);
+        let len = header_len + slots * std::mem::size_of::<Slot>();
+        // SAFETY: a fresh anonymous mapping at an address the kernel picks
+        // cannot alias any existing Rust object.
+        let base = unsafe {
+            mmap_anonymous(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+            )?
+        };
+        let base = base.cast::<u8>();
+        // SAFETY: the mapping is page-aligned (so aligned for both types),
+        // `len` bytes long (room for the header and `slots` slots after the
+        // 64-byte-rounded header), zero-filled by the kernel (all-zero bits
+        // are a valid value of every atomic in them), never unmapped (so
+        // `'static` holds), and only ever accessed through atomics (so
+        // sharing it between processes is no data race).
+        let (header, slots) = unsafe {
+            (
+                &*base.cast::<PoolHeader>(),
+                std::slice::from_raw_parts(base.add(header_len).cast::<Slot>(), slots),
+            )
+        };
+        Ok(SharedPool { header, slots })
+    }
+
+    pub(crate) fn header(&self) -> &'static PoolHeader {
+        self.header
+    }
+
+    pub(crate) fn slots(&self) -> &'static [Slot] {
+        self.slots
+    }
+}
+
+/// The signals corrald handles on a thread of its own with `sigwait`.
+pub(crate) const HANDLED_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+fn signal_set(signals: &[i32]) -> libc::sigset_t {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initializes the set it is given a pointer to, and
+    // sigaddset only writes into that initialized set; the numbers are
+    // valid signals.
+    unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        for &sig in signals {
+            libc::sigaddset(set.as_mut_ptr(), sig);
+        }
+        set.assume_init()
+    }
+}
+
+/// Block [`HANDLED_SIGNALS`] in the calling thread (`block`) or unblock
+/// them. Called before corrald starts any thread, so every thread inherits
+/// the mask and the signals wait for [`wait_for_signal`]; a zygote (which
+/// inherits the mask across exec) unblocks them first thing.
+pub(crate) fn set_signals_blocked(block: bool) -> std::io::Result<()> {
+    let set = signal_set(&HANDLED_SIGNALS);
+    let how = if block {
+        libc::SIG_BLOCK
+    } else {
+        libc::SIG_UNBLOCK
+    };
+    // SAFETY: `set` is an initialized signal set that outlives the call; the
+    // old mask is not asked for (null).
+    let rc = unsafe { libc::pthread_sigmask(how, &set, std::ptr::null_mut()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// Wait for one of [`HANDLED_SIGNALS`] (blocked beforehand) and return it.
+pub(crate) fn wait_for_signal() -> std::io::Result<i32> {
+    let set = signal_set(&HANDLED_SIGNALS);
+    let mut sig: libc::c_int = 0;
+    // SAFETY: both pointers point to live locals for the duration of the
+    // call; sigwait writes the signal number into `sig`.
+    let rc = unsafe { libc::sigwait(&set, &mut sig) };
+    if rc == 0 {
+        Ok(sig)
+    } else {
+        Err(std::io::Error::from_raw_os_error(rc))
+    }
+}

@@ -1,0 +1,362 @@
+//! A worker: forked from its zygote, already sandboxed and warm. It builds
+//! its own current-thread tokio runtime and epoch ticker (threads exist
+//! only after the fork), then accepts on the app's listening sockets
+//! itself, one fresh instance per request (http) or connection (stdio);
+//! a `command` worker runs its one long-running instance.
+//!
+//! It serves at most `pool.concurrency` connections at once (it stops
+//! accepting at that many, leaving the backlog to its siblings), retires
+//! itself as the zygote's module doc describes, and finishes its
+//! connections before exiting when the pool drains or the zygote dies.
+
+use std::convert::Infallible;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use corral_policy::AppSpec;
+use rustix::net::SendFlags;
+use tokio::sync::{Semaphore, watch};
+use wasmtime::Engine;
+use wasmtime_wasi_http::io::TokioIo;
+
+use super::sys::{SharedPool, Slot};
+use crate::host::{self, ConnectionStdio, EpochTicker, GuestCaps, Program, StdioMode};
+
+/// Byte a worker sends its zygote when it is at `pool.concurrency`.
+pub(crate) const WAKE_SATURATED: u8 = b's';
+/// Byte a worker sends when it retires after `pool.max-requests`.
+pub(crate) const WAKE_REPLACE: u8 = b'r';
+
+/// How often a worker looks at its idle time, `draining` and its zygote.
+const TICK: Duration = Duration::from_millis(100);
+
+/// The pre-instantiated guest, made by the zygote before forking.
+pub(crate) enum Guest {
+    Http {
+        handler: host::http::HttpHandler,
+        engine: Engine,
+    },
+    Stdio {
+        engine: Engine,
+        linker: wasmtime::Linker<host::p1::P1State>,
+        module: wasmtime::Module,
+        caps: GuestCaps,
+    },
+    Command {
+        engine: Engine,
+        program: Program,
+        caps: GuestCaps,
+    },
+}
+
+impl Guest {
+    fn engine(&self) -> &Engine {
+        match self {
+            Guest::Http { engine, .. }
+            | Guest::Stdio { engine, .. }
+            | Guest::Command { engine, .. } => engine,
+        }
+    }
+}
+
+/// What a freshly forked worker gets from its zygote.
+pub(crate) struct WorkerCtx<'a> {
+    pub(crate) app: &'a AppSpec,
+    pub(crate) listeners: &'a [OwnedFd],
+    pub(crate) pool: SharedPool,
+    pub(crate) slot: usize,
+    pub(crate) wake: BorrowedFd<'a>,
+    pub(crate) zygote: Option<rustix::process::Pid>,
+}
+
+/// The worker's life; returns its exit code.
+pub(crate) fn main(ctx: WorkerCtx<'_>, guest: &Guest) -> i32 {
+    match run(&ctx, guest) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(app = ctx.app.name, "worker: {e:#}");
+            70
+        }
+    }
+}
+
+fn run(ctx: &WorkerCtx<'_>, guest: &Guest) -> anyhow::Result<i32> {
+    // Threads only now, after the fork.
+    let _ticker = EpochTicker::start(guest.engine()).context("starting the epoch ticker")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the worker's runtime")?;
+    rt.block_on(async {
+        match guest {
+            Guest::Command {
+                engine,
+                program,
+                caps,
+            } => run_command(engine, program, caps).await,
+            _ => serve(ctx, guest).await.map(|()| 0),
+        }
+    })
+}
+
+async fn run_command(engine: &Engine, program: &Program, caps: &GuestCaps) -> anyhow::Result<i32> {
+    let outcome = match program {
+        Program::Module(module) => {
+            let linker = host::p1::linker(engine)?;
+            host::p1::run(engine, &linker, module, caps, false).await?
+        }
+        Program::Component(component) => {
+            let linker = host::p2::linker(engine)?;
+            host::p2::run_command(engine, &linker, component, caps, false).await?
+        }
+    };
+    outcome.report("command");
+    Ok(i32::from(outcome.exit_code()))
+}
+
+/// A listening socket of the app.
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Listener {
+    fn new(fd: &OwnedFd) -> anyhow::Result<Listener> {
+        let fd = fd.try_clone()?;
+        let family = rustix::net::getsockname(&fd)?.address_family();
+        Ok(if family == rustix::net::AddressFamily::UNIX {
+            Listener::Unix(tokio::net::UnixListener::from_std(
+                std::os::unix::net::UnixListener::from(fd),
+            )?)
+        } else {
+            Listener::Tcp(tokio::net::TcpListener::from_std(
+                std::net::TcpListener::from(fd),
+            )?)
+        })
+    }
+}
+
+/// Shared by the accept loops and connections of one worker.
+struct Serving {
+    slot: &'static Slot,
+    live: &'static std::sync::atomic::AtomicU32,
+    concurrency: u32,
+    wake: OwnedFd,
+    permits: Arc<Semaphore>,
+    /// Flips to `true` when the worker stops accepting.
+    stop: watch::Receiver<bool>,
+    max_requests: Option<u64>,
+}
+
+impl Serving {
+    fn wake(&self, byte: u8) {
+        let _ = rustix::net::send(&self.wake, &[byte], SendFlags::DONTWAIT);
+    }
+}
+
+async fn serve(ctx: &WorkerCtx<'_>, guest: &Guest) -> anyhow::Result<()> {
+    let app = ctx.app;
+    let header = ctx.pool.header();
+    let slot = &ctx.pool.slots()[ctx.slot];
+    let concurrency = app.pool.concurrency.max(1);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let serving = Arc::new(Serving {
+        slot,
+        live: &header.live,
+        concurrency,
+        wake: ctx.wake.try_clone_to_owned()?,
+        permits: Arc::new(Semaphore::new(concurrency as usize)),
+        stop: stop_rx,
+        max_requests: app.pool.max_requests,
+    });
+    let guest = Arc::new(match guest {
+        Guest::Http { handler, .. } => Conn::Http(handler.clone()),
+        Guest::Stdio {
+            engine,
+            linker,
+            module,
+            caps,
+        } => Conn::Stdio {
+            engine: engine.clone(),
+            linker: linker.clone(),
+            module: module.clone(),
+            caps: Box::new(caps.clone()),
+        },
+        Guest::Command { .. } => anyhow::bail!("a command app does not accept connections"),
+    });
+    let mut accept_tasks = Vec::new();
+    for fd in ctx.listeners {
+        let listener = Listener::new(fd)?;
+        accept_tasks.push(tokio::spawn(accept_loop(
+            listener,
+            serving.clone(),
+            guest.clone(),
+        )));
+    }
+
+    let mut idle_since = Instant::now();
+    let mut stopping = false;
+    let mut ticks = tokio::time::interval(TICK);
+    loop {
+        ticks.tick().await;
+        let in_flight = slot.in_flight.load(Ordering::SeqCst);
+        if stopping {
+            if in_flight == 0 {
+                break;
+            }
+            continue;
+        }
+        let zygote_gone = rustix::process::getppid() != ctx.zygote;
+        let retired = slot.retiring.load(Ordering::SeqCst) != 0; // max-requests
+        if header.draining.load(Ordering::SeqCst) != 0 || zygote_gone || retired {
+            stopping = true;
+        } else if in_flight > 0 {
+            idle_since = Instant::now();
+        } else if idle_since.elapsed() >= app.pool.idle_timeout
+            && take_out_of_live(&header.live, app.pool.min)
+        {
+            slot.retiring.store(1, Ordering::SeqCst);
+            stopping = true;
+        }
+        if stopping {
+            let _ = stop_tx.send(true);
+            for task in &accept_tasks {
+                task.abort();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Leave `live` if that keeps it at `min` or above.
+fn take_out_of_live(live: &std::sync::atomic::AtomicU32, min: u32) -> bool {
+    let mut n = live.load(Ordering::SeqCst);
+    while n > min {
+        match live.compare_exchange(n, n - 1, Ordering::SeqCst, Ordering::SeqCst) {
+            Ok(_) => return true,
+            Err(now) => n = now,
+        }
+    }
+    false
+}
+
+/// What serves one connection.
+enum Conn {
+    Http(host::http::HttpHandler),
+    Stdio {
+        engine: Engine,
+        linker: wasmtime::Linker<host::p1::P1State>,
+        module: wasmtime::Module,
+        caps: Box<GuestCaps>,
+    },
+}
+
+async fn accept_loop(listener: Listener, serving: Arc<Serving>, conn: Arc<Conn>) {
+    loop {
+        // At `concurrency` connections, stop accepting: the backlog is
+        // left to the other workers (and to the one the zygote forks).
+        let Ok(permit) = serving.permits.clone().acquire_owned().await else {
+            return;
+        };
+        let accepted = match &listener {
+            Listener::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
+            Listener::Unix(l) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
+        };
+        let stream = match accepted {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let n = serving.slot.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        if n >= serving.concurrency {
+            serving.wake(WAKE_SATURATED);
+        }
+        let serving = serving.clone();
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            match stream {
+                Stream::Tcp(s) => serve_connection(s, &serving, &conn).await,
+                Stream::Unix(s) => serve_connection(s, &serving, &conn).await,
+            }
+            serving.slot.in_flight.fetch_sub(1, Ordering::SeqCst);
+            drop(permit);
+        });
+    }
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn serve_connection<S>(stream: S, serving: &Arc<Serving>, conn: &Conn)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Sync + Unpin + 'static,
+{
+    match conn {
+        Conn::Http(handler) => {
+            let handler = handler.clone();
+            let counter = serving.clone();
+            let service = hyper::service::service_fn(move |req| {
+                let handler = handler.clone();
+                count_request(&counter);
+                async move { Ok::<_, Infallible>(handler.handle(req).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let mut stop = serving.stop.clone();
+            let stopping = async {
+                while !*stop.borrow_and_update() {
+                    if stop.changed().await.is_err() {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!("connection ended: {e}");
+                    }
+                    return;
+                }
+                () = stopping => connection.as_mut().graceful_shutdown(),
+            }
+            if let Err(e) = connection.await {
+                tracing::debug!("connection ended: {e}");
+            }
+        }
+        Conn::Stdio {
+            engine,
+            linker,
+            module,
+            caps,
+        } => {
+            count_request(serving);
+            let mut caps = GuestCaps::clone(caps);
+            caps.stdio = StdioMode::Connection(ConnectionStdio::new(stream));
+            match host::p1::run(engine, linker, module, &caps, false).await {
+                Ok(outcome) => outcome.report("stdio connection"),
+                Err(e) => tracing::warn!("stdio connection: {e:#}"),
+            }
+        }
+    }
+}
+
+/// Count one request; at `pool.max-requests` the worker retires (it
+/// leaves `live` now and asks the zygote for its replacement).
+fn count_request(serving: &Serving) {
+    let served = serving.slot.served.fetch_add(1, Ordering::SeqCst) + 1;
+    if serving.max_requests == Some(served) && serving.slot.retiring.swap(1, Ordering::SeqCst) == 0
+    {
+        serving.live.fetch_sub(1, Ordering::SeqCst);
+        serving.wake(WAKE_REPLACE);
+    }
+}

@@ -1,0 +1,498 @@
+//! The zygote: one per app, a fresh single-threaded image of corrald's own
+//! binary (`corrald zygote`, control socket on stdin).
+//!
+//! It receives the spec, listening sockets and artifact from corrald
+//! ([`protocol::Start`]), builds the engine, loads the artifact from the
+//! inherited fd (digest checked again), pre-instantiates, enters the
+//! sandbox, and then only forks, reaps and counts workers.
+//!
+//! Pool protocol (zygote ↔ workers), with no signals (the sandbox refuses
+//! `kill`) and no new sockets (it refuses `socketpair`):
+//! - a `MAP_SHARED` page ([`SharedPool`]) holds `live` (workers that
+//!   accept), `draining`, and per worker slot its connections in flight and
+//!   a `retiring` flag;
+//! - a worker retires itself: idle for `pool.idle-timeout` it takes itself
+//!   out of `live` only by a compare-and-swap that keeps `live >= pool.min`;
+//!   after `pool.max-requests` it leaves `live` unconditionally and asks
+//!   for a replacement;
+//! - workers write one byte to a datagram socketpair made before the
+//!   sandbox ("saturated", "replace me") to wake the zygote at once; the
+//!   zygote also looks every [`TICK`];
+//! - the zygote forks while `live < min`, when every live worker is at
+//!   `pool.concurrency`, and to replace a crashed or max-requests worker
+//!   (never above `pool.max`); at `min = 0` it exits once its last worker
+//!   is gone, and corrald watches the socket again.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use corral_compiler::EngineOptions;
+use corral_policy::{AppKind, AppSpec, RestartOn};
+use rustix::event::{PollFd, PollFlags};
+use rustix::net::RecvFlags;
+use rustix::process::{WaitOptions, WaitStatus};
+
+use super::protocol::{self, FromZygote, Start, ToZygote};
+use super::sys::{self, Forked, SharedPool};
+use super::worker::{self, Guest, WorkerCtx};
+use crate::host::{self, ComponentKind, GuestCaps, Program, StdioMode};
+use crate::sandbox::SandboxPlan;
+
+/// How often the zygote looks at its pool without being woken.
+pub(crate) const TICK: Duration = Duration::from_millis(100);
+
+/// `corrald zygote`: never returns normally; the exit code says how it went.
+pub fn main() -> std::process::ExitCode {
+    // corrald blocks the signals it waits for; the mask survives exec.
+    if let Err(e) = sys::set_signals_blocked(false) {
+        eprintln!("corrald zygote: unblocking signals: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    // What exec left open, as opposed to what this process opens from here
+    // on (received fds, wasmtime's mapping of the artifact).
+    let inherited = open_fds();
+    let control = match std::io::stdin().as_fd().try_clone_to_owned() {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("corrald zygote: no control socket on stdin: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let (start, fds) = match protocol::recv::<ToZygote>(&control, RecvFlags::empty()) {
+        Ok(Some((ToZygote::Start(start), fds))) => (start, fds),
+        Ok(_) => {
+            eprintln!("corrald zygote: expected a start message");
+            return std::process::ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("corrald zygote: reading the control socket: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let app = start.app.name.clone();
+    match Zygote::prepare(*start, fds, &control, &inherited) {
+        Ok(mut zygote) => match zygote.run() {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(app, "zygote: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+        Err(e) => {
+            let error = format!("{e:#}");
+            tracing::error!(app, "cannot start: {error}");
+            let _ = protocol::send(&control, &FromZygote::Failed { error }, &[]);
+            std::process::ExitCode::from(3)
+        }
+    }
+}
+
+/// Why a worker's slot was freed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Retired by itself (idle or max-requests); nothing to replace.
+    Retired,
+    /// Died without retiring: replace it.
+    Crashed,
+}
+
+struct Zygote {
+    control: OwnedFd,
+    app: AppSpec,
+    guest: Guest,
+    listeners: Vec<OwnedFd>,
+    pool: SharedPool,
+    /// Workers write to `wake_tx`; the zygote reads `wake_rx`.
+    wake_rx: OwnedFd,
+    wake_tx: OwnedFd,
+    /// pid → slot.
+    workers: HashMap<i32, usize>,
+    /// Replacements owed (crashed or max-requests workers).
+    replacements: u32,
+    draining: bool,
+    /// Kept open: wasmtime maps it, and it pins the cache entry.
+    _artifact: File,
+    last_report: (u32, u32),
+    /// A `command` app's instance ended and stays ended.
+    finished: bool,
+}
+
+impl Zygote {
+    /// Everything before the first fork: engine, artifact, pre-instantiate,
+    /// sandbox.
+    fn prepare(
+        start: Start,
+        mut fds: Vec<OwnedFd>,
+        control: &OwnedFd,
+        inherited: &[RawFd],
+    ) -> anyhow::Result<Zygote> {
+        let app = start.app;
+        let Some(artifact) = fds.pop() else {
+            bail!("no artifact fd in the start message");
+        };
+        let listeners = fds;
+        if listeners.len() != start.listeners.len() {
+            bail!(
+                "expected {} listening sockets, got {}",
+                start.listeners.len(),
+                listeners.len()
+            );
+        }
+        let artifact = File::from(artifact);
+        let built = corral_compiler::build_engine(&EngineOptions::for_app(&app), None)?;
+        if let corral_compiler::Allocation::OnDemandFallback { reason } = &built.allocation {
+            tracing::warn!(app = app.name, "pooling allocator unavailable ({reason})");
+        }
+        let engine = built.engine;
+        let program = corral_compiler::load_handed_over(&engine, &artifact, &start.artifact)
+            .context("loading the artifact")?;
+        let mut caps = GuestCaps::for_app(&app, |n| std::env::var(n).ok());
+        caps.stdio = StdioMode::LogToStderr;
+        let guest = match (app.kind, program) {
+            (AppKind::Http, Program::Component(component)) => {
+                match host::component_kind(&engine, &component) {
+                    Some(ComponentKind::HttpProxy) => Guest::Http {
+                        handler: host::http::HttpHandler::new(&engine, &component, caps)
+                            .context("pre-instantiating")?,
+                        engine: engine.clone(),
+                    },
+                    _ => bail!(
+                        "{}: kind = \"http\" needs a component exporting wasi:http/incoming-handler",
+                        app.module.display()
+                    ),
+                }
+            }
+            (AppKind::Http, Program::Module(_)) => bail!(
+                "{}: kind = \"http\" needs a wasi:http/proxy component, not a core module",
+                app.module.display()
+            ),
+            (AppKind::Stdio, Program::Module(module)) => Guest::Stdio {
+                linker: host::p1::linker(&engine)?,
+                module,
+                caps,
+                engine: engine.clone(),
+            },
+            (AppKind::Stdio, Program::Component(_)) => bail!(
+                "{}: kind = \"stdio\" needs a WASI preview1 command module",
+                app.module.display()
+            ),
+            (AppKind::Command, program) => Guest::Command {
+                program,
+                caps,
+                engine: engine.clone(),
+            },
+        };
+        let slots = app.pool.max.max(1) as usize;
+        let pool = SharedPool::new(slots).context("mapping the pool's shared page")?;
+        let (wake_rx, wake_tx) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::DGRAM,
+            rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
+            None,
+        )
+        .context("creating the wake-up socketpair")?;
+
+        let mut plan = SandboxPlan::for_app(&app);
+        for fd in &listeners {
+            plan.keep_fd(fd);
+        }
+        plan.keep_fd(&artifact);
+        plan.keep_fd(control);
+        plan.keep_fd(&wake_rx);
+        plan.keep_fd(&wake_tx);
+        // wasmtime keeps the component's artifact open by a path of its own
+        // (/proc/self/fd/N) for its copy-on-write memory images.
+        for fd in open_fds() {
+            if fd > 2 && !inherited.contains(&fd) {
+                // SAFETY: `fd` was listed in /proc/self/fd just now and is
+                // only borrowed for this call, which records its number;
+                // nothing in between closes fds (single thread).
+                plan.keep_fd(unsafe { BorrowedFd::borrow_raw(fd) });
+            }
+        }
+        // Before the first fork: every worker inherits it.
+        let sandboxed = plan.enter().context("entering the sandbox")?;
+        let layers = sandboxed.layers();
+        for missing in &layers.missing {
+            tracing::warn!(app = app.name, "sandbox (best-effort): {missing}");
+        }
+        protocol::send(
+            control,
+            &FromZygote::Ready {
+                layers: layers.to_string(),
+                missing: layers.missing.clone(),
+            },
+            &[],
+        )?;
+        Ok(Zygote {
+            control: control.try_clone()?,
+            app,
+            guest,
+            listeners,
+            pool,
+            wake_rx,
+            wake_tx,
+            workers: HashMap::new(),
+            replacements: 0,
+            draining: false,
+            _artifact: artifact,
+            last_report: (u32::MAX, u32::MAX),
+            finished: false,
+        })
+    }
+
+    fn run(&mut self) -> anyhow::Result<()> {
+        let pool = &self.app.pool;
+        // A zygote of a min = 0 app was started for a waiting connection.
+        let first = match self.app.kind {
+            AppKind::Command => 1,
+            _ => pool.min.max(1),
+        };
+        for _ in 0..first.min(pool.max.max(1)) {
+            self.fork_worker()?;
+        }
+        loop {
+            self.reap()?;
+            if self.draining || self.finished {
+                if self.workers.is_empty() {
+                    return Ok(());
+                }
+            } else {
+                self.scale()?;
+                if self.workers.is_empty() && self.replacements == 0 {
+                    protocol::send(&self.control, &FromZygote::Idle, &[])?;
+                    return Ok(());
+                }
+            }
+            self.report()?;
+            self.wait_for_events()?;
+        }
+    }
+
+    /// Fork to reach the pool's target; see the module doc.
+    fn scale(&mut self) -> anyhow::Result<()> {
+        let header = self.pool.header();
+        let max = self.app.pool.max.max(1);
+        let concurrency = self.app.pool.concurrency.max(1);
+        loop {
+            let live = header.live.load(Ordering::SeqCst);
+            let forked = self.workers.len() as u32;
+            if forked >= max {
+                return Ok(());
+            }
+            let want = if live < self.app.pool.min && self.app.kind != AppKind::Command {
+                true
+            } else if self.replacements > 0 {
+                self.replacements -= 1;
+                true
+            } else {
+                self.app.kind != AppKind::Command && live > 0 && self.all_saturated(concurrency)
+            };
+            if !want {
+                return Ok(());
+            }
+            self.fork_worker()?;
+        }
+    }
+
+    fn all_saturated(&self, concurrency: u32) -> bool {
+        let slots = self.pool.slots();
+        let mut any = false;
+        for &slot in self.workers.values() {
+            let s = &slots[slot];
+            if s.retiring.load(Ordering::SeqCst) != 0 {
+                continue;
+            }
+            any = true;
+            if s.in_flight.load(Ordering::SeqCst) < concurrency {
+                return false;
+            }
+        }
+        any
+    }
+
+    fn fork_worker(&mut self) -> anyhow::Result<()> {
+        let used: Vec<usize> = self.workers.values().copied().collect();
+        let Some(slot) = (0..self.pool.slots().len()).find(|s| !used.contains(s)) else {
+            return Ok(());
+        };
+        let s = &self.pool.slots()[slot];
+        s.in_flight.store(0, Ordering::SeqCst);
+        s.retiring.store(0, Ordering::SeqCst);
+        s.served.store(0, Ordering::SeqCst);
+        self.pool.header().live.fetch_add(1, Ordering::SeqCst);
+        match sys::fork().context("forking a worker")? {
+            Forked::Child => {
+                let ctx = WorkerCtx {
+                    app: &self.app,
+                    listeners: &self.listeners,
+                    pool: self.pool,
+                    slot,
+                    wake: self.wake_tx.as_fd(),
+                    zygote: rustix::process::getppid(),
+                };
+                let code = worker::main(ctx, &self.guest);
+                std::process::exit(code);
+            }
+            Forked::Parent(pid) => {
+                tracing::debug!(app = self.app.name, pid, slot, "worker started");
+                self.workers.insert(pid, slot);
+                Ok(())
+            }
+        }
+    }
+
+    /// Collect every worker that has exited.
+    fn reap(&mut self) -> anyhow::Result<()> {
+        loop {
+            let (pid, status) = match rustix::process::waitpid(None, WaitOptions::NOHANG) {
+                Ok(Some((pid, status))) => (pid.as_raw_nonzero().get(), status),
+                Ok(None) => return Ok(()),
+                Err(rustix::io::Errno::CHILD) => return Ok(()),
+                Err(e) => return Err(e).context("waitpid"),
+            };
+            let Some(slot) = self.workers.remove(&pid) else {
+                continue;
+            };
+            let s = &self.pool.slots()[slot];
+            let ending = if s.retiring.load(Ordering::SeqCst) != 0 {
+                Ending::Retired
+            } else {
+                // It was still counted as live.
+                self.pool.header().live.fetch_sub(1, Ordering::SeqCst);
+                Ending::Crashed
+            };
+            let how = describe_exit(&self.app.name, pid, status);
+            let success = status.exit_status() == Some(0);
+            if self.app.kind == AppKind::Command {
+                let again = match self.app.restart.on {
+                    RestartOn::Always => true,
+                    RestartOn::Failure => !success,
+                    RestartOn::Never => false,
+                };
+                if again && !self.draining {
+                    tracing::info!(app = self.app.name, "{how}; restarting it");
+                    self.replacements += 1;
+                } else {
+                    self.finished = true;
+                    protocol::send(&self.control, &FromZygote::Finished { how }, &[])?;
+                }
+                continue;
+            }
+            let crashed = ending == Ending::Crashed && !(success && self.draining);
+            if crashed {
+                tracing::warn!(app = self.app.name, "{how}");
+                if !self.draining {
+                    self.replacements += 1;
+                }
+            } else {
+                tracing::debug!(app = self.app.name, "{how}");
+            }
+            protocol::send(
+                &self.control,
+                &FromZygote::WorkerExited { pid, how, crashed },
+                &[],
+            )?;
+        }
+    }
+
+    fn report(&mut self) -> anyhow::Result<()> {
+        let live = self.workers.len() as u32;
+        let busy = self
+            .workers
+            .values()
+            .filter(|&&slot| self.pool.slots()[slot].in_flight.load(Ordering::SeqCst) > 0)
+            .count() as u32;
+        if (live, busy) != self.last_report {
+            self.last_report = (live, busy);
+            protocol::send(&self.control, &FromZygote::Workers { live, busy }, &[])?;
+        }
+        Ok(())
+    }
+
+    /// Sleep until a worker wakes us, corrald writes, or [`TICK`] passes.
+    fn wait_for_events(&mut self) -> anyhow::Result<()> {
+        let mut fds = [
+            PollFd::new(&self.control, PollFlags::IN),
+            PollFd::new(&self.wake_rx, PollFlags::IN),
+        ];
+        let tick = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: TICK.as_nanos() as i64,
+        };
+        match rustix::event::poll(&mut fds, Some(&tick)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e).context("poll"),
+        }
+        let control_events = fds[0].revents();
+        // Empty the wake-up socket: `s` (saturated) only means "look",
+        // `r` (retired after max-requests) asks for a replacement.
+        let mut buf = [0u8; 16];
+        while let Ok((n, _)) = rustix::net::recv(&self.wake_rx, &mut buf, RecvFlags::DONTWAIT) {
+            if buf[..n].contains(&worker::WAKE_REPLACE) && !self.draining {
+                self.replacements += 1;
+            }
+        }
+        if control_events.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR) {
+            match protocol::recv::<ToZygote>(&self.control, RecvFlags::DONTWAIT) {
+                Ok(Some((ToZygote::Drain, _))) => self.start_draining(),
+                Ok(Some((ToZygote::Start(_), _))) => {
+                    tracing::warn!(app = self.app.name, "ignoring a second start message");
+                }
+                // corrald is gone: finish what is in flight and go.
+                Ok(None) => self.start_draining(),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    tracing::error!(app = self.app.name, "control socket: {e}");
+                    self.start_draining();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn start_draining(&mut self) {
+        if !self.draining {
+            tracing::debug!(app = self.app.name, "draining");
+            self.draining = true;
+            self.replacements = 0;
+            self.pool.header().draining.store(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// "worker 123 exited with 0", "... killed by signal 9", or the seccomp
+/// report naming the system call.
+fn describe_exit(app: &str, pid: i32, status: WaitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt as _;
+    let std_status = std::process::ExitStatus::from_raw(status.as_raw());
+    if let Some(kill) = crate::sandbox::seccomp_kill(pid as u32, std_status) {
+        return kill.describe(app);
+    }
+    match (status.exit_status(), status.terminating_signal()) {
+        (Some(code), _) => format!("app {app}: worker {pid} exited with {code}"),
+        (_, Some(sig)) => format!("app {app}: worker {pid} killed by signal {sig}"),
+        _ => format!("app {app}: worker {pid} ended ({std_status})"),
+    }
+}
+
+/// The fds open in this process, from /proc/self/fd (without the one
+/// the listing itself uses).
+fn open_fds() -> Vec<RawFd> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let target = std::fs::read_link(e.path()).ok()?;
+        if target.starts_with("/proc") && target.ends_with("fd") {
+            return None; // the listing's own directory
+        }
+        e.file_name().to_str()?.parse().ok()
+    })
+    .collect()
+}
