@@ -1,0 +1,425 @@
+//! corrald end to end: each test writes a policy into a temporary
+//! directory, starts the real `corrald` on free loopback ports with a
+//! `NOTIFY_SOCKET` bound by the test, waits for `READY=1`, and talks to
+//! the apps over real sockets. Processes are counted in /proc (corrald's
+//! descendants: zygotes and workers).
+//!
+//! Every wait has a deadline; the [`Daemon`] guard kills corrald and its
+//! apps when a test ends, however it ends.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const CORRALD: &str = env!("CARGO_BIN_EXE_corrald");
+
+fn guest(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/guests")
+        .join(name)
+}
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Poll `check` until it returns `Some`, or panic after `timeout`.
+fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running corrald, killed (with its process groups) on drop.
+struct Daemon {
+    child: Option<Child>,
+    pid: i32,
+    dir: tempfile::TempDir,
+    notes: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    /// Start corrald on a policy made of `[daemon]` defaults and `apps`
+    /// (TOML for `[apps.*]`; `{guests}` stands for the fixtures' folder).
+    fn start(apps: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let guests = guest("");
+        let policy = format!(
+            "[daemon]\ncache-dir = \"cache\"\nstate-dir = \"state\"\napi-socket = \"api.sock\"\n\
+             drain-timeout = \"10s\"\n\n\
+             [defaults]\nsandbox = {{ landlock = \"best-effort\", seccomp = \"best-effort\" }}\n\n{}",
+            apps.replace("{guests}", &guests.display().to_string())
+        );
+        std::fs::write(root.join("policy.toml"), policy).unwrap();
+        let notify_path = root.join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        let notes = Arc::new(Mutex::new(Vec::new()));
+        {
+            let notes = notes.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n) = notify.recv(&mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    notes.lock().unwrap().extend(text.lines().map(String::from));
+                }
+            });
+        }
+        let mut child = Command::new(CORRALD)
+            .arg("--policy")
+            .arg(root.join("policy.toml"))
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("CORRAL_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        {
+            let stderr = stderr.clone();
+            let mut pipe = child.stderr.take().unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    stderr
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let pid = child.id() as i32;
+        let daemon = Daemon {
+            child: Some(child),
+            pid,
+            dir,
+            notes,
+            stderr,
+        };
+        daemon.wait_note("READY=1", Duration::from_secs(60));
+        daemon
+    }
+
+    /// Wait for a notification line starting with `prefix`; returns it.
+    fn wait_note(&self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self
+                .notes
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.starts_with(prefix))
+            {
+                return line.clone();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no {prefix} from corrald within {timeout:?}; notes: {:?}\nstderr:\n{}",
+                    self.notes.lock().unwrap(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// corrald's descendants (zygotes and workers).
+    fn descendants(&self) -> Vec<i32> {
+        descendants_of(self.pid)
+    }
+
+    fn signal(&self, sig: i32) {
+        // kill(1): the tests need no unsafe for one signal.
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Wait for corrald to exit.
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let status = wait_for("corrald to exit", timeout, || child.try_wait().unwrap());
+        self.child = None;
+        status
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let tree = self.descendants();
+        let _ = child.kill();
+        let _ = child.wait();
+        for pid in tree {
+            let _ = Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        if std::thread::panicking() {
+            eprintln!("corrald's stderr:\n{}", self.stderr());
+        }
+        let _ = &self.dir;
+    }
+}
+
+/// Every process below `root`, from the parent pids in /proc.
+fn descendants_of(root: i32) -> Vec<i32> {
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...; comm may contain spaces and parens.
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        if fields.first() == Some(&"Z") {
+            continue; // exited, not yet reaped
+        }
+        if let Some(ppid) = fields.get(1).and_then(|p| p.parse().ok()) {
+            children.entry(ppid).or_default().push(pid);
+        }
+    }
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    let mut todo = vec![root];
+    while let Some(pid) = todo.pop() {
+        for &c in children.get(&pid).map(Vec::as_slice).unwrap_or(&[]) {
+            if seen.insert(c) {
+                out.push(c);
+                todo.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// One HTTP/1.1 GET on a fresh connection: (status, body).
+fn http_get(port: u16) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    s.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {response:?}")))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Connect to a stdio app, send `input`, close our side, read the reply.
+fn stdio_roundtrip(port: u16, input: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.write_all(input)?;
+    s.shutdown(Shutdown::Write)?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+fn http_app(name: &str, port: u16, pool: &str) -> String {
+    format!(
+        "[apps.{name}]\nmodule = \"{{guests}}/http-hello.wasm\"\nkind = \"http\"\n\
+         listen = [\"127.0.0.1:{port}\"]\npool = {pool}\n\n"
+    )
+}
+
+fn stdio_app(name: &str, port: u16, pool: &str) -> String {
+    format!(
+        "[apps.{name}]\nmodule = \"{{guests}}/stdio-echo.wasm\"\nkind = \"stdio\"\n\
+         listen = [\"127.0.0.1:{port}\"]\npool = {pool}\n\n"
+    )
+}
+
+#[test]
+fn serves_http_and_stdio_apps_and_notifies_systemd() {
+    let (web, echo) = (free_port(), free_port());
+    let daemon = Daemon::start(&format!(
+        "{}{}",
+        http_app("web", web, "{ min = 1, max = 2 }"),
+        stdio_app("echo", echo, "{ min = 0, max = 2 }")
+    ));
+    let (status, body) = http_get(web).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("Hello"), "{body}");
+    // Several in a row, on the warm pool.
+    for _ in 0..5 {
+        assert_eq!(http_get(web).unwrap().0, 200);
+    }
+    let reply = stdio_roundtrip(echo, b"hello, stdio\n").unwrap();
+    assert_eq!(reply, b"hello, stdio\n");
+    let status = daemon.wait_note("STATUS=", Duration::from_secs(5));
+    assert!(status.contains("web"), "{status}");
+}
+
+#[test]
+fn scales_from_zero_and_back_to_zero() {
+    let web = free_port();
+    let daemon = Daemon::start(&http_app(
+        "web",
+        web,
+        "{ min = 0, max = 2, idle-timeout = \"1s\" }",
+    ));
+    assert_eq!(
+        daemon.descendants(),
+        Vec::<i32>::new(),
+        "min = 0: no process"
+    );
+    // The first connection waits in the backlog while the zygote starts.
+    let started = Instant::now();
+    let (status, body) = http_get(web).unwrap();
+    let cold = started.elapsed();
+    assert_eq!(status, 200, "{body}");
+    eprintln!("cold start to full response: {cold:?}");
+    assert!(!daemon.descendants().is_empty());
+    wait_for(
+        "the idle app to have no process",
+        Duration::from_secs(15),
+        || daemon.descendants().is_empty().then_some(()),
+    );
+    // And it wakes up again.
+    assert_eq!(http_get(web).unwrap().0, 200);
+}
+
+#[test]
+fn killed_worker_is_replaced_and_other_connections_complete() {
+    let echo = free_port();
+    let daemon = Daemon::start(&stdio_app(
+        "echo",
+        echo,
+        "{ min = 2, max = 2, concurrency = 1 }",
+    ));
+    // zygote + 2 workers.
+    wait_for("two workers", Duration::from_secs(10), || {
+        (daemon.descendants().len() == 3).then_some(())
+    });
+    let zygote = descendants_of(daemon.pid)[0];
+    let workers = descendants_of(zygote);
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    // One connection in flight on each worker (concurrency = 1).
+    let mut a = TcpStream::connect(("127.0.0.1", echo)).unwrap();
+    let mut b = TcpStream::connect(("127.0.0.1", echo)).unwrap();
+    for s in [&mut a, &mut b] {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(b"ping\n").unwrap();
+    }
+    // Both are being served before the kill.
+    let mut buf = [0u8; 5];
+    a.read_exact(&mut buf).unwrap();
+    b.read_exact(&mut buf).unwrap();
+
+    let victim = workers[0];
+    let status = Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let mut completed = 0;
+    for mut s in [a, b] {
+        let _ = s.write_all(b"more\n");
+        let _ = s.shutdown(Shutdown::Write);
+        let mut out = Vec::new();
+        if s.read_to_end(&mut out).is_ok() && out == b"more\n" {
+            completed += 1;
+        }
+    }
+    assert_eq!(completed, 1, "the other worker's connection completes");
+    wait_for("a replacement worker", Duration::from_secs(10), || {
+        let now = descendants_of(zygote);
+        (now.len() == 2 && !now.contains(&victim)).then_some(())
+    });
+    assert_eq!(stdio_roundtrip(echo, b"after\n").unwrap(), b"after\n");
+    assert!(daemon.stderr().contains("killed by signal 9"));
+}
+
+#[test]
+fn crash_loop_marks_only_that_app_failed() {
+    let (bad, good) = (free_port(), free_port());
+    // A core module where a component is needed: the zygote refuses it,
+    // every time.
+    let daemon = Daemon::start(&format!(
+        "[apps.bad]\nmodule = \"{{guests}}/stdio-echo.wasm\"\nkind = \"http\"\n\
+         listen = [\"127.0.0.1:{bad}\"]\npool = {{ min = 1 }}\n\
+         restart = {{ backoff = \"50ms..200ms\", give-up = \"3 in 1m\" }}\n\n{}",
+        http_app("good", good, "{ min = 1 }")
+    ));
+    wait_for("bad to be marked failed", Duration::from_secs(20), || {
+        daemon
+            .notes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.starts_with("STATUS=") && l.contains("bad FAILED"))
+            .then_some(())
+    });
+    assert!(daemon.stderr().contains("restart.give-up"));
+    assert_eq!(http_get(good).unwrap().0, 200);
+}
+
+#[test]
+fn sigterm_drains_in_flight_connections_and_exits_zero() {
+    let echo = free_port();
+    let mut daemon = Daemon::start(&stdio_app("echo", echo, "{ min = 1, max = 1 }"));
+    let mut s = TcpStream::connect(("127.0.0.1", echo)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"first\n").unwrap();
+    let mut buf = [0u8; 6];
+    s.read_exact(&mut buf).unwrap();
+
+    daemon.signal(15);
+    daemon.wait_note("STOPPING=1", Duration::from_secs(5));
+    // Still served after SIGTERM: it was in flight.
+    std::thread::sleep(Duration::from_millis(300));
+    s.write_all(b"second\n").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"second\n");
+
+    let status = daemon.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "{status:?}");
+    assert!(descendants_of(daemon.pid).is_empty(), "no app process left");
+}
