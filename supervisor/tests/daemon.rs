@@ -58,6 +58,11 @@ impl Daemon {
     /// Start corrald on a policy made of `[daemon]` defaults and `apps`
     /// (TOML for `[apps.*]`; `{guests}` stands for the fixtures' folder).
     fn start(apps: &str) -> Daemon {
+        Daemon::start_with_env(apps, &[])
+    }
+
+    /// As [`Daemon::start`], with more environment variables.
+    fn start_with_env(apps: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let guests = guest("");
@@ -85,7 +90,8 @@ impl Daemon {
             .arg("--policy")
             .arg(root.join("policy.toml"))
             .env("NOTIFY_SOCKET", &notify_path)
-            .env("CORRAL_LOG", "debug")
+            .env("CORRAL_LOG", "info,corral_supervisor=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -132,6 +138,10 @@ impl Daemon {
                 .find(|l| l.starts_with(prefix))
             {
                 return line.clone();
+            }
+            let exited = self.child.as_ref().map(|c| c.id());
+            if exited.is_some() && std::fs::metadata(format!("/proc/{}", self.pid)).is_err() {
+                panic!("corrald exited; stderr:\n{}", self.stderr());
             }
             if Instant::now() > deadline {
                 panic!(
@@ -422,4 +432,123 @@ fn sigterm_drains_in_flight_connections_and_exits_zero() {
     let status = daemon.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "{status:?}");
     assert!(descendants_of(daemon.pid).is_empty(), "no app process left");
+}
+
+/// Open a stdio connection and wait until it is being served (its first
+/// line echoed back).
+fn served_connection(port: u16) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"hi\n").unwrap();
+    let mut buf = [0u8; 3];
+    s.read_exact(&mut buf).unwrap();
+    s
+}
+
+#[test]
+fn busy_pool_grows_to_max_and_idle_workers_retire_to_min() {
+    let echo = free_port();
+    let daemon = Daemon::start(&stdio_app(
+        "echo",
+        echo,
+        "{ min = 1, max = 3, concurrency = 1, idle-timeout = \"1s\" }",
+    ));
+    wait_for("the first worker", Duration::from_secs(10), || {
+        (daemon.descendants().len() == 2).then_some(())
+    });
+    let zygote = descendants_of(daemon.pid)[0];
+    // Three connections at once, one per worker: each is served, so the
+    // pool grew from 1 to 3.
+    let held: Vec<TcpStream> = (0..3).map(|_| served_connection(echo)).collect();
+    assert_eq!(descendants_of(zygote).len(), 3);
+    // A fourth waits in the backlog (max = 3), and is served once one ends.
+    let mut fourth = TcpStream::connect(("127.0.0.1", echo)).unwrap();
+    fourth.write_all(b"4th\n").unwrap();
+    fourth.shutdown(Shutdown::Write).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(descendants_of(zygote).len(), 3, "never above max");
+    drop(held);
+    fourth
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut out = Vec::new();
+    fourth.read_to_end(&mut out).unwrap();
+    assert_eq!(out, b"4th\n");
+    // Idle for idle-timeout: back to min = 1 worker.
+    wait_for("the pool to shrink to min", Duration::from_secs(15), || {
+        (descendants_of(zygote).len() == 1).then_some(())
+    });
+}
+
+#[test]
+fn worker_is_replaced_after_max_requests() {
+    let web = free_port();
+    let daemon = Daemon::start(&http_app(
+        "web",
+        web,
+        "{ min = 1, max = 1, max-requests = 3 }",
+    ));
+    wait_for("the worker", Duration::from_secs(10), || {
+        (daemon.descendants().len() == 2).then_some(())
+    });
+    let zygote = descendants_of(daemon.pid)[0];
+    let first = descendants_of(zygote);
+    for i in 0..7 {
+        let (status, body) = http_get(web).unwrap();
+        assert_eq!(status, 200, "request {i}: {body}");
+    }
+    wait_for("the worker to be replaced", Duration::from_secs(10), || {
+        let now = descendants_of(zygote);
+        (now.len() == 1 && now != first).then_some(())
+    });
+}
+
+#[test]
+fn killed_zygote_is_restarted() {
+    let web = free_port();
+    let daemon = Daemon::start(&format!(
+        "{}\nrestart = {{ backoff = \"100ms..1s\" }}\n",
+        http_app("web", web, "{ min = 1 }").trim_end()
+    ));
+    wait_for("the worker", Duration::from_secs(10), || {
+        (daemon.descendants().len() == 2).then_some(())
+    });
+    let zygote = descendants_of(daemon.pid)[0];
+    let status = Command::new("kill")
+        .args(["-9", &zygote.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_for("a new zygote and worker", Duration::from_secs(10), || {
+        let zygotes: Vec<i32> = children_of(daemon.pid);
+        (zygotes.len() == 1 && zygotes[0] != zygote && descendants_of(zygotes[0]).len() == 1)
+            .then_some(())
+    });
+    assert_eq!(http_get(web).unwrap().0, 200);
+    assert!(daemon.stderr().contains("restarting in"));
+}
+
+#[test]
+fn watchdog_pings_when_asked() {
+    let web = free_port();
+    let daemon = Daemon::start_with_env(
+        &http_app("web", web, "{ min = 0 }"),
+        &[("WATCHDOG_USEC", "200000")],
+    );
+    daemon.wait_note("WATCHDOG=1", Duration::from_secs(5));
+}
+
+/// Direct children of `pid` (not reaped zombies excluded).
+fn children_of(pid: i32) -> Vec<i32> {
+    let all = descendants_of(pid);
+    all.iter()
+        .copied()
+        .filter(|&c| parent_of(c) == Some(pid))
+        .collect()
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(1)?.parse().ok()
 }

@@ -147,7 +147,7 @@ struct Serving {
     wake: OwnedFd,
     permits: Arc<Semaphore>,
     /// Flips to `true` when the worker stops accepting.
-    stop: watch::Receiver<bool>,
+    stop: watch::Sender<bool>,
     max_requests: Option<u64>,
 }
 
@@ -162,14 +162,14 @@ async fn serve(ctx: &WorkerCtx<'_>, guest: &Guest) -> anyhow::Result<()> {
     let header = ctx.pool.header();
     let slot = &ctx.pool.slots()[ctx.slot];
     let concurrency = app.pool.concurrency.max(1);
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (stop_tx, _) = watch::channel(false);
     let serving = Arc::new(Serving {
         slot,
         live: &header.live,
         concurrency,
         wake: ctx.wake.try_clone_to_owned()?,
         permits: Arc::new(Semaphore::new(concurrency as usize)),
-        stop: stop_rx,
+        stop: stop_tx,
         max_requests: app.pool.max_requests,
     });
     let guest = Arc::new(match guest {
@@ -222,7 +222,7 @@ async fn serve(ctx: &WorkerCtx<'_>, guest: &Guest) -> anyhow::Result<()> {
             stopping = true;
         }
         if stopping {
-            let _ = stop_tx.send(true);
+            serving.stop.send_replace(true);
             for task in &accept_tasks {
                 task.abort();
             }
@@ -261,9 +261,19 @@ async fn accept_loop(listener: Listener, serving: Arc<Serving>, conn: Arc<Conn>)
         let Ok(permit) = serving.permits.clone().acquire_owned().await else {
             return;
         };
-        let accepted = match &listener {
-            Listener::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
-            Listener::Unix(l) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
+        let mut stop = serving.stop.subscribe();
+        let accept = async {
+            match &listener {
+                Listener::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
+                Listener::Unix(l) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
+            }
+        };
+        // Not one more connection once the worker stops accepting
+        // (max-requests reached, draining, retiring).
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.wait_for(|stopped| *stopped) => return,
+            accepted = accept => accepted,
         };
         let stream = match accepted {
             Ok(stream) => stream,
@@ -312,14 +322,7 @@ where
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
-            let mut stop = serving.stop.clone();
-            let stopping = async {
-                while !*stop.borrow_and_update() {
-                    if stop.changed().await.is_err() {
-                        return;
-                    }
-                }
-            };
+            let mut stop = serving.stop.subscribe();
             tokio::select! {
                 result = connection.as_mut() => {
                     if let Err(e) = result {
@@ -327,7 +330,8 @@ where
                     }
                     return;
                 }
-                () = stopping => connection.as_mut().graceful_shutdown(),
+                // Finish the request in flight, then close (no keep-alive).
+                _ = stop.wait_for(|stopped| *stopped) => connection.as_mut().graceful_shutdown(),
             }
             if let Err(e) = connection.await {
                 tracing::debug!("connection ended: {e}");
@@ -357,6 +361,7 @@ fn count_request(serving: &Serving) {
     if serving.max_requests == Some(served) && serving.slot.retiring.swap(1, Ordering::SeqCst) == 0
     {
         serving.live.fetch_sub(1, Ordering::SeqCst);
+        serving.stop.send_replace(true);
         serving.wake(WAKE_REPLACE);
     }
 }
