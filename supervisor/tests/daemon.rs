@@ -63,12 +63,17 @@ impl Daemon {
 
     /// As [`Daemon::start`], with more environment variables.
     fn start_with_env(apps: &str, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_full("", apps, env)
+    }
+
+    /// As [`Daemon::start_with_env`], with more `[daemon]` keys.
+    fn start_full(daemon_keys: &str, apps: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let guests = guest("");
         let policy = format!(
             "[daemon]\ncache-dir = \"cache\"\nstate-dir = \"state\"\napi-socket = \"api.sock\"\n\
-             drain-timeout = \"10s\"\n\n\
+             drain-timeout = \"10s\"\n{daemon_keys}\n\
              [defaults]\nsandbox = {{ landlock = \"best-effort\", seccomp = \"best-effort\" }}\n\n{}",
             apps.replace("{guests}", &guests.display().to_string())
         );
@@ -300,8 +305,17 @@ fn serves_http_and_stdio_apps_and_notifies_systemd() {
     }
     let reply = stdio_roundtrip(echo, b"hello, stdio\n").unwrap();
     assert_eq!(reply, b"hello, stdio\n");
-    let status = daemon.wait_note("STATUS=", Duration::from_secs(5));
-    assert!(status.contains("web"), "{status}");
+    // READY=1 came with a STATUS= naming every app.
+    let notes = daemon.notes.lock().unwrap().clone();
+    let ready = notes.iter().position(|l| l == "READY=1").unwrap();
+    let status = notes[ready + 1..]
+        .iter()
+        .find(|l| l.starts_with("STATUS="))
+        .unwrap();
+    assert!(
+        status.contains("web") && status.contains("echo"),
+        "{status}"
+    );
 }
 
 #[test]
@@ -551,4 +565,117 @@ fn parent_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &stat[stat.rfind(')')? + 2..];
     after.split_whitespace().nth(1)?.parse().ok()
+}
+
+impl Daemon {
+    fn policy_path(&self) -> PathBuf {
+        self.dir.path().join("policy.toml")
+    }
+
+    /// Replace `from` by `to` in the policy file.
+    fn edit_policy(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(self.policy_path()).unwrap();
+        assert!(text.contains(from), "{from:?} not in the policy");
+        std::fs::write(self.policy_path(), text.replace(from, to)).unwrap();
+    }
+
+    fn count_notes(&self, prefix: &str) -> usize {
+        self.notes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .count()
+    }
+
+    /// SIGHUP, then wait until corrald says READY=1 again.
+    fn reload(&self) {
+        let before = self.count_notes("READY=1");
+        self.signal(1);
+        wait_for("READY=1 after the reload", Duration::from_secs(30), || {
+            (self.count_notes("READY=1") > before).then_some(())
+        });
+        assert!(self.count_notes("RELOADING=1") > 0);
+    }
+}
+
+#[test]
+fn reload_with_a_broken_policy_changes_nothing() {
+    let web = free_port();
+    let daemon = Daemon::start(&http_app("web", web, "{ min = 1 }"));
+    wait_for("the worker", Duration::from_secs(10), || {
+        (daemon.descendants().len() == 2).then_some(())
+    });
+    let before = daemon.descendants();
+    daemon.edit_policy("kind = \"http\"", "kind = \"htp\"\nbogus = 1");
+    daemon.reload();
+    assert_eq!(daemon.descendants(), before, "the same zygote and worker");
+    let (status, body) = http_get(web).unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("Hello"), "{body}");
+    let log = daemon.stderr();
+    assert!(log.contains("reload refused"), "{log}");
+    assert!(log.contains("bogus"), "every error is logged: {log}");
+}
+
+#[test]
+fn reload_switches_a_changed_app_without_failing_a_request() {
+    let web = free_port();
+    let daemon = Daemon::start(&http_app("web", web, "{ min = 1, max = 2 }"));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut results = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                results.push(http_get(web).map_err(|e| e.to_string()));
+            }
+            results
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.edit_policy("http-hello.wasm", "http-echo.wasm");
+    daemon.reload();
+    wait_for("the new version to answer", Duration::from_secs(20), || {
+        let (_, body) = http_get(web).ok()?;
+        body.contains("GET /").then_some(()) // (chunked)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let results = client.join().unwrap();
+    let failed: Vec<_> = results
+        .iter()
+        .filter(|r| !matches!(r, Ok((200, _))))
+        .collect();
+    assert!(
+        results.len() > 10,
+        "the client kept going: {}",
+        results.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        results.len()
+    );
+    // Old workers drained: one zygote left.
+    wait_for("the old zygote to exit", Duration::from_secs(15), || {
+        (children_of(daemon.pid).len() == 1).then_some(())
+    });
+}
+
+#[test]
+fn idle_exit_exits_zero_when_every_app_is_at_zero() {
+    let web = free_port();
+    let mut daemon = Daemon::start_full(
+        "idle-exit = \"1s\"\n",
+        &http_app("web", web, "{ min = 0, idle-timeout = \"1s\" }"),
+        &[],
+    );
+    // Served once; the worker retires after 1s, corrald exits 1s later.
+    assert_eq!(http_get(web).unwrap().0, 200);
+    let status = daemon.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    daemon.wait_note("STOPPING=1", Duration::from_secs(1));
+    assert!(daemon.stderr().contains("idle-exit"));
 }

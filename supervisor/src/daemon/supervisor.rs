@@ -65,7 +65,7 @@ pub fn run(policy_path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(policy)) {
+    match rt.block_on(serve(policy_path.to_path_buf(), policy)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -125,60 +125,79 @@ struct App {
     artifact: Artifact,
     drain_timeout: Duration,
     states: States,
+    /// `true` once this version is stopping (shutdown, or replaced or
+    /// removed by a reload): it no longer reports its state.
+    stopping: watch::Receiver<bool>,
 }
 
-async fn serve(policy: Policy) -> anyhow::Result<()> {
-    let systemd = SystemdSockets::from_env()?;
+impl App {
+    fn set_state(&self, state: AppState) {
+        if !*self.stopping.borrow() {
+            set_state(&self.states, &self.spec.name, state);
+        }
+    }
+}
+
+/// An app being served, as the daemon holds it.
+struct RunningApp {
+    spec: AppSpec,
+    artifact: corral_compiler::ArtifactKey,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// corrald's state between signals.
+struct Daemon {
+    policy_path: std::path::PathBuf,
+    policy: Policy,
+    systemd: SystemdSockets,
+    cache: Cache,
+    states: States,
+    /// Bound listening sockets by address, shared by the old and new
+    /// version of an app across a reload.
+    sockets: BTreeMap<String, OwnedFd>,
+    apps: BTreeMap<String, RunningApp>,
+    /// Apps replaced or removed by a reload, still draining.
+    retired: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn serve(policy_path: std::path::PathBuf, policy: Policy) -> anyhow::Result<()> {
     let cache = Cache::open(&policy.daemon.cache_dir).with_context(|| {
         format!(
             "opening the artifact cache {}",
             policy.daemon.cache_dir.display()
         )
     })?;
-    let states: States = Arc::default();
-    for name in policy.apps.keys() {
-        states
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.clone(), AppState::Starting);
-    }
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut tasks = Vec::new();
+    let mut daemon = Daemon {
+        policy_path,
+        systemd: SystemdSockets::from_env()?,
+        cache,
+        states: Arc::default(),
+        sockets: BTreeMap::new(),
+        apps: BTreeMap::new(),
+        retired: Vec::new(),
+        policy,
+    };
+    let apps = daemon.policy.apps.clone();
     let mut readiness = Vec::new();
-    let mut reach = Vec::new();
-    for (name, spec) in &policy.apps {
-        let prepared = prepare(spec, &systemd, &cache).await;
-        let (ready_tx, ready_rx) = oneshot::channel();
-        readiness.push(ready_rx);
-        match prepared {
-            Ok((listeners, artifact)) => {
-                for addr in &spec.listen {
-                    reach.push(how_to_reach(name, spec.kind, addr));
-                }
-                let app = App {
-                    spec: spec.clone(),
-                    listeners,
-                    artifact,
-                    drain_timeout: policy.daemon.drain_timeout,
-                    states: states.clone(),
-                };
-                tasks.push(tokio::spawn(supervise(app, ready_tx, shutdown_rx.clone())));
-            }
-            Err(e) => {
-                tracing::error!(app = name, "app failed: {e:#}");
-                set_state(&states, name, AppState::Failed(format!("{e:#}")));
-                let _ = ready_tx.send(());
-            }
+    for spec in apps.values() {
+        set_state(&daemon.states, &spec.name, AppState::Starting);
+    }
+    for spec in apps.values() {
+        if let Some(ready) = daemon.start_app(spec).await {
+            readiness.push(ready);
         }
     }
     for ready in readiness {
         let _ = ready.await;
     }
-    let summary = summarize(&states.lock().unwrap_or_else(|e| e.into_inner()));
+    let summary = daemon.summary();
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
     tracing::info!("ready: {summary}");
-    for line in reach {
-        println!("{line}");
+    for spec in apps.values() {
+        for addr in &spec.listen {
+            println!("{}", how_to_reach(&spec.name, spec.kind, addr));
+        }
     }
 
     if let Some(period) = sd_notify::watchdog_enabled() {
@@ -201,36 +220,232 @@ async fn serve(policy: Policy) -> anyhow::Result<()> {
                 }
             }
         })?;
-    while let Some(sig) = signals.recv().await {
-        if sig == libc::SIGHUP {
-            tracing::warn!(
-                "SIGHUP: reloading the policy is not supported yet; still serving the policy loaded at start"
-            );
-            continue;
+    let mut idle_check = tokio::time::interval(Duration::from_millis(250));
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            sig = signals.recv() => match sig {
+                Some(libc::SIGHUP) => daemon.reload().await,
+                _ => break, // SIGTERM, SIGINT
+            },
+            _ = idle_check.tick(), if daemon.policy.daemon.idle_exit.is_some() => {
+                let limit = daemon.policy.daemon.idle_exit.unwrap_or_default();
+                if daemon.all_idle() {
+                    let since = *idle_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= limit {
+                        tracing::info!(
+                            "idle-exit: every app has been at zero for {}; exiting",
+                            humantime::format_duration(limit)
+                        );
+                        break;
+                    }
+                } else {
+                    idle_since = None;
+                }
+            }
         }
-        break; // SIGTERM, SIGINT
     }
     tracing::info!("stopping: draining every app");
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
-    let _ = shutdown_tx.send(true);
-    let deadline = policy.daemon.drain_timeout + Duration::from_secs(2);
-    for task in tasks {
-        let _ = tokio::time::timeout(deadline, task).await;
+    let deadline = daemon.policy.daemon.drain_timeout + Duration::from_secs(2);
+    let mut tasks = std::mem::take(&mut daemon.retired);
+    for (_, app) in std::mem::take(&mut daemon.apps) {
+        app.stop.send_replace(true);
+        tasks.push(app.task);
     }
+    let _ = tokio::time::timeout(deadline, async {
+        for task in tasks {
+            let _ = task.await;
+        }
+    })
+    .await;
     Ok(())
 }
 
-/// An app's sockets and artifact (compiled on a blocking thread).
-async fn prepare(
-    spec: &AppSpec,
-    systemd: &SystemdSockets,
-    cache: &Cache,
-) -> anyhow::Result<(Vec<OwnedFd>, Artifact)> {
-    let mut listeners = Vec::new();
-    for addr in &spec.listen {
-        listeners.push(listeners::open(addr, systemd)?);
+impl Daemon {
+    fn summary(&self) -> String {
+        summarize(&self.states.lock().unwrap_or_else(|e| e.into_inner()))
     }
-    if spec.kind != AppKind::Command && listeners.is_empty() {
+
+    /// Every app has no process (idle, failed or finished).
+    fn all_idle(&self) -> bool {
+        self.states
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .all(|s| matches!(s, AppState::Idle | AppState::Failed(_) | AppState::Finished))
+    }
+
+    /// The listening socket for `addr`: the one already bound (kept across
+    /// reloads), or a new one.
+    fn socket(&mut self, addr: &ListenAddr) -> anyhow::Result<OwnedFd> {
+        let key = addr.to_string();
+        if let Some(fd) = self.sockets.get(&key) {
+            return Ok(fd.try_clone()?);
+        }
+        let fd = listeners::open(addr, &self.systemd)?;
+        let copy = fd.try_clone()?;
+        self.sockets.insert(key, fd);
+        Ok(copy)
+    }
+
+    /// Sockets and artifact of `spec`.
+    async fn prepare(&mut self, spec: &AppSpec) -> anyhow::Result<(Vec<OwnedFd>, Artifact)> {
+        let mut sockets = Vec::new();
+        for addr in &spec.listen {
+            sockets.push(self.socket(addr)?);
+        }
+        let artifact = prepare(spec, sockets.len(), &self.cache).await?;
+        Ok((sockets, artifact))
+    }
+
+    /// Prepare and start `spec`; `None` if it failed (logged, state set).
+    async fn start_app(&mut self, spec: &AppSpec) -> Option<oneshot::Receiver<()>> {
+        match self.prepare(spec).await {
+            Ok((listeners, artifact)) => Some(self.spawn_app(spec, listeners, artifact)),
+            Err(e) => {
+                tracing::error!(app = spec.name, "app failed: {e:#}");
+                set_state(&self.states, &spec.name, AppState::Failed(format!("{e:#}")));
+                None
+            }
+        }
+    }
+
+    fn spawn_app(
+        &mut self,
+        spec: &AppSpec,
+        listeners: Vec<OwnedFd>,
+        artifact: Artifact,
+    ) -> oneshot::Receiver<()> {
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (stop, stop_rx) = watch::channel(false);
+        let key = artifact.key.clone();
+        let app = App {
+            spec: spec.clone(),
+            listeners,
+            artifact,
+            drain_timeout: self.policy.daemon.drain_timeout,
+            states: self.states.clone(),
+            stopping: stop_rx.clone(),
+        };
+        let task = tokio::spawn(supervise(app, ready_tx, stop_rx));
+        let old = self.apps.insert(
+            spec.name.clone(),
+            RunningApp {
+                spec: spec.clone(),
+                artifact: key,
+                stop,
+                task,
+            },
+        );
+        if let Some(old) = old {
+            old.stop.send_replace(true);
+            self.retired.push(old.task);
+        }
+        ready_rx
+    }
+
+    /// SIGHUP: read the policy again; switch changed apps over, start new
+    /// ones, drain removed ones. An invalid policy changes nothing.
+    async fn reload(&mut self) {
+        if let Ok(now) = NotifyState::monotonic_usec_now() {
+            let _ = sd_notify::notify(&[NotifyState::Reloading, now]);
+        }
+        tracing::info!("SIGHUP: reloading {}", self.policy_path.display());
+        match corral_policy::load(&self.policy_path, &Environment::from_process()) {
+            Err(e) => {
+                let diagnostics = e.diagnostics();
+                if diagnostics.is_empty() {
+                    tracing::error!("reload refused, still serving the previous policy: {e}");
+                } else {
+                    for d in diagnostics {
+                        tracing::error!("reload refused: {d}");
+                    }
+                    tracing::error!(
+                        "reload refused: the policy has errors; still serving the previous policy"
+                    );
+                }
+            }
+            Ok(policy) => self.apply(policy).await,
+        }
+        self.retired.retain(|t| !t.is_finished());
+        let summary = self.summary();
+        let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
+    }
+
+    async fn apply(&mut self, policy: Policy) {
+        if policy.daemon != self.policy.daemon {
+            tracing::warn!("reload: changes to [daemon] take effect at the next start");
+        }
+        let removed: Vec<String> = self
+            .apps
+            .keys()
+            .filter(|name| !policy.apps.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(app) = self.apps.remove(&name) {
+                tracing::info!(app = name, "reload: removed; draining it");
+                app.stop.send_replace(true);
+                self.retired.push(app.task);
+            }
+            self.states
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&name);
+        }
+        let mut started = Vec::new();
+        for (name, spec) in &policy.apps {
+            let prepared = match self.prepare(spec).await {
+                Ok(prepared) => prepared,
+                Err(e) => {
+                    if self.apps.contains_key(name) {
+                        tracing::error!(
+                            app = name,
+                            "reload: cannot prepare the new version ({e:#}); keeping the running one"
+                        );
+                    } else {
+                        tracing::error!(app = name, "app failed: {e:#}");
+                        set_state(&self.states, name, AppState::Failed(format!("{e:#}")));
+                    }
+                    continue;
+                }
+            };
+            match self.apps.get(name) {
+                Some(running) if running.spec == *spec && running.artifact == prepared.1.key => {}
+                Some(_) => {
+                    tracing::info!(app = name, "reload: changed; switching to the new version");
+                    started.push(self.spawn_app(spec, prepared.0, prepared.1));
+                }
+                None => {
+                    tracing::info!(app = name, "reload: new app");
+                    set_state(&self.states, name, AppState::Starting);
+                    started.push(self.spawn_app(spec, prepared.0, prepared.1));
+                }
+            }
+        }
+        // Sockets no app listens on any more.
+        let used: std::collections::BTreeSet<String> = policy
+            .apps
+            .values()
+            .flat_map(|a| a.listen.iter().map(ToString::to_string))
+            .collect();
+        self.sockets.retain(|addr, _| used.contains(addr));
+        self.policy = policy;
+        // READY=1 again once the new versions serve (bounded: a zygote that
+        // never answers is the restart logic's business).
+        let _ = tokio::time::timeout(Duration::from_secs(30), async {
+            for ready in started {
+                let _ = ready.await;
+            }
+        })
+        .await;
+    }
+}
+
+/// An app's artifact (compiled on a blocking thread).
+async fn prepare(spec: &AppSpec, sockets: usize, cache: &Cache) -> anyhow::Result<Artifact> {
+    if spec.kind != AppKind::Command && sockets == 0 {
         anyhow::bail!("a {} app needs at least one `listen` address", spec.kind);
     }
     let cache = cache.clone();
@@ -252,7 +467,7 @@ async fn prepare(
             artifact.compile_time.unwrap_or_default()
         );
     }
-    Ok((listeners, artifact))
+    Ok(artifact)
 }
 
 fn how_to_reach(name: &str, kind: AppKind, addr: &ListenAddr) -> String {
@@ -291,7 +506,7 @@ async fn supervise(app: App, ready: oneshot::Sender<()>, mut shutdown: watch::Re
             return;
         }
         if app.spec.pool.min == 0 && app.spec.kind != AppKind::Command {
-            set_state(&app.states, &name, AppState::Idle);
+            app.set_state(AppState::Idle);
             if let Some(r) = ready.take() {
                 let _ = r.send(());
             }
@@ -319,7 +534,7 @@ async fn supervise(app: App, ready: oneshot::Sender<()>, mut shutdown: watch::Re
             }
             ZygoteEnd::Shutdown => return,
             ZygoteEnd::Finished => {
-                set_state(&app.states, &name, AppState::Finished);
+                app.set_state(AppState::Finished);
                 let _ = shutdown.changed().await;
                 return;
             }
@@ -343,7 +558,7 @@ async fn supervise(app: App, ready: oneshot::Sender<()>, mut shutdown: watch::Re
                             humantime::format_duration(give_up.window)
                         );
                         tracing::error!(app = name, "failed: {reason}");
-                        set_state(&app.states, &name, AppState::Failed(reason));
+                        app.set_state(AppState::Failed(reason));
                         if let Some(r) = ready.take() {
                             let _ = r.send(());
                         }
@@ -359,7 +574,7 @@ async fn supervise(app: App, ready: oneshot::Sender<()>, mut shutdown: watch::Re
                     "zygote died ({why}); restarting in {}",
                     humantime::format_duration(backoff)
                 );
-                set_state(&app.states, &name, AppState::Backoff);
+                app.set_state(AppState::Backoff);
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     _ = shutdown.changed() => return,
@@ -455,7 +670,7 @@ async fn run_zygote(
                 Ok(Some(msg)) => match msg {
                     FromZygote::Ready { layers, missing: _ } => {
                         tracing::info!(app = name, pid, "serving ({layers})");
-                        set_state(&app.states, name, AppState::Running { workers: 0, busy: 0 });
+                        app.set_state(AppState::Running { workers: 0, busy: 0 });
                         if let Some(r) = ready.take() {
                             let _ = r.send(());
                         }
@@ -465,7 +680,7 @@ async fn run_zygote(
                         failed = Some(error);
                     }
                     FromZygote::Workers { live, busy } => {
-                        set_state(&app.states, name, AppState::Running { workers: live, busy });
+                        app.set_state(AppState::Running { workers: live, busy });
                     }
                     FromZygote::WorkerExited { how, crashed, .. } => {
                         if crashed {
