@@ -68,6 +68,20 @@ impl Daemon {
 
     /// As [`Daemon::start_with_env`], with more `[daemon]` keys.
     fn start_full(daemon_keys: &str, apps: &str, env: &[(&str, &str)]) -> Daemon {
+        let daemon = Daemon::spawn(daemon_keys, apps, env, None);
+        daemon.wait_note("READY=1", Duration::from_secs(60));
+        daemon
+    }
+
+    /// Write the policy and start corrald, through `launcher` (a program
+    /// and its arguments that end up exec'ing corrald in the same process,
+    /// passing only the environment it is given with `-E`) if any.
+    fn spawn(
+        daemon_keys: &str,
+        apps: &str,
+        env: &[(&str, &str)],
+        launcher: Option<&[String]>,
+    ) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let guests = guest("");
@@ -91,12 +105,32 @@ impl Daemon {
                 }
             });
         }
-        let mut child = Command::new(CORRALD)
+        let notify_env = format!("NOTIFY_SOCKET={}", notify_path.display());
+        let mut env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        env.push(notify_env);
+        env.push("CORRAL_LOG=info,corral_supervisor=debug".into());
+        let mut cmd = match launcher {
+            Some(launcher) => {
+                let mut cmd = Command::new(&launcher[0]);
+                cmd.args(&launcher[1..]);
+                for var in &env {
+                    cmd.arg("-E").arg(var);
+                }
+                cmd.arg(CORRALD);
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new(CORRALD);
+                for var in &env {
+                    let (k, v) = var.split_once('=').unwrap();
+                    cmd.env(k, v);
+                }
+                cmd
+            }
+        };
+        let mut child = cmd
             .arg("--policy")
             .arg(root.join("policy.toml"))
-            .env("NOTIFY_SOCKET", &notify_path)
-            .env("CORRAL_LOG", "info,corral_supervisor=debug")
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -120,15 +154,13 @@ impl Daemon {
             });
         }
         let pid = child.id() as i32;
-        let daemon = Daemon {
+        Daemon {
             child: Some(child),
             pid,
             dir,
             notes,
             stderr,
-        };
-        daemon.wait_note("READY=1", Duration::from_secs(60));
-        daemon
+        }
     }
 
     /// Wait for a notification line starting with `prefix`; returns it.
@@ -678,4 +710,52 @@ fn idle_exit_exits_zero_when_every_app_is_at_zero() {
     assert!(status.success(), "{status:?}");
     daemon.wait_note("STOPPING=1", Duration::from_secs(1));
     assert!(daemon.stderr().contains("idle-exit"));
+}
+
+#[test]
+fn socket_activated_by_systemd_with_named_sockets() {
+    let Ok(launcher) = which("systemd-socket-activate") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI needs systemd-socket-activate (package systemd)"
+        );
+        eprintln!("SKIP: no systemd-socket-activate on this machine");
+        return;
+    };
+    let (web, echo) = (free_port(), free_port());
+    let launcher = vec![
+        launcher,
+        format!("--listen=127.0.0.1:{web}"),
+        format!("--listen=127.0.0.1:{echo}"),
+        "--fdname=web-http:echo-stdio".to_string(),
+    ];
+    let daemon = Daemon::spawn(
+        "",
+        "[apps.web]\nmodule = \"{guests}/http-hello.wasm\"\nkind = \"http\"\n\
+         listen = [\"systemd:web-http\"]\npool = { min = 0 }\n\n\
+         [apps.echo]\nmodule = \"{guests}/stdio-echo.wasm\"\nkind = \"stdio\"\n\
+         listen = [\"systemd:echo-stdio\"]\npool = { min = 1 }\n",
+        &[],
+        Some(&launcher),
+    );
+    // systemd-socket-activate starts corrald on the first connection, which
+    // waits in the backlog until a worker takes it.
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, body) = http_get(web).unwrap();
+    assert_eq!(status, 200, "{body}");
+    daemon.wait_note("READY=1", Duration::from_secs(30));
+    assert_eq!(
+        stdio_roundtrip(echo, b"activated\n").unwrap(),
+        b"activated\n"
+    );
+}
+
+fn which(program: &str) -> Result<String, ()> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
+        .map(|p| p.display().to_string())
+        .ok_or(())
 }
