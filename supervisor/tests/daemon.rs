@@ -92,6 +92,8 @@ impl Daemon {
             apps.replace("{guests}", &guests.display().to_string())
         );
         std::fs::write(root.join("policy.toml"), policy).unwrap();
+        // A command that exits 0 at once.
+        std::fs::write(root.join("ok.wat"), "(module (func (export \"_start\")))").unwrap();
         let notify_path = root.join("notify.sock");
         let notify = UnixDatagram::bind(&notify_path).unwrap();
         let notes = Arc::new(Mutex::new(Vec::new()));
@@ -758,4 +760,80 @@ fn which(program: &str) -> Result<String, ()> {
         .find(|p| p.is_file())
         .map(|p| p.display().to_string())
         .ok_or(())
+}
+
+/// A command app's TOML; `module` is a fixture name or a path.
+fn command_app(name: &str, module: &str, extra: &str) -> String {
+    format!("[apps.{name}]\nmodule = \"{module}\"\nkind = \"command\"\n{extra}\n\n")
+}
+
+#[test]
+fn command_app_failing_is_restarted_until_give_up() {
+    let daemon = Daemon::start(&command_app(
+        "job",
+        "{guests}/exit3.wasm",
+        "restart = { on = \"failure\", backoff = \"50ms..100ms\", give-up = \"3 in 1m\" }",
+    ));
+    wait_for("job to be marked failed", Duration::from_secs(20), || {
+        daemon
+            .notes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.starts_with("STATUS=") && l.contains("job FAILED"))
+            .then_some(())
+    });
+    let log = daemon.stderr();
+    assert!(log.matches("exited with 3").count() >= 3, "{log}");
+    assert!(
+        log.contains("exiting with 3"),
+        "guest output is logged: {log}"
+    );
+}
+
+#[test]
+fn command_app_restart_on_always_and_never() {
+    let daemon = Daemon::start(
+        &format!(
+            "{}{}",
+            command_app(
+                "again",
+                "{guests}/ok.wat",
+                "restart = { on = \"always\", backoff = \"50ms..100ms\" }"
+            ),
+            command_app("once", "{guests}/ok.wat", "restart = { on = \"never\" }"),
+        )
+        .replace("{guests}/ok.wat", "ok.wat"),
+    );
+    wait_for(
+        "`again` to run three times",
+        Duration::from_secs(20),
+        || (daemon.stderr().matches("app again: worker").count() >= 3).then_some(()),
+    );
+    wait_for("`once` to be finished", Duration::from_secs(10), || {
+        daemon
+            .notes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.starts_with("STATUS=") && l.contains("once finished"))
+            .then_some(())
+    });
+    assert_eq!(daemon.stderr().matches("app once: worker").count(), 1);
+}
+
+#[test]
+fn long_running_command_is_stopped_by_sigterm() {
+    let mut daemon = Daemon::start(&command_app(
+        "spin",
+        "{guests}/loop.wasm",
+        "limits = { timeout = \"off\" }",
+    ));
+    wait_for("the instance to run", Duration::from_secs(10), || {
+        (daemon.descendants().len() == 2).then_some(())
+    });
+    daemon.signal(15);
+    let status = daemon.wait_exit(Duration::from_secs(5));
+    assert!(status.success(), "{status:?}");
+    assert!(descendants_of(daemon.pid).is_empty());
 }

@@ -67,8 +67,9 @@ pub(crate) enum FromZygote {
         how: String,
         crashed: bool,
     },
-    /// A `command` app's instance ended and is not restarted.
-    Finished { how: String },
+    /// A `command` app's instance ended (`success`: exit code 0); the
+    /// zygote exits.
+    Finished { how: String, success: bool },
     /// The last worker retired; the zygote exits (scale to zero).
     Idle,
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use corral_compiler::{Artifact, Cache, EngineOptions};
-use corral_policy::{AppKind, AppSpec, Environment, ListenAddr, Policy};
+use corral_policy::{AppKind, AppSpec, Environment, ListenAddr, Policy, RestartOn};
 use rustix::net::RecvFlags;
 use sd_notify::NotifyState;
 use tokio::io::unix::AsyncFd;
@@ -487,8 +487,11 @@ fn how_to_reach(name: &str, kind: AppKind, addr: &ListenAddr) -> String {
 enum ZygoteEnd {
     /// Its last worker retired (scale to zero).
     Idle,
-    /// A `command` app's instance ended for good.
-    Finished,
+    /// A `command` app's instance ended (`success`: exit code 0).
+    Finished {
+        how: String,
+        success: bool,
+    },
     /// corrald is stopping and the zygote drained.
     Shutdown,
     Crashed(String),
@@ -533,56 +536,121 @@ async fn supervise(app: App, ready: oneshot::Sender<()>, mut shutdown: watch::Re
                 backoff = restart.backoff_min;
             }
             ZygoteEnd::Shutdown => return,
-            ZygoteEnd::Finished => {
-                app.set_state(AppState::Finished);
-                let _ = shutdown.changed().await;
-                return;
-            }
-            ZygoteEnd::Crashed(why) => {
-                if *shutdown.borrow() {
+            ZygoteEnd::Finished { how, success } => {
+                let again = match restart.on {
+                    RestartOn::Always => true,
+                    RestartOn::Failure => !success,
+                    RestartOn::Never => false,
+                };
+                if !again {
+                    tracing::info!(
+                        app = name,
+                        "{how}; not restarted (restart.on = {:?})",
+                        restart.on
+                    );
+                    app.set_state(AppState::Finished);
+                    let _ = shutdown.changed().await;
                     return;
                 }
-                let now = Instant::now();
-                crashes.push_back(now);
-                if let Some(give_up) = restart.give_up {
-                    while crashes
-                        .front()
-                        .is_some_and(|t| now.duration_since(*t) > give_up.window)
-                    {
-                        crashes.pop_front();
+                if success {
+                    // A clean exit restarted by `always`: no crash, but
+                    // still paced by the backoff.
+                    tracing::info!(app = name, "{how}; restarting it");
+                    tokio::select! {
+                        () = tokio::time::sleep(restart.backoff_min) => {}
+                        _ = shutdown.changed() => return,
                     }
-                    if crashes.len() as u32 >= give_up.crashes {
-                        let reason = format!(
-                            "{} crashes within {} (restart.give-up = \"{give_up}\"); last: {why}",
-                            crashes.len(),
-                            humantime::format_duration(give_up.window)
-                        );
-                        tracing::error!(app = name, "failed: {reason}");
-                        app.set_state(AppState::Failed(reason));
-                        if let Some(r) = ready.take() {
-                            let _ = r.send(());
-                        }
-                        let _ = shutdown.changed().await;
-                        return;
-                    }
+                    continue;
                 }
-                if started.elapsed() > restart.backoff_max * 2 {
-                    backoff = restart.backoff_min; // it had been running well
+                if let Some(end) = crashed(
+                    &app,
+                    &mut crashes,
+                    &mut backoff,
+                    started,
+                    &mut ready,
+                    &mut shutdown,
+                    how,
+                )
+                .await
+                {
+                    return end;
                 }
-                tracing::warn!(
-                    app = name,
-                    "zygote died ({why}); restarting in {}",
-                    humantime::format_duration(backoff)
-                );
-                app.set_state(AppState::Backoff);
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.changed() => return,
+            }
+            ZygoteEnd::Crashed(why) => {
+                if let Some(end) = crashed(
+                    &app,
+                    &mut crashes,
+                    &mut backoff,
+                    started,
+                    &mut ready,
+                    &mut shutdown,
+                    format!("zygote died ({why})"),
+                )
+                .await
+                {
+                    return end;
                 }
-                backoff = (backoff * 2).min(restart.backoff_max);
             }
         }
     }
+}
+
+/// A crash (zygote, or a failed `command` instance): count it for
+/// `restart.give-up`, then wait out the backoff. `Some` when the app is
+/// done (failed, or corrald is stopping).
+async fn crashed(
+    app: &App,
+    crashes: &mut VecDeque<Instant>,
+    backoff: &mut Duration,
+    started: Instant,
+    ready: &mut Option<oneshot::Sender<()>>,
+    shutdown: &mut watch::Receiver<bool>,
+    why: String,
+) -> Option<()> {
+    let name = &app.spec.name;
+    let restart = app.spec.restart;
+    if *shutdown.borrow() {
+        return Some(());
+    }
+    let now = Instant::now();
+    crashes.push_back(now);
+    if let Some(give_up) = restart.give_up {
+        while crashes
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > give_up.window)
+        {
+            crashes.pop_front();
+        }
+        if crashes.len() as u32 >= give_up.crashes {
+            let reason = format!(
+                "{} crashes within {} (restart.give-up = \"{give_up}\"); last: {why}",
+                crashes.len(),
+                humantime::format_duration(give_up.window)
+            );
+            tracing::error!(app = name, "failed: {reason}");
+            app.set_state(AppState::Failed(reason));
+            if let Some(r) = ready.take() {
+                let _ = r.send(());
+            }
+            let _ = shutdown.changed().await;
+            return Some(());
+        }
+    }
+    if started.elapsed() > restart.backoff_max * 2 {
+        *backoff = restart.backoff_min; // it had been running well
+    }
+    tracing::warn!(
+        app = name,
+        "{why}; restarting in {}",
+        humantime::format_duration(*backoff)
+    );
+    app.set_state(AppState::Backoff);
+    tokio::select! {
+        () = tokio::time::sleep(*backoff) => {}
+        _ = shutdown.changed() => return Some(()),
+    }
+    *backoff = (*backoff * 2).min(restart.backoff_max);
+    None
 }
 
 /// Wait until one of `listeners` has a connection waiting, without
@@ -658,7 +726,7 @@ async fn run_zygote(
     )?;
 
     let mut idle = false;
-    let mut finished = false;
+    let mut finished: Option<(String, bool)> = None;
     let mut draining = false;
     let mut failed: Option<String> = None;
     let mut control_open = true;
@@ -689,9 +757,8 @@ async fn run_zygote(
                             tracing::debug!(app = name, "{how}");
                         }
                     }
-                    FromZygote::Finished { how } => {
-                        tracing::info!(app = name, "{how}");
-                        finished = true;
+                    FromZygote::Finished { how, success } => {
+                        finished = Some((how, success));
                     }
                     FromZygote::Idle => idle = true,
                 },
@@ -707,8 +774,8 @@ async fn run_zygote(
                 if draining {
                     return Ok(ZygoteEnd::Shutdown);
                 }
-                if finished {
-                    return Ok(ZygoteEnd::Finished);
+                if let Some((how, success)) = finished {
+                    return Ok(ZygoteEnd::Finished { how, success });
                 }
                 if idle && status.success() {
                     return Ok(ZygoteEnd::Idle);
@@ -717,6 +784,13 @@ async fn run_zygote(
                 return Ok(ZygoteEnd::Crashed(why));
             }
             _ = shutdown.changed(), if !draining => {
+                if app.spec.kind == AppKind::Command {
+                    // One long-running instance, no requests to finish; a
+                    // guest cannot take a signal, so it is stopped.
+                    tracing::info!(app = name, "stopping the command");
+                    drop(child); // kills the process group
+                    return Ok(ZygoteEnd::Shutdown);
+                }
                 draining = true;
                 let _ = protocol::send(control.get_ref(), &ToZygote::Drain, &[]);
                 drain_deadline.as_mut().reset(tokio::time::Instant::now() + app.drain_timeout);

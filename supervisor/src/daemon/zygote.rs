@@ -22,6 +22,10 @@
 //!   `pool.concurrency`, and to replace a crashed or max-requests worker
 //!   (never above `pool.max`); at `min = 0` it exits once its last worker
 //!   is gone, and corrald watches the socket again.
+//!
+//! A `command` app's zygote forks one worker, which runs the instance; when
+//! it ends the zygote reports [`FromZygote::Finished`] and exits, and
+//! corrald applies `restart.on` (with backoff and give-up).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -31,7 +35,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use corral_compiler::EngineOptions;
-use corral_policy::{AppKind, AppSpec, RestartOn};
+use corral_policy::{AppKind, AppSpec};
 use rustix::event::{PollFd, PollFlags};
 use rustix::net::RecvFlags;
 use rustix::process::{WaitOptions, WaitStatus};
@@ -369,18 +373,10 @@ impl Zygote {
             let how = describe_exit(&self.app.name, pid, status);
             let success = status.exit_status() == Some(0);
             if self.app.kind == AppKind::Command {
-                let again = match self.app.restart.on {
-                    RestartOn::Always => true,
-                    RestartOn::Failure => !success,
-                    RestartOn::Never => false,
-                };
-                if again && !self.draining {
-                    tracing::info!(app = self.app.name, "{how}; restarting it");
-                    self.replacements += 1;
-                } else {
-                    self.finished = true;
-                    protocol::send(&self.control, &FromZygote::Finished { how }, &[])?;
-                }
+                // corrald decides about a restart (restart.on, backoff,
+                // give-up); this zygote's work is done.
+                self.finished = true;
+                protocol::send(&self.control, &FromZygote::Finished { how, success }, &[])?;
                 continue;
             }
             let crashed = ending == Ending::Crashed && !(success && self.draining);
