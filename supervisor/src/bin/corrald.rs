@@ -28,13 +28,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CORRAL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    use corral_supervisor::daemon::logging::{self, Role};
+    logging::init(match args.command {
+        Some(Command::Zygote) => Role::Zygote,
+        None => Role::Daemon,
+    });
     match args.command {
         Some(Command::Zygote) => corral_supervisor::daemon::zygote::main(),
         None => corral_supervisor::daemon::run(&args.policy),

@@ -16,6 +16,7 @@
 //! the app failed, and only that app.
 
 mod listeners;
+pub mod logging;
 pub(crate) mod protocol;
 mod supervisor;
 mod sys;

@@ -750,11 +750,11 @@ async fn run_zygote(
                     FromZygote::Workers { live, busy } => {
                         app.set_state(AppState::Running { workers: live, busy });
                     }
-                    FromZygote::WorkerExited { how, crashed, .. } => {
+                    FromZygote::WorkerExited { pid: worker, how, crashed } => {
                         if crashed {
-                            tracing::warn!(app = name, "{how}; replacing it");
+                            tracing::warn!(app = name, worker, "{how}; replacing it");
                         } else {
-                            tracing::debug!(app = name, "{how}");
+                            tracing::debug!(app = name, worker, "{how}");
                         }
                     }
                     FromZygote::Finished { how, success } => {
