@@ -169,7 +169,12 @@ impl EpochTicker {
             .name("corral-epoch".into())
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
+                    // Parked rather than asleep, so that drop can wake it:
+                    // a guest that exits must not wait out a tick.
+                    std::thread::park_timeout(EPOCH_TICK);
+                    if flag.load(Ordering::Relaxed) {
+                        break;
+                    }
                     match engine.upgrade() {
                         Some(engine) => engine.increment_epoch(),
                         None => break,
@@ -187,6 +192,7 @@ impl Drop for EpochTicker {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
             let _ = thread.join();
         }
     }
