@@ -837,3 +837,30 @@ fn long_running_command_is_stopped_by_sigterm() {
     assert!(status.success(), "{status:?}");
     assert!(descendants_of(daemon.pid).is_empty());
 }
+
+#[test]
+fn apps_stop_when_corrald_is_killed() {
+    let (web, echo) = (free_port(), free_port());
+    let mut daemon = Daemon::start(&format!(
+        "{}{}",
+        http_app("web", web, "{ min = 2, max = 2 }"),
+        stdio_app("echo", echo, "{ min = 1 }")
+    ));
+    wait_for("the pools", Duration::from_secs(10), || {
+        (daemon.descendants().len() == 5).then_some(())
+    });
+    let tree = daemon.descendants();
+    daemon.signal(9);
+    daemon.wait_exit(Duration::from_secs(5));
+    // The zygotes see their control socket close, drain and exit; their
+    // workers see the zygote gone.
+    wait_for(
+        "no process of the apps left",
+        Duration::from_secs(10),
+        || {
+            tree.iter()
+                .all(|pid| parent_of(*pid).is_none())
+                .then_some(())
+        },
+    );
+}
