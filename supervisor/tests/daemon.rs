@@ -864,3 +864,44 @@ fn apps_stop_when_corrald_is_killed() {
         },
     );
 }
+
+#[test]
+fn guest_output_is_logged_by_line_tagged_and_bounded() {
+    let daemon = Daemon::start(&format!(
+        "{}{}",
+        command_app(
+            "whole",
+            "{guests}/exit3.wasm",
+            "restart = { on = \"never\" }"
+        ),
+        command_app(
+            "cut",
+            "{guests}/exit3.wasm",
+            "restart = { on = \"never\" }\nlimits = { stdout = 8 }"
+        ),
+    ));
+    wait_for("both to finish", Duration::from_secs(10), || {
+        let log = daemon.stderr();
+        (log.contains("app whole: worker") && log.contains("app cut: worker")).then_some(())
+    });
+    let log = daemon.stderr();
+    let whole = log
+        .lines()
+        .find(|l| l.contains("exiting with 3") && l.contains("app=whole"))
+        .unwrap_or_else(|| panic!("no tagged line in:\n{log}"));
+    assert!(
+        whole.contains("worker=") && whole.contains("request=1"),
+        "{whole}"
+    );
+    assert!(whole.contains("stream=\"stdout\""), "{whole}");
+    let cut: Vec<&str> = log.lines().filter(|l| l.contains("app=cut")).collect();
+    assert!(
+        cut.iter()
+            .any(|l| l.contains("exiting ") && !l.contains("with 3")),
+        "{cut:#?}"
+    );
+    assert!(
+        cut.iter().any(|l| l.contains("limits.stdout reached")),
+        "{cut:#?}"
+    );
+}

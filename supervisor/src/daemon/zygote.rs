@@ -155,7 +155,8 @@ impl Zygote {
         let program = corral_compiler::load_handed_over(&engine, &artifact, &start.artifact)
             .context("loading the artifact")?;
         let mut caps = GuestCaps::for_app(&app, |n| std::env::var(n).ok());
-        caps.stdio = StdioMode::LogToStderr;
+        // stdio apps get their connection per connection, in the worker.
+        caps.stdio = StdioMode::Log(host::log::GuestLog::new(&app.name, app.limits.stdout));
         let guest = match (app.kind, program) {
             (AppKind::Http, Program::Component(component)) => {
                 match host::component_kind(&engine, &component) {

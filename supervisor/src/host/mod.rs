@@ -17,6 +17,7 @@
 
 pub mod http;
 pub mod limits;
+pub mod log;
 pub mod p1;
 pub mod p2;
 
@@ -60,6 +61,9 @@ pub enum StdioMode {
     /// stdin and stdout are one accepted connection (stdio apps, inetd
     /// style); stderr to the host's stderr.
     Connection(ConnectionStdio),
+    /// stdin empty; stdout and stderr logged line by line, tagged and
+    /// bounded (corrald's http and command apps), see [`log`].
+    Log(log::GuestLog),
 }
 
 /// The two halves of a connection, as a guest's stdin and stdout.
@@ -158,6 +162,11 @@ impl GuestCaps {
                 b.stdin(conn.stdin.clone());
                 b.stdout(conn.stdout.clone());
                 b.stderr(wasmtime_wasi::cli::stderr());
+            }
+            StdioMode::Log(log) => {
+                let (stdout, stderr) = log.streams();
+                b.stdout(stdout);
+                b.stderr(stderr);
             }
         }
         // Before the preopens: each preopen records this setting.
