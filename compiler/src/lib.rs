@@ -15,7 +15,6 @@ mod engine;
 mod error;
 mod lock;
 mod source;
-mod sources;
 
 pub use cache::{
     Artifact, ArtifactKey, Cache, CompiledEntry, Entry, EntryMeta, GcReport, Handoff, Program,

@@ -905,3 +905,37 @@ fn guest_output_is_logged_by_line_tagged_and_bounded() {
         "{cut:#?}"
     );
 }
+
+#[test]
+fn http2_with_prior_knowledge_and_http1_on_one_socket() {
+    if which("curl").is_err() {
+        assert!(std::env::var_os("CI").is_none(), "CI needs curl");
+        eprintln!("SKIP: no curl");
+        return;
+    }
+    let web = free_port();
+    let _daemon = Daemon::start(&http_app("web", web, "{ min = 1 }"));
+    let url = format!("http://127.0.0.1:{web}/");
+    let run = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "20",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_version}",
+            ])
+            .args(args)
+            .arg(&url)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let h2 = run(&["--http2-prior-knowledge"]);
+    assert!(h2.contains("Hello") && h2.ends_with("\n2"), "{h2}");
+    let h1 = run(&["--http1.1"]);
+    assert!(h1.contains("Hello") && h1.ends_with("\n1.1"), "{h1}");
+}

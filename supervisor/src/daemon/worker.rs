@@ -318,23 +318,47 @@ where
                 count_request(&counter);
                 async move { Ok::<_, Infallible>(handler.handle(req).await) }
             });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            let mut stop = serving.stop.subscribe();
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!("connection ended: {e}");
-                    }
+            let mut stream = stream;
+            let (seen, h2) = match sniff_h2c(&mut stream).await {
+                Ok(sniffed) => sniffed,
+                Err(e) => {
+                    tracing::debug!("connection ended: {e}");
                     return;
                 }
-                // Finish the request in flight, then close (no keep-alive).
-                _ = stop.wait_for(|stopped| *stopped) => connection.as_mut().graceful_shutdown(),
+            };
+            let io = TokioIo::new(Prefixed::new(seen, stream));
+            let mut stop = serving.stop.subscribe();
+            // Serve until the connection ends; when the worker stops
+            // accepting, finish the requests in flight and close.
+            macro_rules! drive {
+                ($connection:expr) => {{
+                    let connection = $connection;
+                    tokio::pin!(connection);
+                    tokio::select! {
+                        result = connection.as_mut() => {
+                            if let Err(e) = result {
+                                tracing::debug!("connection ended: {e}");
+                            }
+                            return;
+                        }
+                        _ = stop.wait_for(|stopped| *stopped) => connection.as_mut().graceful_shutdown(),
+                    }
+                    if let Err(e) = connection.await {
+                        tracing::debug!("connection ended: {e}");
+                    }
+                }};
             }
-            if let Err(e) = connection.await {
-                tracing::debug!("connection ended: {e}");
+            if h2 {
+                drive!(
+                    hyper::server::conn::http2::Builder::new(SpawnLocal)
+                        .serve_connection(io, service)
+                );
+            } else {
+                drive!(
+                    hyper::server::conn::http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(io, service)
+                );
             }
         }
         Conn::Stdio {
@@ -363,5 +387,140 @@ fn count_request(serving: &Serving) {
         serving.live.fetch_sub(1, Ordering::SeqCst);
         serving.stop.send_replace(true);
         serving.wake(WAKE_REPLACE);
+    }
+}
+
+/// The client preface of HTTP/2 with prior knowledge (RFC 9113, 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Read as much of the connection's start as tells HTTP/2 (the client
+/// asks for it with the preface, h2c) from HTTP/1.1: returns the bytes read
+/// and whether it is HTTP/2. An HTTP/1 request differs at its first byte,
+/// so this never waits on one.
+async fn sniff_h2c<S>(stream: &mut S) -> std::io::Result<(Vec<u8>, bool)>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt as _;
+    let mut seen = Vec::with_capacity(H2_PREFACE.len());
+    let mut buf = [0u8; 24];
+    while seen.len() < H2_PREFACE.len() {
+        let n = stream
+            .read(&mut buf[..H2_PREFACE.len() - seen.len()])
+            .await?;
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+        if !H2_PREFACE.starts_with(&seen) {
+            return Ok((seen, false));
+        }
+    }
+    let h2 = seen == H2_PREFACE;
+    Ok((seen, h2))
+}
+
+/// A stream with bytes already read from it put back in front.
+struct Prefixed<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Prefixed {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.prefix.len() {
+            let n = buf.remaining().min(this.prefix.len() - this.pos);
+            buf.put_slice(&this.prefix[this.pos..this.pos + n]);
+            this.pos += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// hyper's HTTP/2 executor: its tasks run on the worker's runtime.
+#[derive(Debug, Clone, Copy)]
+struct SpawnLocal;
+
+impl<F> hyper::rt::Executor<F> for SpawnLocal
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffs_h2c_and_gives_the_bytes_back() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let request: &[u8] = b"GET / HTTP/1.0\r\n\r\n";
+            let mut h1 = request;
+            let (seen, h2) = sniff_h2c(&mut h1).await.unwrap();
+            assert!(!h2);
+            let mut all = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut Prefixed::new(seen, h1), &mut all)
+                .await
+                .unwrap();
+            assert_eq!(all, request);
+            let mut both = Vec::from(H2_PREFACE);
+            both.extend_from_slice(b"frames");
+            let mut stream: &[u8] = &both;
+            let (seen, h2) = sniff_h2c(&mut stream).await.unwrap();
+            assert!(h2);
+            let mut all = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut Prefixed::new(seen, stream), &mut all)
+                .await
+                .unwrap();
+            assert_eq!(all, both);
+        });
     }
 }
