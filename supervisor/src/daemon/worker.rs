@@ -11,6 +11,7 @@
 
 use std::convert::Infallible;
 use std::os::fd::{BorrowedFd, OwnedFd};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -29,6 +30,11 @@ use crate::host::{self, ConnectionStdio, EpochTicker, GuestCaps, Program, StdioM
 pub(crate) const WAKE_SATURATED: u8 = b's';
 /// Byte a worker sends when it retires after `pool.max-requests`.
 pub(crate) const WAKE_REPLACE: u8 = b'r';
+
+/// The longest an idle HTTP/1 keep-alive connection is kept (shorter when
+/// `pool.idle-timeout` is): an idle client must not hold a `concurrency`
+/// slot, nor keep an idle worker from retiring, for long.
+const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(15);
 
 /// How often a worker looks at its idle time, `draining` and its zygote.
 const TICK: Duration = Duration::from_millis(100);
@@ -149,6 +155,8 @@ struct Serving {
     /// Flips to `true` when the worker stops accepting.
     stop: watch::Sender<bool>,
     max_requests: Option<u64>,
+    /// How long an HTTP/1 connection may wait for its next request head.
+    keep_alive_idle: Duration,
 }
 
 impl Serving {
@@ -171,6 +179,7 @@ async fn serve(ctx: &WorkerCtx<'_>, guest: &Guest) -> anyhow::Result<()> {
         permits: Arc::new(Semaphore::new(concurrency as usize)),
         stop: stop_tx,
         max_requests: app.pool.max_requests,
+        keep_alive_idle: app.pool.idle_timeout.min(KEEP_ALIVE_IDLE),
     });
     let guest = Arc::new(match guest {
         Guest::Http { handler, .. } => Conn::Http(handler.clone()),
@@ -357,6 +366,8 @@ where
                 drive!(
                     hyper::server::conn::http1::Builder::new()
                         .keep_alive(true)
+                        .timer(TokioTimer)
+                        .header_read_timeout(serving.keep_alive_idle)
                         .serve_connection(io, service)
                 );
             }
@@ -475,6 +486,35 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// hyper's timer (header-read timeouts) on tokio's clock.
+#[derive(Debug, Clone, Copy)]
+struct TokioTimer;
+
+/// A tokio sleep as hyper's [`hyper::rt::Sleep`].
+struct TokioSleep(Pin<Box<tokio::time::Sleep>>);
+
+impl std::future::Future for TokioSleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl hyper::rt::Sleep for TokioSleep {}
+
+impl hyper::rt::Timer for TokioTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(TokioSleep(Box::pin(tokio::time::sleep(duration))))
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(TokioSleep(Box::pin(tokio::time::sleep_until(
+            deadline.into(),
+        ))))
     }
 }
 
