@@ -976,3 +976,17 @@ fn an_idle_keep_alive_client_does_not_keep_the_app_up() {
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
 }
+
+#[test]
+fn an_app_that_never_starts_does_not_hold_back_ready() {
+    let (bad, good) = (free_port(), free_port());
+    // No give-up: restarted forever; READY=1 must still come.
+    let daemon = Daemon::start(&format!(
+        "[apps.bad]\nmodule = \"{{guests}}/stdio-echo.wasm\"\nkind = \"http\"\n\
+         listen = [\"127.0.0.1:{bad}\"]\npool = {{ min = 1 }}\n\
+         restart = {{ backoff = \"1s..2s\" }}\n\n{}",
+        http_app("good", good, "{ min = 1 }")
+    ));
+    assert_eq!(http_get(good).unwrap().0, 200);
+    daemon.wait_log("restarting in");
+}

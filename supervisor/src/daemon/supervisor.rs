@@ -612,6 +612,11 @@ async fn crashed(
     if *shutdown.borrow() {
         return Some(());
     }
+    // One broken app must not hold back READY=1 for the others: it counts
+    // as handled once it is being restarted (STATUS says so).
+    if let Some(r) = ready.take() {
+        let _ = r.send(());
+    }
     let now = Instant::now();
     crashes.push_back(now);
     if let Some(give_up) = restart.give_up {
@@ -629,9 +634,6 @@ async fn crashed(
             );
             tracing::error!(app = name, "failed: {reason}");
             app.set_state(AppState::Failed(reason));
-            if let Some(r) = ready.take() {
-                let _ = r.send(());
-            }
             let _ = shutdown.changed().await;
             return Some(());
         }
