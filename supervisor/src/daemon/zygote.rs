@@ -66,6 +66,15 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    // stdin becomes /dev/null: the control socket lives on only as
+    // `control`, which workers close right after the fork (a worker must
+    // not be able to talk to corrald as its zygote).
+    let stdin_replaced =
+        std::fs::File::open("/dev/null").and_then(|null| Ok(rustix::stdio::dup2_stdin(&null)?));
+    if let Err(e) = stdin_replaced {
+        eprintln!("corrald zygote: replacing stdin: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let (start, fds) = match protocol::recv::<ToZygote>(&control, RecvFlags::empty()) {
         Ok(Some((ToZygote::Start(start), fds))) => (start, fds),
         Ok(_) => {
@@ -79,13 +88,16 @@ pub fn main() -> std::process::ExitCode {
     };
     let app = start.app.name.clone();
     match Zygote::prepare(*start, fds, &control, &inherited) {
-        Ok(mut zygote) => match zygote.run() {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!(app, "zygote: {e:#}");
-                std::process::ExitCode::FAILURE
+        Ok(mut zygote) => {
+            drop(control); // the zygote holds its own copy
+            match zygote.run() {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(app, "zygote: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
             }
-        },
+        }
         Err(e) => {
             let error = format!("{e:#}");
             tracing::error!(app, "cannot start: {error}");
@@ -105,7 +117,8 @@ enum Ending {
 }
 
 struct Zygote {
-    control: OwnedFd,
+    /// `None` only in a freshly forked worker, which closes it.
+    control: Option<OwnedFd>,
     app: AppSpec,
     guest: Guest,
     listeners: Vec<OwnedFd>,
@@ -234,7 +247,7 @@ impl Zygote {
             &[],
         )?;
         Ok(Zygote {
-            control: control.try_clone()?,
+            control: Some(control.try_clone()?),
             app,
             guest,
             listeners,
@@ -269,13 +282,20 @@ impl Zygote {
             } else {
                 self.scale()?;
                 if self.workers.is_empty() && self.replacements == 0 {
-                    protocol::send(&self.control, &FromZygote::Idle, &[])?;
+                    protocol::send(self.control(), &FromZygote::Idle, &[])?;
                     return Ok(());
                 }
             }
             self.report()?;
             self.wait_for_events()?;
         }
+    }
+
+    fn control(&self) -> &OwnedFd {
+        // Only a forked worker takes it, and a worker never comes back here.
+        self.control
+            .as_ref()
+            .expect("the zygote's control socket is open in the zygote")
     }
 
     /// Fork to reach the pool's target; see the module doc.
@@ -332,6 +352,7 @@ impl Zygote {
         self.pool.header().live.fetch_add(1, Ordering::SeqCst);
         match sys::fork().context("forking a worker")? {
             Forked::Child => {
+                drop(self.control.take());
                 let ctx = WorkerCtx {
                     app: &self.app,
                     listeners: &self.listeners,
@@ -377,7 +398,7 @@ impl Zygote {
                 // corrald decides about a restart (restart.on, backoff,
                 // give-up); this zygote's work is done.
                 self.finished = true;
-                protocol::send(&self.control, &FromZygote::Finished { how, success }, &[])?;
+                protocol::send(self.control(), &FromZygote::Finished { how, success }, &[])?;
                 continue;
             }
             let crashed = ending == Ending::Crashed && !(success && self.draining);
@@ -390,7 +411,7 @@ impl Zygote {
                 tracing::debug!(app = self.app.name, "{how}");
             }
             protocol::send(
-                &self.control,
+                self.control(),
                 &FromZygote::WorkerExited { pid, how, crashed },
                 &[],
             )?;
@@ -406,7 +427,7 @@ impl Zygote {
             .count() as u32;
         if (live, busy) != self.last_report {
             self.last_report = (live, busy);
-            protocol::send(&self.control, &FromZygote::Workers { live, busy }, &[])?;
+            protocol::send(self.control(), &FromZygote::Workers { live, busy }, &[])?;
         }
         Ok(())
     }
@@ -414,7 +435,7 @@ impl Zygote {
     /// Sleep until a worker wakes us, corrald writes, or [`TICK`] passes.
     fn wait_for_events(&mut self) -> anyhow::Result<()> {
         let mut fds = [
-            PollFd::new(&self.control, PollFlags::IN),
+            PollFd::new(self.control(), PollFlags::IN),
             PollFd::new(&self.wake_rx, PollFlags::IN),
         ];
         let tick = rustix::time::Timespec {
@@ -435,7 +456,7 @@ impl Zygote {
             }
         }
         if control_events.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR) {
-            match protocol::recv::<ToZygote>(&self.control, RecvFlags::DONTWAIT) {
+            match protocol::recv::<ToZygote>(self.control(), RecvFlags::DONTWAIT) {
                 Ok(Some((ToZygote::Drain, _))) => self.start_draining(),
                 Ok(Some((ToZygote::Start(_), _))) => {
                     tracing::warn!(app = self.app.name, "ignoring a second start message");
