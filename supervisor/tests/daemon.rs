@@ -990,3 +990,21 @@ fn an_app_that_never_starts_does_not_hold_back_ready() {
     assert_eq!(http_get(good).unwrap().0, 200);
     daemon.wait_log("restarting in");
 }
+
+#[test]
+fn serves_on_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("echo.sock");
+    let _daemon = Daemon::start(&format!(
+        "[apps.echo]\nmodule = \"{{guests}}/stdio-echo.wasm\"\nkind = \"stdio\"\n\
+         listen = [\"unix:{}\"]\npool = {{ min = 0 }}\n",
+        path.display()
+    ));
+    let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"over unix\n").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    assert_eq!(out, b"over unix\n");
+}
