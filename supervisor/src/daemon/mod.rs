@@ -5,10 +5,10 @@
 //! supervising task per app. It never runs guest code and never forks
 //! without exec: per app it starts a zygote (`corrald zygote`, see
 //! [`zygote`]) and hands it the spec, the listening sockets and the open
-//! artifact over a control socket ([`protocol`]). The zygote forks the
+//! artifact over a control socket (`protocol.rs`). The zygote forks the
 //! workers, which accept on the sockets themselves.
 //!
-//! Per app ([`supervisor`]): at `pool.min = 0` corrald only watches the
+//! Per app (`supervisor.rs`): at `pool.min = 0` corrald only watches the
 //! listening sockets for a waiting connection (without accepting it) and
 //! starts the zygote then; the zygote exits when its last worker retires.
 //! A zygote that dies otherwise is restarted with exponential backoff

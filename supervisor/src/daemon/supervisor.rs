@@ -1,9 +1,18 @@
 //! corrald's side: the policy's apps, one supervising task each, systemd
-//! notifications and signals.
+//! notifications and signals (a `sigwait` thread: tokio's signal driver
+//! would need a socketpair in every worker runtime, which the sandbox
+//! refuses).
 //!
 //! Readiness: `READY=1` once every app is served: its zygote reported
 //! `Ready` (apps with `pool.min > 0` and `command` apps), or corrald is
-//! watching its sockets (`pool.min = 0`), or it has failed (logged).
+//! watching its sockets (`pool.min = 0`), or it is being restarted or has
+//! failed (logged, and in `STATUS=`).
+//!
+//! Invariants: a listening socket is bound once per address and kept by
+//! the [`Daemon`] across reloads, so an app switched by a reload never
+//! closes it (waiting connections stay in the backlog); an app version that
+//! was told to stop no longer writes its state, so `STATUS=` and
+//! `idle-exit` follow the live version.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};

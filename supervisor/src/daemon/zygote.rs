@@ -2,13 +2,13 @@
 //! binary (`corrald zygote`, control socket on stdin).
 //!
 //! It receives the spec, listening sockets and artifact from corrald
-//! ([`protocol::Start`]), builds the engine, loads the artifact from the
+//! (`protocol::Start`), builds the engine, loads the artifact from the
 //! inherited fd (digest checked again), pre-instantiates, enters the
 //! sandbox, and then only forks, reaps and counts workers.
 //!
 //! Pool protocol (zygote ↔ workers), with no signals (the sandbox refuses
 //! `kill`) and no new sockets (it refuses `socketpair`):
-//! - a `MAP_SHARED` page ([`SharedPool`]) holds `live` (workers that
+//! - a `MAP_SHARED` page (`SharedPool`) holds `live` (workers that
 //!   accept), `draining`, and per worker slot its connections in flight and
 //!   a `retiring` flag;
 //! - a worker retires itself: idle for `pool.idle-timeout` it takes itself
@@ -17,14 +17,14 @@
 //!   for a replacement;
 //! - workers write one byte to a datagram socketpair made before the
 //!   sandbox ("saturated", "replace me") to wake the zygote at once; the
-//!   zygote also looks every [`TICK`];
+//!   zygote also looks every `TICK` (100 ms);
 //! - the zygote forks while `live < min`, when every live worker is at
 //!   `pool.concurrency`, and to replace a crashed or max-requests worker
 //!   (never above `pool.max`); at `min = 0` it exits once its last worker
 //!   is gone, and corrald watches the socket again.
 //!
 //! A `command` app's zygote forks one worker, which runs the instance; when
-//! it ends the zygote reports [`FromZygote::Finished`] and exits, and
+//! it ends the zygote reports `FromZygote::Finished` and exits, and
 //! corrald applies `restart.on` (with backoff and give-up).
 
 use std::collections::HashMap;
