@@ -188,6 +188,9 @@ pub fn engine_config(opts: &EngineOptions, target: Option<&str>) -> Result<Confi
 fn pooling_config(memory_limit: u64, p: PoolingOptions) -> PoolingAllocationConfig {
     let stores = p.concurrency.min(MAX_POOL_SLOTS);
     let mut pool = PoolingAllocationConfig::new();
+    // wasmtime's default of one table per module would refuse any module
+    // with more (reference types), whatever `limits.tables` allows.
+    pool.max_tables_per_module(p.tables_per_store.min(MAX_POOL_SLOTS));
     pool.total_component_instances(stores)
         .total_stacks(stores)
         .total_core_instances(

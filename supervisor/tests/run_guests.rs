@@ -1,6 +1,7 @@
 //! `corral run` on the guest fixtures of tests/guests/: exit codes, stdio,
-//! limits (memory, timeout) with their documented codes and messages,
-//! preopen confinement, command components and mixed WASI versions.
+//! limits (memory, timeout, instances, tables) with their documented codes
+//! and messages, preopen confinement, command components and mixed WASI
+//! versions.
 //! Every test runs the real binary.
 
 use std::io::Write as _;
@@ -234,4 +235,68 @@ fn http_component_without_serve_is_refused() {
         stderr.contains("is a wasi:http/proxy component"),
         "{stderr}"
     );
+}
+
+/// `corral run --policy P --app A` where P has one app of each allocation
+/// strategy for `module` (`command`: on demand, `stdio`: the pooling
+/// allocator) and `limits` as its defaults.
+fn run_policy_apps(module: &str, limits: &str) -> Vec<(&'static str, Output)> {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    let module = guest(module).display().to_string();
+    std::fs::write(
+        &policy,
+        format!(
+            "[defaults]\nlimits = {{ {limits} }}\n\
+             sandbox = {{ landlock = \"best-effort\", seccomp = \"best-effort\" }}\n\
+             [apps.on-demand]\nmodule = {module:?}\nkind = \"command\"\n\
+             [apps.pooled]\nmodule = {module:?}\nkind = \"stdio\"\nlisten = [\"127.0.0.1:9\"]\n"
+        ),
+    )
+    .unwrap();
+    ["on-demand", "pooled"]
+        .into_iter()
+        .map(|app| {
+            let out = corral_run(
+                &dir.path().join("cache"),
+                &["--policy", policy.to_str().unwrap(), "--app", app],
+                b"",
+            );
+            (app, out)
+        })
+        .collect()
+}
+
+#[test]
+fn more_tables_than_limits_tables_exits_127_naming_the_limit() {
+    // tables.wasm defines four tables.
+    for (app, out) in run_policy_apps("tables.wasm", "tables = 3") {
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(127), "{app}: stderr: {stderr}");
+        assert!(
+            stderr.starts_with("corral: limits.tables (3) exceeded\n"),
+            "{app}: {stderr}"
+        );
+    }
+    // At the limit it runs, pooled too (wasmtime's pool allows one table
+    // per module unless told otherwise).
+    for (app, out) in run_policy_apps("tables.wasm", "tables = 4") {
+        assert_eq!(out.status.code(), Some(0), "{app}: {}", text(&out.stderr));
+    }
+}
+
+#[test]
+fn more_core_instances_than_limits_instances_exits_127_naming_the_limit() {
+    // instances.wasm is a command component with four core instances.
+    for (app, out) in run_policy_apps("instances.wasm", "instances = 3") {
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(127), "{app}: stderr: {stderr}");
+        assert!(
+            stderr.starts_with("corral: limits.instances (3) exceeded\n"),
+            "{app}: {stderr}"
+        );
+    }
+    for (app, out) in run_policy_apps("instances.wasm", "instances = 4") {
+        assert_eq!(out.status.code(), Some(0), "{app}: {}", text(&out.stderr));
+    }
 }

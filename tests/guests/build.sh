@@ -10,7 +10,8 @@
 #
 # Outputs, next to this script:
 #   *.wasm from *.wat            (preview1 command modules and the
-#                                 mixed-versions component, via wasm-tools parse)
+#                                 mixed-versions and instances components,
+#                                 via wasm-tools parse)
 #   cli-exit3.wasm               (exit3.wasm as a wasi:cli/command component)
 #   http-hello.wasm, http-echo.wasm, http-fetch.wasm  (wasi:http/proxy components)
 # and ../../examples/hello.wasm (a copy of http-hello.wasm).

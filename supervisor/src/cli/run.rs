@@ -10,7 +10,9 @@ use anyhow::{Context as _, bail};
 use corral_compiler::EngineOptions;
 use corral_policy::{Access, AppKind, AppSpec, DirGrant, Environment};
 
-use crate::host::{self, ComponentKind, EpochTicker, GuestCaps, Program, StdioMode, exit_code};
+use crate::host::{
+    self, ComponentKind, EpochTicker, GuestCaps, LimitExceeded, Program, StdioMode, exit_code,
+};
 use crate::sandbox::SandboxPlan;
 
 const RUN_EXIT_CODES: &str = "\
@@ -102,8 +104,19 @@ impl RunCommand {
             app,
         } = self.grants()?;
         let engine = host::new_engine(&engine_options)?;
-        let artifact = host::load_artifact(&engine, &file, &cache_dir)?;
         let what = file.display().to_string();
+        let artifact = match host::load_artifact(&engine, &file, &cache_dir) {
+            Ok(artifact) => artifact,
+            // A pooled engine refuses a module with more tables than
+            // limits.tables when it loads it, before any instance exists.
+            Err(err) => match LimitExceeded::from_message(&format!("{err:#}"), &caps.limits) {
+                Some(limit) => {
+                    eprintln!("{limit}\n{what}: {err:#}");
+                    return Ok(ExitCode::from(exit_code::LIMIT));
+                }
+                None => return Err(err),
+            },
+        };
 
         if !self.no_sandbox && !artifact.cache_hit && std::env::var_os(REEXEC_ENV).is_none() {
             // Compiling started worker threads, and the sandbox can only be

@@ -40,7 +40,14 @@ impl LimitExceeded {
         if let Some(l) = err.downcast_ref::<LimitExceeded>() {
             return Some(l.clone());
         }
-        let text = format!("{err:#}");
+        LimitExceeded::from_message(&format!("{err:#}"), limits)
+    }
+
+    /// The limit named by wasmtime's message `text`: a count check of the
+    /// [`Limiter`] at instantiation, or the pooling allocator refusing, when
+    /// it loads a module, more tables per instance than `limits.tables`
+    /// (its `max_tables_per_module`).
+    pub fn from_message(text: &str, limits: &Limits) -> Option<LimitExceeded> {
         if text.contains("resource limit exceeded: instance count too high")
             || text.contains("resource limit exceeded: memory count too high")
         {
@@ -48,7 +55,9 @@ impl LimitExceeded {
                 limit: limits.instances,
             });
         }
-        if text.contains("resource limit exceeded: table count too high") {
+        if text.contains("resource limit exceeded: table count too high")
+            || text.contains("defined tables count of")
+        {
             return Some(LimitExceeded::Tables {
                 limit: limits.tables,
             });
@@ -216,5 +225,45 @@ mod tests {
             limit: Duration::from_millis(1500),
         };
         assert_eq!(t.to_string(), "corral: limits.timeout (1s 500ms) exceeded");
+    }
+
+    #[test]
+    fn wasmtime_count_messages_map_to_their_limit() {
+        let limits = corral_policy::defaults::limits(corral_policy::AppKind::Stdio);
+        let tables = Some(LimitExceeded::Tables {
+            limit: limits.tables,
+        });
+        assert_eq!(
+            LimitExceeded::from_message(
+                "resource limit exceeded: table count too high at 4",
+                &limits
+            ),
+            tables
+        );
+        assert_eq!(
+            LimitExceeded::from_message(
+                "module table does not fit in pooling allocator requirements: \
+                 defined tables count of 4 exceeds the per-instance limit of 3",
+                &limits
+            ),
+            tables
+        );
+        assert_eq!(
+            LimitExceeded::from_message(
+                "resource limit exceeded: instance count too high at 3",
+                &limits
+            ),
+            Some(LimitExceeded::Instances {
+                limit: limits.instances
+            })
+        );
+        // A table too large at its minimum is not a count.
+        assert_eq!(
+            LimitExceeded::from_message(
+                "table index 0 has a minimum element size of 30000 which exceeds the limit of 20000",
+                &limits
+            ),
+            None
+        );
     }
 }
