@@ -80,8 +80,56 @@ pub struct CgroupV2 {
     pub delegated: bool,
 }
 
+/// The part of [`KernelSupport`] that entering a sandbox depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LayerSupport {
+    pub arch: Option<Arch>,
+    pub landlock: LandlockSupport,
+    pub seccomp: SeccompSupport,
+}
+
+impl KernelSupport {
+    pub(crate) fn layers(&self) -> LayerSupport {
+        LayerSupport {
+            arch: self.arch,
+            landlock: self.landlock,
+            seccomp: self.seccomp.clone(),
+        }
+    }
+}
+
 /// Probes the running kernel.
 pub fn probe_kernel() -> KernelSupport {
+    let LayerSupport {
+        arch,
+        landlock,
+        seccomp,
+    } = probe_layers();
+    KernelSupport {
+        release: rustix::system::uname()
+            .release()
+            .to_string_lossy()
+            .into_owned(),
+        arch,
+        landlock,
+        seccomp,
+        user_namespaces: UserNamespaces {
+            max: read_number("/proc/sys/user/max_user_namespaces"),
+            unprivileged_clone: read_number("/proc/sys/kernel/unprivileged_userns_clone")
+                .map(|n| n != 0),
+            apparmor_restricted: read_number(
+                "/proc/sys/kernel/apparmor_restrict_unprivileged_userns",
+            )
+            .map(|n| n != 0),
+        },
+        cgroup_v2: probe_cgroup_v2(),
+    }
+}
+
+/// Probes only what the sandbox's layers depend on: two system calls, no
+/// /proc or cgroup files (those are for `corral doctor`). On the path of
+/// every `corral run` and zygote.
+pub(crate) fn probe_layers() -> LayerSupport {
     let landlock = match sys::landlock_abi() {
         Ok(abi) => LandlockSupport::Available { abi },
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => LandlockSupport::NotEnabled,
@@ -99,24 +147,10 @@ pub fn probe_kernel() -> KernelSupport {
             )),
         },
     };
-    KernelSupport {
-        release: rustix::system::uname()
-            .release()
-            .to_string_lossy()
-            .into_owned(),
+    LayerSupport {
         arch: Arch::current(),
         landlock,
         seccomp,
-        user_namespaces: UserNamespaces {
-            max: read_number("/proc/sys/user/max_user_namespaces"),
-            unprivileged_clone: read_number("/proc/sys/kernel/unprivileged_userns_clone")
-                .map(|n| n != 0),
-            apparmor_restricted: read_number(
-                "/proc/sys/kernel/apparmor_restrict_unprivileged_userns",
-            )
-            .map(|n| n != 0),
-        },
-        cgroup_v2: probe_cgroup_v2(),
     }
 }
 

@@ -25,6 +25,7 @@ mod landlock;
 #[doc(hidden)]
 pub mod probe;
 pub mod seccomp;
+mod seccomp_bpf;
 mod sys;
 pub mod syscalls;
 
@@ -38,6 +39,7 @@ use serde::Serialize;
 pub use kernel::{
     CgroupV2, KernelSupport, LandlockSupport, SeccompSupport, UserNamespaces, probe_kernel,
 };
+use kernel::{LayerSupport, probe_layers};
 pub use seccomp::SeccompBuildError;
 pub use syscalls::{
     Arch, SeccompKill, killed_by_seccomp, seccomp_kill, syscall_name, syscall_number,
@@ -265,23 +267,25 @@ impl SandboxPlan {
     /// The layers [`enter`](Self::enter) would give on `kernel`, or the
     /// refusal of a `require`d layer the kernel lacks.
     pub fn predict(&self, kernel: &KernelSupport) -> Result<ActiveLayers, SandboxError> {
-        self.predict_with(kernel, true)
+        Ok(self.predict_with(&kernel.layers(), true)?.0)
     }
 
     /// The layers this plan would get on `kernel` if every layer were
     /// `best-effort` (what `corral check` shows).
     pub fn predict_best_effort(&self, kernel: &KernelSupport) -> ActiveLayers {
-        match self.predict_with(kernel, false) {
-            Ok(layers) => layers,
+        match self.predict_with(&kernel.layers(), false) {
+            Ok((layers, _)) => layers,
             Err(e) => unreachable!("best-effort prediction refused: {e}"),
         }
     }
 
+    /// The layers, and the seccomp programs when that layer is on (compiled
+    /// by build.rs: nothing to parse or generate here).
     fn predict_with(
         &self,
-        kernel: &KernelSupport,
+        kernel: &LayerSupport,
         honour_require: bool,
-    ) -> Result<ActiveLayers, SandboxError> {
+    ) -> Result<(ActiveLayers, Option<&'static seccomp_bpf::Precompiled>), SandboxError> {
         let mut missing = Vec::new();
         let refuse = |layer, enforcement, reason: String, missing: &mut Vec<String>| {
             if honour_require && enforcement == Enforcement::Require {
@@ -341,16 +345,20 @@ impl SandboxPlan {
                 }
             }
         };
-        let seccomp = if self.disabled.contains(&Layer::Seccomp) {
+        let filter = if self.disabled.contains(&Layer::Seccomp) {
             missing.push("seccomp: left out by the probe".into());
             None
         } else {
             match (kernel.arch, kernel.seccomp.available) {
-                (Some(arch), true) => Some(SeccompLayer {
-                    arch,
-                    allowed_calls: seccomp::AppFilter::for_app(self.kind, self.network, arch)?
-                        .allowed_count(),
-                }),
+                (Some(arch), true) => {
+                    Some(seccomp_bpf::find(arch, self.kind, self.network).ok_or(
+                        SeccompBuildError::NotPrecompiled {
+                            arch,
+                            kind: self.kind,
+                            network: self.network,
+                        },
+                    )?)
+                }
                 (None, _) => {
                     refuse(
                         Layer::Seccomp,
@@ -372,20 +380,24 @@ impl SandboxPlan {
                 }
             }
         };
-        Ok(ActiveLayers {
+        let seccomp = filter.map(|f| SeccompLayer {
+            arch: f.arch,
+            allowed_calls: f.allowed_calls,
+        });
+        let layers = ActiveLayers {
             no_new_privs: true,
             rlimits: true,
             landlock,
             seccomp,
             missing,
-        })
+        };
+        Ok((layers, filter))
     }
 
     /// Restricts the calling process to this plan, for good.
     pub fn enter(self) -> Result<Sandboxed, SandboxError> {
-        let kernel = probe_kernel();
-        let mut layers = self.predict(&kernel)?; // refuse before changing anything
-        let filters = self.compile_seccomp(&layers)?; // allocate before the fds go
+        let kernel = probe_layers(); // not probe_kernel: no /proc reads here
+        let (mut layers, filter) = self.predict_with(&kernel, true)?; // refuse before changing anything
         self.check_single_threaded()?;
         self.close_inherited_fds()?; // keep only the fds we were handed
         self.set_rlimits()?;
@@ -393,21 +405,10 @@ impl SandboxPlan {
         if let Some(expected) = layers.landlock {
             layers.landlock = Some(self.restrict_fs(expected.abi)?);
         }
-        if let Some(filters) = filters {
-            install_seccomp(&filters)?; // last, closest to the work loop
+        if let Some(filter) = filter {
+            install_seccomp(filter.programs)?; // last, closest to the work loop
         }
         Ok(Sandboxed { layers })
-    }
-
-    fn compile_seccomp(
-        &self,
-        layers: &ActiveLayers,
-    ) -> Result<Option<Vec<seccompiler::BpfProgram>>, SandboxError> {
-        let Some(layer) = layers.seccomp else {
-            return Ok(None);
-        };
-        let filter = seccomp::AppFilter::for_app(self.kind, self.network, layer.arch)?;
-        Ok(Some(filter.compile()?))
     }
 
     fn check_single_threaded(&self) -> Result<(), SandboxError> {
@@ -457,7 +458,7 @@ fn set_no_new_privs() -> Result<(), SandboxError> {
     rustix::thread::set_no_new_privs(true).map_err(|e| SandboxError::NoNewPrivs(e.into()))
 }
 
-fn install_seccomp(filters: &[seccompiler::BpfProgram]) -> Result<(), SandboxError> {
+fn install_seccomp(filters: &[&[seccompiler::sock_filter]]) -> Result<(), SandboxError> {
     seccomp::install(filters).map_err(SandboxError::SeccompInstall)
 }
 

@@ -2,6 +2,11 @@
 //! per system call), compiled per app kind and architecture into BPF with
 //! seccompiler, and installed on every thread of the process.
 //!
+//! The compiling happens in `build.rs` (which includes this module), for
+//! every kind, network setting and architecture; entering a sandbox takes
+//! the result from `seccomp_bpf`. [`AppFilter`] is the same compiler at run
+//! time, for the tests and for tools that list the calls.
+//!
 //! A filter set is up to three stacked programs, because a seccompiler
 //! filter has one action on match, installed in this order:
 //! 1. one program per errno (`EPERM`, `ENOSYS`): the `[errno]` calls, and
@@ -39,6 +44,12 @@ pub enum SeccompBuildError {
         section: &'static str,
         name: String,
         problem: String,
+    },
+    #[error("no seccomp filter was compiled for {kind:?} apps (network: {network}) on {arch}")]
+    NotPrecompiled {
+        arch: Arch,
+        kind: AppKind,
+        network: bool,
     },
     #[error("compiling the seccomp filter for {arch}")]
     Compile {
@@ -351,7 +362,7 @@ fn arg_len(name: &str, arg: u8) -> SeccompCmpArgLen {
 
 /// Installs `programs` on every thread (`SECCOMP_FILTER_FLAG_TSYNC`), in
 /// order. `no_new_privs` must already be set.
-pub(super) fn install(programs: &[BpfProgram]) -> Result<(), seccompiler::Error> {
+pub(super) fn install(programs: &[&[seccompiler::sock_filter]]) -> Result<(), seccompiler::Error> {
     for program in programs {
         seccompiler::apply_filter_all_threads(program)?;
     }
@@ -418,6 +429,23 @@ mod tests {
                     let f = AppFilter::for_app(kind, network, arch).unwrap();
                     let programs = f.compile().unwrap();
                     assert!(!programs.is_empty() && programs.len() <= 3);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn build_rs_compiled_what_the_list_says() {
+        for arch in Arch::ALL {
+            for kind in AppKind::ALL {
+                for network in [false, true] {
+                    let f = AppFilter::for_app(kind, network, arch).unwrap();
+                    let built = super::super::seccomp_bpf::find(arch, kind, network)
+                        .unwrap_or_else(|| panic!("{kind:?} {network} {arch} not precompiled"));
+                    assert_eq!(built.allowed_calls, f.allowed_count());
+                    let programs: Vec<BpfProgram> =
+                        built.programs.iter().map(|p| p.to_vec()).collect();
+                    assert_eq!(programs, f.compile().unwrap(), "{kind:?} {network} {arch}");
                 }
             }
         }
