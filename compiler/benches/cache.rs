@@ -4,10 +4,11 @@
 //! `cargo bench -p corral-compiler --bench cache`
 //!
 //! - `compile/*`: `Source::precompile`, what a miss costs;
-//! - `hit/*`: `Cache::load_or_compile` on a hit, everything included: read
-//!   and SHA-256 the source, open, pin, SHA-256 the artifact, map it;
-//! - `hit-source-in-memory/*`: the same without reading and hashing the
-//!   source (`load_or_compile_source` with a `Source` already built).
+//! - `hit/*`: `Cache::load_or_compile` on a hit, everything included: stat
+//!   the source and find its remembered SHA-256 (`<cache>/sources/`), open,
+//!   pin, BLAKE3 the artifact, map it;
+//! - `hit-source-in-memory/*`: the same with a `Source` already built
+//!   (`load_or_compile_source`).
 
 use std::path::Path;
 use std::time::Duration;

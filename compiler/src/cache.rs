@@ -12,8 +12,11 @@
 //!   files, which gc removes once stale.
 //! - An entry is created, replaced or deleted only while holding its
 //!   `.lock` (gc and clear take it without waiting and skip if busy).
-//! - An artifact is deserialized only after its size and SHA-256 match the
-//!   metadata (see `deserialize.rs`); a mismatch discards and rebuilds it.
+//! - An artifact is deserialized only after its size and digest (BLAKE3;
+//!   SHA-256 for entries written before) match the metadata (see
+//!   `deserialize.rs`); a mismatch discards and rebuilds it.
+//! - `<cache>/sources/` remembers the SHA-256 of unchanged source files, so
+//!   a hit by path need not read and hash the module (see `sources.rs`).
 //! - "Last use" is the artifact's modification time, set on every load.
 //! - An artifact in use holds a shared `flock` on its `.cwasm` (see
 //!   `lock.rs`); gc never deletes such an entry.
@@ -29,14 +32,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use wasmtime::Engine;
 
-use crate::deserialize::{self, Verified};
+use crate::deserialize::{self, Expected, Verified};
 use crate::engine::{CpuFeatures, engine_hash, host_triple};
 use crate::error::{CacheError, CompileError};
 use crate::lock;
 use crate::source::{ProgramKind, Source};
+use crate::sources;
 
 /// Temp files older than this are leftovers of a crash; gc removes them.
-const STALE_TEMP: Duration = Duration::from_secs(3600);
+pub(crate) const STALE_TEMP: Duration = Duration::from_secs(3600);
 
 /// What identifies an artifact: target, engine settings, module contents.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -64,8 +68,12 @@ pub struct EntryMeta {
     pub kind: ProgramKind,
     pub module_size: u64,
     pub artifact_size: u64,
-    /// Hex SHA-256 of the `.cwasm`, checked before every load.
+    /// Hex SHA-256 of the `.cwasm`; checked before loading only when there
+    /// is no `artifact_blake3` (entries written by older versions).
     pub artifact_sha256: String,
+    /// Hex BLAKE3 of the `.cwasm`, checked before every load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_blake3: Option<String>,
     /// Seconds since the Unix epoch.
     pub compiled_at: u64,
     pub compile_ms: u64,
@@ -135,6 +143,9 @@ pub struct Handoff {
     pub kind: ProgramKind,
     pub size: u64,
     pub sha256: String,
+    /// Checked instead of `sha256` when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
 }
 
 impl Artifact {
@@ -145,12 +156,13 @@ impl Artifact {
             kind: self.meta.kind,
             size: self.meta.artifact_size,
             sha256: self.meta.artifact_sha256.clone(),
+            blake3: self.meta.artifact_blake3.clone(),
         }
     }
 }
 
 /// Load an artifact from a file descriptor received from corrald: its size
-/// and SHA-256 are checked against `handoff`, then the file is mapped.
+/// and digest are checked against `handoff`, then the file is mapped.
 /// `engine` must have been built from the same [`crate::EngineOptions`].
 pub fn load_handed_over(
     engine: &Engine,
@@ -163,7 +175,8 @@ pub fn load_handed_over(
         path: path.clone(),
         reason: format!("{reason} (artifact {})", handoff.key),
     };
-    let verified = Verified::check(file, &path, handoff.kind, handoff.size, &handoff.sha256)
+    let expected = Expected::of(handoff.blake3.as_deref(), &handoff.sha256);
+    let verified = Verified::check(file, &path, handoff.kind, handoff.size, expected)
         .map_err(|m| load_err(m.to_string()))?;
     deserialize::deserialize(engine, verified).map_err(|e| load_err(format!("{e:#}")))
 }
@@ -261,7 +274,7 @@ pub struct Cache {
 }
 
 /// A user and group that files are given to.
-type Owner = (u32, u32);
+pub(crate) type Owner = (u32, u32);
 
 impl Cache {
     /// Open the cache at `dir` for reading and writing, creating it (mode
@@ -299,13 +312,30 @@ impl Cache {
     /// [`crate::new_engine`]): loaded from the cache, or compiled, stored
     /// and loaded. Blocks for as long as a compile takes; the daemon calls
     /// it from a blocking thread.
-    pub fn load_or_compile(
-        &self,
-        engine: &Engine,
-        source: &Path,
-    ) -> Result<Artifact, CompileError> {
-        let source = Source::read(source)?;
-        self.load_or_compile_source(engine, &source)
+    ///
+    /// An unchanged source file is not read again: its SHA-256 is taken
+    /// from `<cache>/sources/` when the file's identity and timestamps are
+    /// the ones recorded (see `sources.rs`).
+    pub fn load_or_compile(&self, engine: &Engine, path: &Path) -> Result<Artifact, CompileError> {
+        let opened = sources::open(path)?;
+        if let Some(digest) = opened.known_digest(&self.root) {
+            let key = ArtifactKey {
+                target: host_triple(),
+                engine: self.engine_hash(engine),
+                module: digest,
+            };
+            let paths = EntryPaths::new(&self.root, &key);
+            if let Probe::Hit((file, meta, program)) = open_entry(&paths, Some(engine))? {
+                return Ok(artifact(key, paths, file, meta, program, true, None));
+            }
+            // Missing or corrupt: the whole way, which reads the source.
+        }
+        let (source, id) = opened.read()?;
+        let artifact = self.load_or_compile_source(engine, &source)?;
+        if let Some(id) = id {
+            sources::remember(&self.root, path, &id, &source.digest, self.owner);
+        }
+        Ok(artifact)
     }
 
     /// As [`Cache::load_or_compile`], for a source already read.
@@ -530,6 +560,7 @@ impl Cache {
             stale_temp_files: self.remove_stale_temp_files()?,
             ..GcReport::default()
         };
+        sources::prune(&self.root, max_size == 0)?;
         let entries = self.entries()?;
         let mut total: u64 = entries.iter().map(|e| e.size).sum();
         for entry in entries {
@@ -703,7 +734,7 @@ fn open_entry(
         &paths.cwasm,
         meta.kind,
         meta.artifact_size,
-        &meta.artifact_sha256,
+        Expected::of(meta.artifact_blake3.as_deref(), &meta.artifact_sha256),
     ) {
         Ok(v) => v,
         Err(mismatch) => return Ok(Probe::Corrupt(mismatch.to_string())),
@@ -800,6 +831,7 @@ fn compile_and_store(
         module_size: source.wasm.len() as u64,
         artifact_size: compiled.len() as u64,
         artifact_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&compiled)),
+        artifact_blake3: Some(deserialize::blake3_hex(&compiled)),
         compiled_at: unix_secs(SystemTime::now()),
         compile_ms: took.as_millis() as u64,
         cpu_features,
@@ -823,7 +855,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
 }
 
 /// [`write_atomic`], the file given to `owner` before it appears.
-fn write_file(path: &Path, bytes: &[u8], owner: Option<Owner>) -> Result<(), CacheError> {
+pub(crate) fn write_file(
+    path: &Path,
+    bytes: &[u8],
+    owner: Option<Owner>,
+) -> Result<(), CacheError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let err = |source| CacheError::Write {
         path: path.to_path_buf(),
@@ -852,7 +888,7 @@ fn sync_dir(dir: &Path) -> Result<(), CacheError> {
 }
 
 /// Create `dir` and missing parents with mode 0700.
-fn create_private_dir(dir: &Path) -> Result<(), CacheError> {
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), CacheError> {
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -863,14 +899,14 @@ fn create_private_dir(dir: &Path) -> Result<(), CacheError> {
         })
 }
 
-fn give_to(path: &Path, (uid, gid): Owner) -> Result<(), CacheError> {
+pub(crate) fn give_to(path: &Path, (uid, gid): Owner) -> Result<(), CacheError> {
     std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|source| CacheError::Write {
         path: path.to_path_buf(),
         source,
     })
 }
 
-fn remove_if_exists(path: &Path) -> Result<(), CacheError> {
+pub(crate) fn remove_if_exists(path: &Path) -> Result<(), CacheError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -881,7 +917,7 @@ fn remove_if_exists(path: &Path) -> Result<(), CacheError> {
     }
 }
 
-fn read_dir_names(dir: &Path) -> Result<Vec<String>, CacheError> {
+pub(crate) fn read_dir_names(dir: &Path) -> Result<Vec<String>, CacheError> {
     let read = match fs::read_dir(dir) {
         Ok(r) => r,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),

@@ -15,6 +15,7 @@ mod engine;
 mod error;
 mod lock;
 mod source;
+mod sources;
 
 pub use cache::{
     Artifact, ArtifactKey, Cache, CompiledEntry, Entry, EntryMeta, GcReport, Handoff, Program,

@@ -415,7 +415,7 @@ fn a_handed_over_fd_is_verified_then_loaded() {
     let err = corral_compiler::load_handed_over(&engine, &fs::File::open(&copy).unwrap(), &handoff)
         .unwrap_err();
     assert!(matches!(err, CompileError::Load { .. }), "{err}");
-    assert!(err.to_string().contains("SHA-256"), "{err}");
+    assert!(err.to_string().contains("digest differs"), "{err}");
 }
 
 #[test]
@@ -473,4 +473,88 @@ fn a_baseline_entry_serves_a_native_engine_on_a_miss() {
     let b = cache.load_or_compile_source(&baseline, &other).unwrap();
     assert!(!b.cache_hit);
     assert_ne!(n.key, b.key);
+}
+
+#[test]
+fn a_remembered_source_digest_never_hides_a_change_or_a_corrupt_entry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::open(&tmp.path().join("cache")).unwrap();
+    let engine = cli_engine();
+    // Sources under 64 KiB are not remembered: pad with a comment.
+    let big = |text: &str| format!("{text}\n;; {}\n", "x".repeat(70_000));
+    let module = write(tmp.path(), "m.wat", big(ADD));
+    let other = write(tmp.path(), "k.wat", big(SUB));
+    // Files changed in the last 2 s are not remembered (see sources.rs).
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let a = cache.load_or_compile(&engine, &module).unwrap();
+    assert!(!a.cache_hit);
+    let records = || fs::read_dir(cache.root().join("sources")).unwrap().count();
+    assert_eq!(records(), 1, "the source's digest is remembered");
+    let b = cache.load_or_compile(&engine, &module).unwrap();
+    assert!(b.cache_hit);
+    assert_eq!(a.key, b.key);
+
+    // Other contents of the same size, mtime put back (utimensat): only
+    // the ctime differs, and that is enough.
+    let mul = big(&ADD.replace("add", "mul"));
+    assert_eq!(big(ADD).len(), mul.len());
+    let mtime = fs::metadata(&module).unwrap().modified().unwrap();
+    fs::write(&module, &mul).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&module)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    assert_eq!(fs::metadata(&module).unwrap().modified().unwrap(), mtime);
+    let c = cache.load_or_compile(&engine, &module).unwrap();
+    assert!(!c.cache_hit, "changed contents must not hit the old entry");
+    assert_eq!(c.key.module, Source::read(&module).unwrap().digest);
+    assert_ne!(c.key.module, a.key.module);
+    drop((a, b, c));
+
+    // A corrupt artifact (one byte flipped in the middle, same size) is
+    // discarded and rebuilt, also when the source's digest is remembered.
+    let d = cache.load_or_compile(&engine, &other).unwrap();
+    assert!(!d.cache_hit);
+    assert_eq!(records(), 2);
+    let artifact = d.path.clone();
+    drop(d);
+    let mut bytes = fs::read(&artifact).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&artifact, &bytes).unwrap();
+    let e = cache.load_or_compile(&engine, &other).unwrap();
+    assert!(!e.cache_hit, "a corrupt entry must be rebuilt, not loaded");
+    assert_ne!(fs::read(&artifact).unwrap(), bytes);
+    let f = cache.load_or_compile(&engine, &other).unwrap();
+    assert!(f.cache_hit);
+}
+
+#[test]
+fn an_entry_without_a_blake3_digest_is_checked_against_its_sha256() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::open(tmp.path()).unwrap();
+    let engine = cli_engine();
+    let module = write(tmp.path(), "m.wat", ADD);
+    let a = cache.load_or_compile(&engine, &module).unwrap();
+    assert!(a.meta.artifact_blake3.is_some());
+    let json = a.path.with_extension("json");
+    let mut meta: serde_json::Value = serde_json::from_slice(&fs::read(&json).unwrap()).unwrap();
+    meta.as_object_mut()
+        .unwrap()
+        .remove("artifact-blake3")
+        .unwrap();
+    fs::write(&json, serde_json::to_vec(&meta).unwrap()).unwrap();
+    let b = cache.load_or_compile(&engine, &module).unwrap();
+    assert!(b.cache_hit, "an older entry still loads");
+    assert_eq!(b.meta.artifact_blake3, None);
+
+    let mut bytes = fs::read(&a.path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&a.path, &bytes).unwrap();
+    drop((a, b));
+    let c = cache.load_or_compile(&engine, &module).unwrap();
+    assert!(!c.cache_hit, "and is still rebuilt when corrupt");
 }
