@@ -1008,3 +1008,36 @@ fn serves_on_a_unix_socket() {
     s.read_to_end(&mut out).unwrap();
     assert_eq!(out, b"over unix\n");
 }
+
+#[test]
+fn workers_crashing_at_once_are_paced_then_the_zygote_gives_up() {
+    let echo = free_port();
+    let daemon = Daemon::start(&format!(
+        "{}\nrestart = {{ backoff = \"50ms..100ms\" }}\n",
+        stdio_app("echo", echo, "{ min = 1, max = 1 }").trim_end()
+    ));
+    let first_zygote = wait_for("the worker", Duration::from_secs(10), || {
+        let zygotes = children_of(daemon.pid);
+        (zygotes.len() == 1 && descendants_of(zygotes[0]).len() == 1).then(|| zygotes[0])
+    });
+    // Kill each new worker as soon as it appears: five crashes "at once".
+    let mut killed = HashSet::new();
+    while killed.len() < 5 {
+        let worker = wait_for("a worker to kill", Duration::from_secs(10), || {
+            descendants_of(first_zygote)
+                .into_iter()
+                .find(|pid| !killed.contains(pid))
+        });
+        let _ = Command::new("kill")
+            .args(["-9", &worker.to_string()])
+            .status();
+        killed.insert(worker);
+    }
+    daemon.wait_log("crashed right after they started");
+    // corrald restarts the app with a new zygote, which serves.
+    wait_for("a new zygote", Duration::from_secs(10), || {
+        let zygotes = children_of(daemon.pid);
+        (zygotes.len() == 1 && zygotes[0] != first_zygote).then_some(())
+    });
+    assert_eq!(stdio_roundtrip(echo, b"back\n").unwrap(), b"back\n");
+}

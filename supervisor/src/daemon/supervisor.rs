@@ -755,7 +755,7 @@ async fn run_zygote(
                         }
                     }
                     FromZygote::Failed { error } => {
-                        tracing::error!(app = name, "zygote could not start: {error}");
+                        tracing::error!(app = name, "zygote failed: {error}");
                         failed = Some(error);
                     }
                     FromZygote::Workers { live, busy } => {

@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use corral_compiler::EngineOptions;
@@ -48,6 +48,12 @@ use crate::sandbox::SandboxPlan;
 
 /// How often the zygote looks at its pool without being woken.
 pub(crate) const TICK: Duration = Duration::from_millis(100);
+
+/// A worker that dies sooner than this after its fork crashed "at once".
+const FAST_CRASH: Duration = Duration::from_secs(1);
+/// After this many crashes at once in a row the zygote gives up (exits
+/// failed), and corrald's restart backoff and give-up take over.
+const FAST_CRASH_LIMIT: u32 = 5;
 
 /// `corrald zygote`: never returns normally; the exit code says how it went.
 pub fn main() -> std::process::ExitCode {
@@ -94,6 +100,7 @@ pub fn main() -> std::process::ExitCode {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(app, "zygote: {e:#}");
+                    zygote.report_failure(format!("{e:#}"));
                     std::process::ExitCode::FAILURE
                 }
             }
@@ -128,6 +135,12 @@ struct Zygote {
     wake_tx: OwnedFd,
     /// pid → slot.
     workers: HashMap<i32, usize>,
+    /// pid → when it was forked.
+    started: HashMap<i32, Instant>,
+    /// Workers in a row that crashed at once; replacements wait
+    /// `restart.backoff` (doubling) meanwhile.
+    fast_crashes: u32,
+    hold_forks_until: Option<Instant>,
     /// Replacements owed (crashed or max-requests workers).
     replacements: u32,
     draining: bool,
@@ -255,6 +268,9 @@ impl Zygote {
             wake_rx,
             wake_tx,
             workers: HashMap::new(),
+            started: HashMap::new(),
+            fast_crashes: 0,
+            hold_forks_until: None,
             replacements: 0,
             draining: false,
             _artifact: artifact,
@@ -300,6 +316,12 @@ impl Zygote {
 
     /// Fork to reach the pool's target; see the module doc.
     fn scale(&mut self) -> anyhow::Result<()> {
+        if let Some(until) = self.hold_forks_until {
+            if Instant::now() < until {
+                return Ok(()); // after crashes at once: backoff
+            }
+            self.hold_forks_until = None;
+        }
         let header = self.pool.header();
         let max = self.app.pool.max.max(1);
         let concurrency = self.app.pool.concurrency.max(1);
@@ -367,6 +389,7 @@ impl Zygote {
             Forked::Parent(pid) => {
                 tracing::debug!(app = self.app.name, pid, slot, "worker started");
                 self.workers.insert(pid, slot);
+                self.started.insert(pid, Instant::now());
                 Ok(())
             }
         }
@@ -384,6 +407,11 @@ impl Zygote {
             let Some(slot) = self.workers.remove(&pid) else {
                 continue;
             };
+            let lived = self
+                .started
+                .remove(&pid)
+                .map(|t| t.elapsed())
+                .unwrap_or_default();
             let s = &self.pool.slots()[slot];
             let ending = if s.retiring.load(Ordering::SeqCst) != 0 {
                 Ending::Retired
@@ -407,6 +435,7 @@ impl Zygote {
                 if !self.draining {
                     self.replacements += 1;
                 }
+                self.note_crash(lived, &how)?;
             } else {
                 tracing::debug!(app = self.app.name, "{how}");
             }
@@ -415,6 +444,36 @@ impl Zygote {
                 &FromZygote::WorkerExited { pid, how, crashed },
                 &[],
             )?;
+        }
+    }
+
+    /// Pace replacements of workers that crash right after they start, and
+    /// give up on a run of them (a fork loop helps nobody).
+    fn note_crash(&mut self, lived: Duration, how: &str) -> anyhow::Result<()> {
+        if lived >= FAST_CRASH {
+            self.fast_crashes = 0;
+            return Ok(());
+        }
+        self.fast_crashes += 1;
+        if self.fast_crashes >= FAST_CRASH_LIMIT {
+            bail!(
+                "{} workers in a row crashed right after they started; last: {how}",
+                self.fast_crashes
+            );
+        }
+        let restart = self.app.restart;
+        let delay = restart
+            .backoff_min
+            .saturating_mul(1 << (self.fast_crashes - 1).min(16))
+            .min(restart.backoff_max);
+        self.hold_forks_until = Some(Instant::now() + delay);
+        Ok(())
+    }
+
+    /// Tell corrald why this zygote is about to exit failed.
+    fn report_failure(&self, error: String) {
+        if let Some(control) = &self.control {
+            let _ = protocol::send(control, &FromZygote::Failed { error }, &[]);
         }
     }
 
