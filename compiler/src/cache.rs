@@ -258,6 +258,11 @@ enum Probe<T> {
     Hit(T),
     Missing,
     Corrupt(String),
+    /// The bytes passed their digest check but wasmtime would not load
+    /// them with this engine (e.g. the pooling allocator's limits refuse the
+    /// module). Rebuilding gives the same bytes, so the entry is kept and
+    /// the refusal reported.
+    Refused(String),
 }
 
 /// The artifact cache rooted at one directory.
@@ -358,6 +363,12 @@ impl Cache {
                 }
             }
             Probe::Corrupt(_) => {}
+            Probe::Refused(reason) => {
+                return Err(CompileError::Load {
+                    path: paths.cwasm,
+                    reason,
+                });
+            }
         }
         self.create_entry_dir(&paths)?;
         let _lock = lock_entry(&paths, self.owner)?;
@@ -367,6 +378,12 @@ impl Cache {
             }
             Probe::Missing => {}
             Probe::Corrupt(reason) => discard(&paths, &reason)?,
+            Probe::Refused(reason) => {
+                return Err(CompileError::Load {
+                    path: paths.cwasm,
+                    reason,
+                });
+            }
         }
         let (meta, took) = compile_and_store(engine, source, &paths, self.owner, None)?;
         match load(&paths)? {
@@ -385,6 +402,11 @@ impl Cache {
                     reason,
                 })
             }
+            // Kept: the next engine with other runtime limits may load it.
+            Probe::Refused(reason) => Err(CompileError::Load {
+                path: paths.cwasm,
+                reason,
+            }),
         }
     }
 
@@ -420,7 +442,8 @@ impl Cache {
         let _lock = lock_entry(&paths, self.owner)?;
         match open_entry(&paths, None)? {
             Probe::Hit((_, meta, _)) => return Ok(done(meta, true, None)),
-            Probe::Missing => {}
+            // Without an engine nothing is loaded, so nothing is refused.
+            Probe::Missing | Probe::Refused(_) => {}
             Probe::Corrupt(reason) => discard(&paths, &reason)?,
         }
         let (meta, took) = compile_and_store(engine, source, &paths, self.owner, Some(cpu))?;
@@ -464,7 +487,7 @@ impl Cache {
                     return Some(artifact(sibling, paths, file, meta, program, true, None));
                 }
                 Ok(Probe::Missing) => {}
-                Ok(Probe::Corrupt(reason)) => {
+                Ok(Probe::Corrupt(reason) | Probe::Refused(reason)) => {
                     tracing::debug!(key = %sibling, %reason, "baseline-CPU entry not usable here");
                 }
                 Err(e) => tracing::debug!(key = %sibling, error = %e, "baseline-CPU entry"),
@@ -532,7 +555,7 @@ impl Cache {
             let problem = match open_entry(&paths, None) {
                 Ok(Probe::Hit(_)) => None,
                 Ok(Probe::Missing) => Some("artifact disappeared while checking".to_string()),
-                Ok(Probe::Corrupt(reason)) => Some(reason),
+                Ok(Probe::Corrupt(reason) | Probe::Refused(reason)) => Some(reason),
                 Err(e) => Some(e.to_string()),
             };
             let mut removed = false;
@@ -743,7 +766,7 @@ fn open_entry(
         None => None,
         Some(engine) => match deserialize::deserialize(engine, verified) {
             Ok(p) => Some(p),
-            Err(e) => return Ok(Probe::Corrupt(format!("wasmtime refused it: {e:#}"))),
+            Err(e) => return Ok(Probe::Refused(format!("{e:#}"))),
         },
     };
     // Last use, for gc. Best effort: a read-only cache still loads.

@@ -558,3 +558,56 @@ fn an_entry_without_a_blake3_digest_is_checked_against_its_sha256() {
     let c = cache.load_or_compile(&engine, &module).unwrap();
     assert!(!c.cache_hit, "and is still rebuilt when corrupt");
 }
+
+/// An entry whose bytes are fine but that an engine's runtime limits refuse
+/// (here: the pooling allocator sized for one table, a module with two) is
+/// an error each time, but never discarded and rebuilt: recompiling gives
+/// the same bytes, and an engine with other limits still loads it.
+#[test]
+fn an_artifact_the_pool_refuses_is_an_error_not_corruption() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::open(&tmp.path().join("cache")).unwrap();
+    let module = write(
+        tmp.path(),
+        "two-tables.wat",
+        "(module (table 1 funcref) (table 1 funcref))",
+    );
+    let policy_path = tmp.path().join("policy.toml");
+    let text = format!(
+        "[apps.t]\nmodule = {:?}\nkind = \"stdio\"\nlisten = [\"127.0.0.1:9999\"]\nlimits = {{ tables = 1 }}\n",
+        module.display().to_string()
+    );
+    let policy =
+        corral_policy::parse_str(&text, &policy_path, &corral_policy::Environment::default())
+            .unwrap();
+    let pooled = build_engine(&EngineOptions::for_app(&policy.apps["t"]), None).unwrap();
+    if !matches!(pooled.allocation, corral_compiler::Allocation::Pooling) {
+        eprintln!(
+            "SKIP: the pooling allocator is unavailable here ({})",
+            pooled.allocation
+        );
+        return;
+    }
+
+    let first = cache.load_or_compile(&pooled.engine, &module).unwrap_err();
+    let CompileError::Load { path, reason } = &first else {
+        panic!("expected a load error, got {first}")
+    };
+    assert!(reason.contains("table"), "the refusal says why: {reason}");
+    let inode = fs::metadata(path).expect("the entry is kept").ino();
+
+    let again = cache.load_or_compile(&pooled.engine, &module).unwrap_err();
+    assert!(matches!(again, CompileError::Load { .. }), "{again}");
+    assert_eq!(
+        fs::metadata(path).unwrap().ino(),
+        inode,
+        "not discarded and rebuilt"
+    );
+
+    let on_demand = cache.load_or_compile(&cli_engine(), &module).unwrap();
+    assert!(
+        on_demand.cache_hit,
+        "another engine with the same code settings loads the kept entry"
+    );
+}
