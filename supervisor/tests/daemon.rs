@@ -1041,3 +1041,30 @@ fn workers_crashing_at_once_are_paced_then_the_zygote_gives_up() {
     });
     assert_eq!(stdio_roundtrip(echo, b"back\n").unwrap(), b"back\n");
 }
+
+#[test]
+fn workers_run_under_a_required_sandbox() {
+    let kernel = corral_supervisor::sandbox::probe_kernel();
+    let has_all = kernel.landlock.abi().is_some_and(|abi| abi >= 4) && kernel.seccomp.available;
+    if !has_all {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI needs landlock (ABI 4+) and seccomp: {kernel:?}"
+        );
+        eprintln!("SKIP: this kernel lacks landlock ABI 4 or seccomp");
+        return;
+    }
+    let web = free_port();
+    let daemon = Daemon::start(&format!(
+        "{}\nsandbox = {{ landlock = \"require\", seccomp = \"require\" }}\n",
+        http_app("web", web, "{ min = 1 }").trim_end()
+    ));
+    assert_eq!(http_get(web).unwrap().0, 200);
+    daemon.wait_log("serving (landlock=abi");
+    let log = daemon.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("serving (landlock="))
+        .unwrap();
+    assert!(line.contains("seccomp=on"), "{line}");
+}
