@@ -668,8 +668,17 @@ fn reload_with_a_broken_policy_changes_nothing() {
 
 #[test]
 fn reload_switches_a_changed_app_without_failing_a_request() {
-    let web = free_port();
-    let daemon = Daemon::start(&http_app("web", web, "{ min = 1, max = 2 }"));
+    let (web, echo) = (free_port(), free_port());
+    let daemon = Daemon::start(&format!(
+        "{}{}",
+        http_app("web", web, "{ min = 1, max = 2 }"),
+        stdio_app("echo", echo, "{ min = 1 }")
+    ));
+    // Two zygotes and a worker each; echo's two must survive the reload.
+    let before: HashSet<i32> = wait_for("both pools", Duration::from_secs(10), || {
+        let tree = daemon.descendants();
+        (tree.len() == 4).then(|| tree.into_iter().collect())
+    });
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let client = {
         let stop = stop.clone();
@@ -706,10 +715,14 @@ fn reload_switches_a_changed_app_without_failing_a_request() {
         failed.len(),
         results.len()
     );
-    // Old workers drained: one zygote left.
+    // Old workers drained: web's new zygote and echo's old one left.
     wait_for("the old zygote to exit", Duration::from_secs(15), || {
-        (children_of(daemon.pid).len() == 1).then_some(())
+        (children_of(daemon.pid).len() == 2).then_some(())
     });
+    let after: HashSet<i32> = daemon.descendants().into_iter().collect();
+    let kept = before.intersection(&after).count();
+    assert_eq!(kept, 2, "the untouched app keeps its zygote and worker");
+    assert_eq!(stdio_roundtrip(echo, b"still\n").unwrap(), b"still\n");
 }
 
 #[test]
