@@ -868,3 +868,37 @@ async fn recv_from(control: &AsyncFd<OwnedFd>) -> std::io::Result<Option<FromZyg
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn says_how_to_reach_each_kind() {
+        let tcp = ListenAddr::Tcp("127.0.0.1:8080".parse().unwrap());
+        assert_eq!(
+            how_to_reach("hello", AppKind::Http, &tcp),
+            "hello: curl http://127.0.0.1:8080/"
+        );
+        let tcp = ListenAddr::Tcp("127.0.0.1:8081".parse().unwrap());
+        assert_eq!(
+            how_to_reach("echo", AppKind::Stdio, &tcp),
+            "echo: nc 127.0.0.1 8081"
+        );
+    }
+
+    #[test]
+    fn status_is_one_line_per_daemon() {
+        let mut states = BTreeMap::new();
+        states.insert("a".to_string(), AppState::Idle);
+        states.insert(
+            "b".to_string(),
+            AppState::Running {
+                workers: 2,
+                busy: 1,
+            },
+        );
+        states.insert("c".to_string(), AppState::Failed("x".into()));
+        assert_eq!(summarize(&states), "3 apps: a idle, b 2w/1 busy, c FAILED");
+    }
+}

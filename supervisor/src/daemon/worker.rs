@@ -537,6 +537,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn retiring_never_takes_live_below_min() {
+        let live = std::sync::atomic::AtomicU32::new(3);
+        assert!(take_out_of_live(&live, 1));
+        assert!(take_out_of_live(&live, 1));
+        assert!(!take_out_of_live(&live, 1), "the last one stays");
+        assert_eq!(live.load(Ordering::SeqCst), 1);
+        assert!(take_out_of_live(&live, 0), "min = 0: it may go");
+        assert!(!take_out_of_live(&live, 0));
+    }
+
+    #[test]
     fn sniffs_h2c_and_gives_the_bytes_back() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
