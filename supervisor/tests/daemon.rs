@@ -1081,3 +1081,26 @@ fn workers_run_under_a_required_sandbox() {
         .unwrap();
     assert!(line.contains("seccomp=on"), "{line}");
 }
+
+#[test]
+fn a_worker_dead_of_sigsys_is_reported_as_a_seccomp_kill() {
+    let echo = free_port();
+    let daemon = Daemon::start(&stdio_app("echo", echo, "{ min = 1, max = 1 }"));
+    let worker = wait_for("the worker", Duration::from_secs(10), || {
+        let zygotes = children_of(daemon.pid);
+        zygotes
+            .first()
+            .and_then(|z| descendants_of(*z).first().copied())
+    });
+    // SIGSYS is how the filter kills; sent by hand it carries no audit
+    // record, so the call is "unknown", but the app and worker are named.
+    let status = Command::new("kill")
+        .args(["-SYS", &worker.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    daemon.wait_log(&format!(
+        "app echo: worker {worker} killed by the seccomp sandbox (SIGSYS)"
+    ));
+    assert_eq!(stdio_roundtrip(echo, b"replaced\n").unwrap(), b"replaced\n");
+}

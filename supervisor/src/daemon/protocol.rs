@@ -61,11 +61,14 @@ pub(crate) enum FromZygote {
     Failed { error: String },
     /// The pool changed.
     Workers { live: u32, busy: u32 },
-    /// A worker ended; `how` is ready to log.
+    /// A worker ended; `how` is ready to log. `status` is the raw wait
+    /// status, for corrald to name the system call of a seccomp kill from
+    /// the kernel's audit record (which the sandboxed zygote cannot read).
     WorkerExited {
         pid: i32,
         how: String,
         crashed: bool,
+        status: i32,
     },
     /// A `command` app's instance ended (`success`: exit code 0); the
     /// zygote exits.

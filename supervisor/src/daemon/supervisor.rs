@@ -761,7 +761,8 @@ async fn run_zygote(
                     FromZygote::Workers { live, busy } => {
                         app.set_state(AppState::Running { workers: live, busy });
                     }
-                    FromZygote::WorkerExited { pid: worker, how, crashed } => {
+                    FromZygote::WorkerExited { pid: worker, how, crashed, status } => {
+                        let how = seccomp_report(name, worker, status).unwrap_or(how);
                         if crashed {
                             tracing::warn!(app = name, worker, "{how}; replacing it");
                         } else {
@@ -813,6 +814,15 @@ async fn run_zygote(
             }
         }
     }
+}
+
+/// For a worker killed by the seccomp filter: the report naming the system
+/// call, from the kernel's audit record when corrald may read it.
+fn seccomp_report(app: &str, pid: i32, raw_status: i32) -> Option<String> {
+    use std::os::unix::process::ExitStatusExt as _;
+    let status = std::process::ExitStatus::from_raw(raw_status);
+    let kill = crate::sandbox::seccomp_kill(u32::try_from(pid).ok()?, status)?;
+    Some(kill.describe(app))
 }
 
 /// A zygote process: dropped before it was reaped, it and its workers (its

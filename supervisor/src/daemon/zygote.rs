@@ -441,7 +441,12 @@ impl Zygote {
             }
             protocol::send(
                 self.control(),
-                &FromZygote::WorkerExited { pid, how, crashed },
+                &FromZygote::WorkerExited {
+                    pid,
+                    how,
+                    crashed,
+                    status: status.as_raw(),
+                },
                 &[],
             )?;
         }
