@@ -15,6 +15,7 @@
 //! `idle-exit` follow the live version.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::io::Write as _;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::process::{ExitCode, Stdio};
@@ -203,11 +204,15 @@ async fn serve(policy_path: std::path::PathBuf, policy: Policy) -> anyhow::Resul
     let summary = daemon.summary();
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
     tracing::info!("ready: {summary}");
+    // Not println!: a closed stdout must not take corrald down.
+    let mut out = std::io::stdout().lock();
     for spec in apps.values() {
         for addr in &spec.listen {
-            println!("{}", how_to_reach(&spec.name, spec.kind, addr));
+            let _ = writeln!(out, "{}", how_to_reach(&spec.name, spec.kind, addr));
         }
     }
+    let _ = out.flush();
+    drop(out);
 
     if let Some(period) = sd_notify::watchdog_enabled() {
         tokio::spawn(async move {
