@@ -741,44 +741,15 @@ async fn run_zygote(
         tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
     )?;
 
-    let mut idle = false;
-    let mut finished: Option<(String, bool)> = None;
+    let mut seen = Reported::default();
     let mut draining = false;
-    let mut failed: Option<String> = None;
     let mut control_open = true;
     let drain_deadline = tokio::time::sleep(Duration::from_secs(86400 * 365));
     tokio::pin!(drain_deadline);
     loop {
         tokio::select! {
             msg = recv_from(&control), if control_open => match msg {
-                Ok(Some(msg)) => match msg {
-                    FromZygote::Ready { layers, missing: _ } => {
-                        tracing::info!(app = name, pid, "serving ({layers})");
-                        app.set_state(AppState::Running { workers: 0, busy: 0 });
-                        if let Some(r) = ready.take() {
-                            let _ = r.send(());
-                        }
-                    }
-                    FromZygote::Failed { error } => {
-                        tracing::error!(app = name, "zygote failed: {error}");
-                        failed = Some(error);
-                    }
-                    FromZygote::Workers { live, busy } => {
-                        app.set_state(AppState::Running { workers: live, busy });
-                    }
-                    FromZygote::WorkerExited { pid: worker, how, crashed, status } => {
-                        let how = seccomp_report(name, worker, status).unwrap_or(how);
-                        if crashed {
-                            tracing::warn!(app = name, worker, "{how}; replacing it");
-                        } else {
-                            tracing::debug!(app = name, worker, "{how}");
-                        }
-                    }
-                    FromZygote::Finished { how, success } => {
-                        finished = Some((how, success));
-                    }
-                    FromZygote::Idle => idle = true,
-                },
+                Ok(Some(msg)) => seen.handle(msg, app, ready, pid),
                 Ok(None) => control_open = false,
                 Err(e) => {
                     tracing::warn!(app = name, "control socket: {e}");
@@ -788,16 +759,23 @@ async fn run_zygote(
             guard = exited.readable() => {
                 drop(guard);
                 let status = child.wait()?;
+                // Everything it said before exiting is queued on the socket,
+                // whatever the reactor has noticed yet: read it first.
+                while let Ok(Some((msg, _))) =
+                    protocol::recv::<FromZygote>(control.get_ref(), RecvFlags::DONTWAIT)
+                {
+                    seen.handle(msg, app, ready, pid);
+                }
                 if draining {
                     return Ok(ZygoteEnd::Shutdown);
                 }
-                if let Some((how, success)) = finished {
+                if let Some((how, success)) = seen.finished {
                     return Ok(ZygoteEnd::Finished { how, success });
                 }
-                if idle && status.success() {
+                if seen.idle && status.success() {
                     return Ok(ZygoteEnd::Idle);
                 }
-                let why = failed.unwrap_or_else(|| format!("exit status {status}"));
+                let why = seen.failed.unwrap_or_else(|| format!("exit status {status}"));
                 return Ok(ZygoteEnd::Crashed(why));
             }
             _ = shutdown.changed(), if !draining => {
@@ -817,6 +795,63 @@ async fn run_zygote(
                 drop(child); // kills the process group
                 return Ok(ZygoteEnd::Shutdown);
             }
+        }
+    }
+}
+
+/// What a zygote said that decides how its exit is read.
+#[derive(Debug, Default)]
+struct Reported {
+    idle: bool,
+    finished: Option<(String, bool)>,
+    failed: Option<String>,
+}
+
+impl Reported {
+    fn handle(
+        &mut self,
+        msg: FromZygote,
+        app: &App,
+        ready: &mut Option<oneshot::Sender<()>>,
+        pid: u32,
+    ) {
+        let name = &app.spec.name;
+        match msg {
+            FromZygote::Ready { layers, missing: _ } => {
+                tracing::info!(app = name, pid, "serving ({layers})");
+                app.set_state(AppState::Running {
+                    workers: 0,
+                    busy: 0,
+                });
+                if let Some(r) = ready.take() {
+                    let _ = r.send(());
+                }
+            }
+            FromZygote::Failed { error } => {
+                tracing::error!(app = name, "zygote failed: {error}");
+                self.failed = Some(error);
+            }
+            FromZygote::Workers { live, busy } => {
+                app.set_state(AppState::Running {
+                    workers: live,
+                    busy,
+                });
+            }
+            FromZygote::WorkerExited {
+                pid: worker,
+                how,
+                crashed,
+                status,
+            } => {
+                let how = seccomp_report(name, worker, status).unwrap_or(how);
+                if crashed {
+                    tracing::warn!(app = name, worker, "{how}; replacing it");
+                } else {
+                    tracing::debug!(app = name, worker, "{how}");
+                }
+            }
+            FromZygote::Finished { how, success } => self.finished = Some((how, success)),
+            FromZygote::Idle => self.idle = true,
         }
     }
 }

@@ -130,8 +130,9 @@ struct Zygote {
     guest: Guest,
     listeners: Vec<OwnedFd>,
     pool: SharedPool,
-    /// Workers write to `wake_tx`; the zygote reads `wake_rx`.
-    wake_rx: OwnedFd,
+    /// Workers write to `wake_tx`; the zygote reads `wake_rx` (`None` in a
+    /// freshly forked worker, which closes it).
+    wake_rx: Option<OwnedFd>,
     wake_tx: OwnedFd,
     /// pid → slot.
     workers: HashMap<i32, usize>,
@@ -265,7 +266,7 @@ impl Zygote {
             guest,
             listeners,
             pool,
-            wake_rx,
+            wake_rx: Some(wake_rx),
             wake_tx,
             workers: HashMap::new(),
             started: HashMap::new(),
@@ -312,6 +313,13 @@ impl Zygote {
         self.control
             .as_ref()
             .expect("the zygote's control socket is open in the zygote")
+    }
+
+    fn wake_rx(&self) -> &OwnedFd {
+        // As `control`: only a forked worker takes it.
+        self.wake_rx
+            .as_ref()
+            .expect("the wake-up socket is open in the zygote")
     }
 
     /// Fork to reach the pool's target; see the module doc.
@@ -374,7 +382,10 @@ impl Zygote {
         self.pool.header().live.fetch_add(1, Ordering::SeqCst);
         match sys::fork().context("forking a worker")? {
             Forked::Child => {
+                // What only the zygote may use: corrald's socket, and the
+                // read end of the wake-ups.
                 drop(self.control.take());
+                drop(self.wake_rx.take());
                 let ctx = WorkerCtx {
                     app: &self.app,
                     listeners: &self.listeners,
@@ -500,7 +511,7 @@ impl Zygote {
     fn wait_for_events(&mut self) -> anyhow::Result<()> {
         let mut fds = [
             PollFd::new(self.control(), PollFlags::IN),
-            PollFd::new(&self.wake_rx, PollFlags::IN),
+            PollFd::new(self.wake_rx(), PollFlags::IN),
         ];
         let tick = rustix::time::Timespec {
             tv_sec: 0,
@@ -514,7 +525,7 @@ impl Zygote {
         // Empty the wake-up socket: `s` (saturated) only means "look",
         // `r` (retired after max-requests) asks for a replacement.
         let mut buf = [0u8; 16];
-        while let Ok((n, _)) = rustix::net::recv(&self.wake_rx, &mut buf, RecvFlags::DONTWAIT) {
+        while let Ok((n, _)) = rustix::net::recv(self.wake_rx(), &mut buf, RecvFlags::DONTWAIT) {
             if buf[..n].contains(&worker::WAKE_REPLACE) && !self.draining {
                 self.replacements += 1;
             }
