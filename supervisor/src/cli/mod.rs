@@ -29,7 +29,7 @@ pub fn default_policy_path() -> PathBuf {
 
 /// corral: run WebAssembly apps as sandboxed, socket-activated services.
 #[derive(Debug, Parser)]
-#[command(name = "corral", version, about, long_about = None, after_help = EXIT_CODES)]
+#[command(name = "corral", version, after_help = EXIT_CODES)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
