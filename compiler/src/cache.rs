@@ -639,8 +639,9 @@ impl Cache {
         Ok(true)
     }
 
-    /// (key, paths) of every `.cwasm` under the root.
-    fn walk(&self) -> Result<Vec<(ArtifactKey, EntryPaths)>, CacheError> {
+    /// Every `<target>/<engine-hash>` directory under the root, as
+    /// (target, engine hash, directory).
+    fn engine_dirs(&self) -> Result<Vec<(String, String, PathBuf)>, CacheError> {
         let mut out = Vec::new();
         for target in read_dir_names(&self.root)? {
             let tdir = self.root.join(&target);
@@ -649,21 +650,29 @@ impl Cache {
             }
             for engine in read_dir_names(&tdir)? {
                 let edir = tdir.join(&engine);
-                if !edir.is_dir() {
-                    continue;
+                if edir.is_dir() {
+                    out.push((target.clone(), engine, edir));
                 }
-                for name in read_dir_names(&edir)? {
-                    if let Some(module) = name.strip_suffix(".cwasm")
-                        && !module.starts_with('.')
-                    {
-                        let key = ArtifactKey {
-                            target: target.clone(),
-                            engine: engine.clone(),
-                            module: module.to_string(),
-                        };
-                        let paths = EntryPaths::new(&self.root, &key);
-                        out.push((key, paths));
-                    }
+            }
+        }
+        Ok(out)
+    }
+
+    /// (key, paths) of every `.cwasm` under the root.
+    fn walk(&self) -> Result<Vec<(ArtifactKey, EntryPaths)>, CacheError> {
+        let mut out = Vec::new();
+        for (target, engine, edir) in self.engine_dirs()? {
+            for name in read_dir_names(&edir)? {
+                if let Some(module) = name.strip_suffix(".cwasm")
+                    && !module.starts_with('.')
+                {
+                    let key = ArtifactKey {
+                        target: target.clone(),
+                        engine: engine.clone(),
+                        module: module.to_string(),
+                    };
+                    let paths = EntryPaths::new(&self.root, &key);
+                    out.push((key, paths));
                 }
             }
         }
@@ -673,30 +682,20 @@ impl Cache {
     fn remove_stale_temp_files(&self) -> Result<u64, CacheError> {
         let mut n = 0;
         let now = SystemTime::now();
-        for target in read_dir_names(&self.root)? {
-            let tdir = self.root.join(&target);
-            if !tdir.is_dir() {
-                continue;
-            }
-            for engine in read_dir_names(&tdir)? {
-                let edir = tdir.join(&engine);
-                if !edir.is_dir() {
-                    continue;
-                }
-                for name in read_dir_names(&edir)? {
-                    let path = edir.join(&name);
-                    let old = fs::metadata(&path)
-                        .and_then(|m| m.modified())
-                        .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > STALE_TEMP);
-                    // A crash between writing the metadata and the
-                    // artifact leaves metadata alone.
-                    let orphan = name
-                        .strip_suffix(".json")
-                        .is_some_and(|m| !edir.join(format!("{m}.cwasm")).exists());
-                    if (name.starts_with(".tmp-") || orphan) && old {
-                        remove_if_exists(&path)?;
-                        n += 1;
-                    }
+        for (_, _, edir) in self.engine_dirs()? {
+            for name in read_dir_names(&edir)? {
+                let path = edir.join(&name);
+                let old = fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > STALE_TEMP);
+                // A crash between writing the metadata and the artifact
+                // leaves metadata alone.
+                let orphan = name
+                    .strip_suffix(".json")
+                    .is_some_and(|m| !edir.join(format!("{m}.cwasm")).exists());
+                if (name.starts_with(".tmp-") || orphan) && old {
+                    remove_if_exists(&path)?;
+                    n += 1;
                 }
             }
         }

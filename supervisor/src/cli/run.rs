@@ -95,7 +95,7 @@ impl RunCommand {
     fn run(self) -> anyhow::Result<ExitCode> {
         // What this process inherited (closed by the sandbox) as opposed to
         // what it opens from here on (the artifact, wasmtime's own fds).
-        let inherited = open_fds();
+        let inherited = crate::sandbox::open_fds();
         let Grants {
             file,
             mut caps,
@@ -145,7 +145,7 @@ impl RunCommand {
             }
             // Everything opened since start: the artifact (and wasmtime's
             // mapping of it), the cache lock, the listener.
-            for fd in open_fds() {
+            for fd in crate::sandbox::open_fds() {
                 if fd > 2 && !inherited.contains(&fd) {
                     // SAFETY: `fd` was listed in /proc/self/fd just now and is
                     // only borrowed for the duration of this call, which
@@ -309,23 +309,6 @@ struct Grants {
     cache_dir: PathBuf,
     /// The policy's app, when --policy/--app named one.
     app: Option<AppSpec>,
-}
-
-/// The fds open in this process, from /proc/self/fd.
-fn open_fds() -> Vec<std::os::fd::RawFd> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| {
-        let e = e.ok()?;
-        // Not the directory handle this listing itself uses.
-        let target = std::fs::read_link(e.path()).ok()?;
-        if target.starts_with("/proc") && target.ends_with("fd") {
-            return None;
-        }
-        e.file_name().to_str()?.parse().ok()
-    })
-    .collect()
 }
 
 /// Set in the environment of `corral run` started again by itself.

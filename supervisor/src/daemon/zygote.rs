@@ -64,7 +64,7 @@ pub fn main() -> std::process::ExitCode {
     }
     // What exec left open, as opposed to what this process opens from here
     // on (received fds, wasmtime's mapping of the artifact).
-    let inherited = open_fds();
+    let inherited = crate::sandbox::open_fds();
     let control = match std::io::stdin().as_fd().try_clone_to_owned() {
         Ok(fd) => fd,
         Err(e) => {
@@ -238,7 +238,7 @@ impl Zygote {
         plan.keep_fd(&wake_tx);
         // wasmtime keeps the component's artifact open by a path of its own
         // (/proc/self/fd/N) for its copy-on-write memory images.
-        for fd in open_fds() {
+        for fd in crate::sandbox::open_fds() {
             if fd > 2 && !inherited.contains(&fd) {
                 // SAFETY: `fd` was listed in /proc/self/fd just now and is
                 // only borrowed for this call, which records its number;
@@ -571,21 +571,4 @@ fn describe_exit(app: &str, pid: i32, status: WaitStatus) -> String {
         (_, Some(sig)) => format!("app {app}: worker {pid} killed by signal {sig}"),
         _ => format!("app {app}: worker {pid} ended ({std_status})"),
     }
-}
-
-/// The fds open in this process, from /proc/self/fd (without the one
-/// the listing itself uses).
-fn open_fds() -> Vec<RawFd> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| {
-        let e = e.ok()?;
-        let target = std::fs::read_link(e.path()).ok()?;
-        if target.starts_with("/proc") && target.ends_with("fd") {
-            return None; // the listing's own directory
-        }
-        e.file_name().to_str()?.parse().ok()
-    })
-    .collect()
 }

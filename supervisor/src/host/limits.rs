@@ -156,6 +156,22 @@ pub fn arm_deadline<T: 'static>(store: &mut Store<T>, timeout: Option<Duration>)
     });
 }
 
+/// Run a guest call under `timeout`, with a wall-clock backstop a little
+/// after the epoch deadline: a guest blocked inside a host call (where the
+/// epoch deadline cannot fire) still ends, as [`LimitExceeded::Timeout`].
+pub async fn with_backstop<T>(
+    timeout: Option<Duration>,
+    call: impl std::future::Future<Output = wasmtime::Result<T>>,
+) -> wasmtime::Result<T> {
+    match timeout {
+        Some(limit) => match tokio::time::timeout(limit + EPOCH_TICK * 10, call).await {
+            Ok(r) => r,
+            Err(_) => Err(LimitExceeded::Timeout { limit }.into()),
+        },
+        None => call.await,
+    }
+}
+
 /// A thread that increments an engine's epoch every [`EPOCH_TICK`] until
 /// dropped.
 pub struct EpochTicker {

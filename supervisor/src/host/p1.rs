@@ -54,17 +54,7 @@ pub async fn run(
         .get_typed_func::<(), ()>(&mut store, "_start")
         .map_err(|e| anyhow::Error::from(e).context("not a WASI command: no `_start` export"))?;
     let call = start.call_async(&mut store, ());
-    let result = match caps.limits.timeout {
-        // Backstop for a guest blocked inside a host call, where the epoch
-        // deadline cannot fire.
-        Some(limit) => {
-            match tokio::time::timeout(limit + super::limits::EPOCH_TICK * 10, call).await {
-                Ok(r) => r,
-                Err(_) => Err(super::LimitExceeded::Timeout { limit }.into()),
-            }
-        }
-        None => call.await,
-    };
+    let result = super::limits::with_backstop(caps.limits.timeout, call).await;
     Ok(RunOutcome::from_result(result.map(|()| 0), &caps.limits))
 }
 

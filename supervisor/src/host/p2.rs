@@ -98,15 +98,7 @@ pub async fn run_command(
         Err(err) => return super::p1::instantiate_failure(err, caps),
     };
     let call = command.wasi_cli_run().call_run(&mut store);
-    let result = match caps.limits.timeout {
-        Some(limit) => {
-            match tokio::time::timeout(limit + super::limits::EPOCH_TICK * 10, call).await {
-                Ok(r) => r,
-                Err(_) => Err(super::LimitExceeded::Timeout { limit }.into()),
-            }
-        }
-        None => call.await,
-    };
+    let result = super::limits::with_backstop(caps.limits.timeout, call).await;
     let code = result.map(|r| if r.is_ok() { 0 } else { 1 });
     Ok(RunOutcome::from_result(code, &caps.limits))
 }

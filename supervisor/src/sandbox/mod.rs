@@ -45,6 +45,25 @@ pub use syscalls::{
     Arch, SeccompKill, killed_by_seccomp, seccomp_kill, syscall_name, syscall_number,
 };
 
+/// The fds open in this process now (from `/proc/self/fd`, without the
+/// one the listing itself uses): what a caller that opened files before
+/// entering the sandbox (wasmtime maps component artifacts through fds of
+/// its own) hands to [`SandboxPlan::keep_fd`].
+pub fn open_fds() -> Vec<RawFd> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let target = std::fs::read_link(e.path()).ok()?;
+        if target.starts_with("/proc") && target.ends_with("fd") {
+            return None; // the listing's own directory
+        }
+        e.file_name().to_str()?.parse().ok()
+    })
+    .collect()
+}
+
 /// The open-file bound a worker gets unless the plan says otherwise.
 pub const DEFAULT_OPEN_FILES: u64 = 1024;
 
