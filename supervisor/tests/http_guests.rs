@@ -278,3 +278,57 @@ fn a_request_stuck_in_a_host_call_times_out_with_504() {
         );
     }
 }
+
+/// A trap answers 500 and a guest spinning in its own code (no host call:
+/// only the epoch deadline can stop it) answers 504; neither disturbs a
+/// request served at the same time on another connection, nor the next one.
+#[test]
+fn a_trap_answers_500_a_spinning_guest_504_and_neither_disturbs_other_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[apps.echo]\nmodule = {:?}\nkind = \"http\"\nlisten = [\"127.0.0.1:9\"]\n\
+             limits = {{ timeout = \"500ms\" }}\n\
+             sandbox = {{ landlock = \"best-effort\", seccomp = \"best-effort\" }}\n",
+            guest("http-echo.wasm").display().to_string()
+        ),
+    )
+    .unwrap();
+    let server = Arc::new(Server::start(
+        &["--policy", policy.to_str().unwrap(), "--app", "echo"],
+        None,
+    ));
+
+    let spinning = {
+        let server = Arc::clone(&server);
+        std::thread::spawn(move || server.request("GET /spin HTTP/1.1", b""))
+    };
+    // While one instance spins, others are served.
+    for _ in 0..5 {
+        let (status, _, body) = server.request("POST /ok HTTP/1.1", b"fine");
+        assert_eq!(status, 200);
+        assert!(
+            body.ends_with(b"\n\nfine"),
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let (status, _, body) = spinning.join().unwrap();
+    assert_eq!(
+        (status, String::from_utf8_lossy(&body).as_ref()),
+        (504, "corral: limits.timeout (500ms) exceeded\n")
+    );
+
+    let (status, _, body) = server.request("GET /trap HTTP/1.1", b"");
+    assert_eq!(
+        (status, String::from_utf8_lossy(&body).as_ref()),
+        (500, "corral: guest trapped\n")
+    );
+    let (status, _, _) = server.request("GET /after HTTP/1.1", b"");
+    assert_eq!(
+        status, 200,
+        "the server keeps serving after a trap and a timeout"
+    );
+}

@@ -2,6 +2,10 @@
 //! is `METHOD PATH_WITH_QUERY\n`, then one `name: value\n` line per request
 //! header (in the order received), then `\n` and the request body.
 //! The response also carries `x-echo-method` and status 200.
+//!
+//! Two paths misbehave on purpose, for the host's tests: `/trap` traps
+//! (a panic, which aborts: `unreachable`), `/spin` loops forever without
+//! calling the host (only the epoch deadline can stop it).
 
 use wasi::http::types::{
     Fields, IncomingBody, IncomingRequest, Method, OutgoingBody, OutgoingResponse,
@@ -29,6 +33,14 @@ fn method_name(m: &Method) -> String {
 
 impl wasi::exports::http::incoming_handler::Guest for Echo {
     fn handle(request: IncomingRequest, response_out: ResponseOutparam) {
+        match request.path_with_query().as_deref() {
+            Some("/trap") => panic!("the guest was asked to trap"),
+            Some("/spin") => {
+                #[allow(clippy::empty_loop, reason = "spinning is the point: only the epoch deadline stops it")]
+                loop {}
+            }
+            _ => {}
+        }
         let method = method_name(&request.method());
         let mut text = format!(
             "{} {}\n",
