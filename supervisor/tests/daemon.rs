@@ -1104,3 +1104,207 @@ fn a_worker_dead_of_sigsys_is_reported_as_a_seccomp_kill() {
     ));
     assert_eq!(stdio_roundtrip(echo, b"replaced\n").unwrap(), b"replaced\n");
 }
+
+/// One journald native-protocol datagram as fields: `KEY=value` lines, or
+/// `KEY`, a little-endian u64 length, the value and `\n` (values with
+/// newlines).
+fn journal_fields(mut datagram: &[u8]) -> HashMap<String, String> {
+    let mut fields = HashMap::new();
+    while let Some(nl) = datagram.iter().position(|&b| b == b'\n') {
+        let line = &datagram[..nl];
+        if let Some(eq) = line.iter().position(|&b| b == b'=') {
+            fields.insert(
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            );
+            datagram = &datagram[nl + 1..];
+        } else {
+            let rest = &datagram[nl + 1..];
+            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            fields.insert(
+                String::from_utf8_lossy(line).into_owned(),
+                String::from_utf8_lossy(&rest[8..8 + len]).into_owned(),
+            );
+            assert_eq!(rest[8 + len], b'\n', "length-encoded field not ended");
+            datagram = &rest[8 + len + 1..];
+        }
+    }
+    assert!(datagram.is_empty(), "trailing bytes: {datagram:?}");
+    fields
+}
+
+/// Start corrald in a private mount namespace (unshare(1)) whose
+/// /run/systemd/journal/socket is a bind mount of a datagram socket the
+/// test bound; `JOURNAL_STREAM` names corrald's stderr if `matching`, else
+/// another file (/dev/null). `None` (after a visible skip) without root or
+/// unshare.
+fn start_with_fake_journal(apps: &str, matching: bool) -> Option<(Daemon, FakeJournal)> {
+    let unshare = which("unshare");
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    if unshare.is_err() || !root {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI needs root and unshare (util-linux) for the journald test"
+        );
+        eprintln!("SKIP: the journald test needs root and unshare(1)");
+        return None;
+    }
+    let journal_dir = tempfile::tempdir().unwrap();
+    let socket_path = journal_dir.path().join("journal.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    let datagrams = Arc::new(Mutex::new(Vec::new()));
+    {
+        let datagrams = datagrams.clone();
+        std::thread::spawn(move || {
+            // Small entries only here: no memfd (SCM_RIGHTS) payloads.
+            let mut buf = vec![0u8; 256 * 1024];
+            while let Ok(n) = socket.recv(&mut buf) {
+                // tracing-journald probes the socket with an empty datagram.
+                if n > 0 {
+                    datagrams.lock().unwrap().push(buf[..n].to_vec());
+                }
+            }
+        });
+    }
+    // /run is a fresh tmpfs in the namespace only; the host's is untouched.
+    // `$(stat /proc/self/fd/2)` is our stderr: the pipe corrald inherits.
+    let stream = if matching {
+        "/proc/self/fd/2"
+    } else {
+        "/dev/null"
+    };
+    let script = format!(
+        "set -e\n\
+         mount -t tmpfs tmpfs /run\n\
+         mkdir -p /run/systemd/journal\n\
+         touch /run/systemd/journal/socket\n\
+         mount --bind '{}' /run/systemd/journal/socket\n\
+         export JOURNAL_STREAM=$(stat -L -c %d:%i {stream})\n\
+         while [ \"$1\" = -E ]; do export \"$2\"; shift 2; done\n\
+         exec \"$@\"",
+        socket_path.display()
+    );
+    let launcher: Vec<String> = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+    ]
+    .map(String::from)
+    .to_vec();
+    let daemon = Daemon::spawn("", apps, &[], Some(&launcher));
+    daemon.wait_note("READY=1", Duration::from_secs(60));
+    Some((
+        daemon,
+        FakeJournal {
+            datagrams,
+            _dir: journal_dir,
+        },
+    ))
+}
+
+/// The datagrams sent to the journal socket of [`start_with_fake_journal`].
+struct FakeJournal {
+    datagrams: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// Holds the socket's path.
+    _dir: tempfile::TempDir,
+}
+
+impl FakeJournal {
+    fn entries(&self) -> Vec<HashMap<String, String>> {
+        let datagrams = self.datagrams.lock().unwrap();
+        datagrams.iter().map(|d| journal_fields(d)).collect()
+    }
+}
+
+#[test]
+fn logs_are_journal_entries_when_journal_stream_names_stderr() {
+    let web = free_port();
+    // max-requests = 1: the worker exits after our request, which corrald
+    // logs with the worker's pid (at debug, which the tests enable).
+    let Some((daemon, journal)) = start_with_fake_journal(
+        &http_app("web", web, "{ min = 1, max = 1, max-requests = 1 }"),
+        true,
+    ) else {
+        return;
+    };
+    let (status, body) = http_get(web).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let entries = wait_for(
+        "a journal entry with CORRAL_WORKER",
+        Duration::from_secs(10),
+        || {
+            let entries = journal.entries();
+            entries
+                .iter()
+                .any(|e| e.contains_key("CORRAL_WORKER"))
+                .then_some(entries)
+        },
+    );
+    let serving = entries
+        .iter()
+        .find(|e| e.get("MESSAGE").is_some_and(|m| m.starts_with("serving")))
+        .unwrap_or_else(|| panic!("no `serving` entry in {entries:#?}"));
+    assert_eq!(serving.get("CORRAL_APP").map(String::as_str), Some("web"));
+    assert_eq!(serving.get("PRIORITY").map(String::as_str), Some("6"));
+    assert_eq!(
+        serving.get("SYSLOG_IDENTIFIER").map(String::as_str),
+        Some("corrald")
+    );
+    let exited = entries
+        .iter()
+        .find(|e| e.contains_key("CORRAL_WORKER"))
+        .unwrap();
+    assert_eq!(exited.get("CORRAL_APP").map(String::as_str), Some("web"));
+    assert!(
+        exited["CORRAL_WORKER"].parse::<i32>().is_ok_and(|p| p > 0),
+        "{exited:#?}"
+    );
+    assert_eq!(exited.get("PRIORITY").map(String::as_str), Some("7"));
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.get("MESSAGE").is_some_and(|m| m.starts_with("ready:"))),
+        "{entries:#?}"
+    );
+    // corrald's own events went to the journal, not to stderr as text.
+    assert!(!daemon.stderr().contains("ready:"), "{}", daemon.stderr());
+}
+
+#[test]
+fn logs_are_plain_text_when_journal_stream_names_another_file() {
+    let web = free_port();
+    let Some((daemon, journal)) = start_with_fake_journal(
+        &http_app("web", web, "{ min = 1, max = 1, max-requests = 1 }"),
+        false,
+    ) else {
+        return;
+    };
+    let (status, body) = http_get(web).unwrap();
+    assert_eq!(status, 200, "{body}");
+    daemon.wait_log("ready:");
+    wait_for("the worker's exit logged", Duration::from_secs(10), || {
+        let log = daemon.stderr();
+        log.lines()
+            .any(|l| l.contains("app=\"web\"") && l.contains("worker="))
+            .then_some(())
+    });
+    let log = daemon.stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("INFO") && l.contains("serving") && l.contains("app=\"web\"")),
+        "{log}"
+    );
+    assert!(
+        journal.entries().is_empty(),
+        "journal entries although JOURNAL_STREAM names /dev/null: {:#?}",
+        journal.entries()
+    );
+}

@@ -5,7 +5,9 @@
 //!
 //! In the journal, an event's fields get the `CORRAL_` prefix: `app = ..`
 //! becomes `CORRAL_APP=`, `worker = ..` `CORRAL_WORKER=`; the level becomes
-//! `PRIORITY=`. Zygotes and workers always write plain text to the
+//! `PRIORITY=` the way syslog(3) names them (error 3, warn 4, info 6,
+//! debug and trace 7), not tracing-journald's default (info as notice 5,
+//! debug as info 6), so `journalctl -p info` leaves out the debug events. Zygotes and workers always write plain text to the
 //! inherited stderr (the journal stream under systemd): their sandbox
 //! allows no new socket to journald.
 
@@ -31,7 +33,8 @@ pub fn init(role: Role) {
             Ok(layer) => {
                 let layer = layer
                     .with_field_prefix(Some("CORRAL".into()))
-                    .with_syslog_identifier("corrald".into());
+                    .with_syslog_identifier("corrald".into())
+                    .with_priority_mappings(syslog_priorities());
                 tracing_subscriber::registry()
                     .with(layer.with_filter(filter()))
                     .init();
@@ -45,6 +48,18 @@ pub fn init(role: Role) {
         .with_ansi(false)
         .with_env_filter(filter())
         .init();
+}
+
+/// tracing levels as syslog(3) priorities (see the module's comment).
+fn syslog_priorities() -> tracing_journald::PriorityMappings {
+    use tracing_journald::Priority;
+    tracing_journald::PriorityMappings {
+        error: Priority::Error,
+        warn: Priority::Warning,
+        info: Priority::Informational,
+        debug: Priority::Debug,
+        trace: Priority::Debug,
+    }
 }
 
 /// `JOURNAL_STREAM=DEV:INODE` matches our stderr (systemd.exec(5)).
