@@ -1308,3 +1308,87 @@ fn logs_are_plain_text_when_journal_stream_names_another_file() {
         journal.entries()
     );
 }
+
+/// One HTTP/2 frame: 9-byte header (length, type, flags, stream) + payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend([kind, flags]);
+    frame.extend(stream.to_be_bytes());
+    frame.extend(payload);
+    frame
+}
+
+/// Read one HTTP/2 frame: (type, flags, payload).
+fn read_h2_frame(s: &mut TcpStream) -> (u8, u8, Vec<u8>) {
+    let mut header = [0u8; 9];
+    s.read_exact(&mut header).unwrap();
+    let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).unwrap();
+    (header[3], header[4], payload)
+}
+
+#[test]
+fn http2_streams_count_against_pool_concurrency() {
+    const SETTINGS: u8 = 0x4;
+    const HEADERS: u8 = 0x1;
+    const DATA: u8 = 0x0;
+    let web = free_port();
+    // One worker serving two requests at once.
+    let _daemon = Daemon::start(&format!(
+        "[apps.web]\nmodule = \"{{guests}}/http-echo.wasm\"\nkind = \"http\"\n\
+         listen = [\"127.0.0.1:{web}\"]\npool = {{ min = 1, max = 1, concurrency = 2 }}\n\n"
+    ));
+    let mut h2 = TcpStream::connect(("127.0.0.1", web)).unwrap();
+    h2.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    h2.write_all(&h2_frame(SETTINGS, 0, 0, &[])).unwrap();
+    // The server's SETTINGS say how many streams one connection may run.
+    let settings = loop {
+        let (kind, flags, payload) = read_h2_frame(&mut h2);
+        if kind == SETTINGS && flags & 1 == 0 {
+            break payload;
+        }
+    };
+    let max_streams = settings
+        .chunks(6)
+        .find(|s| s[..2] == [0, 3])
+        .map(|s| u32::from_be_bytes(s[2..].try_into().unwrap()));
+    assert_eq!(max_streams, Some(2), "SETTINGS {settings:?}");
+    h2.write_all(&h2_frame(SETTINGS, 1, 0, &[])).unwrap();
+    // Two POSTs whose bodies stay open: two requests in flight on one
+    // connection. HPACK: :method POST, :scheme http, :path /, and
+    // :authority "test" as a literal.
+    let head = [0x83, 0x86, 0x84, 0x01, 0x04, b't', b'e', b's', b't'];
+    for stream in [1, 3] {
+        h2.write_all(&h2_frame(HEADERS, 0x4, stream, &head))
+            .unwrap();
+    }
+    // Let the worker start both (if another connection came first, the
+    // second stream would wait for it instead, and this test would fail).
+    std::thread::sleep(Duration::from_millis(300));
+    // The worker is at `concurrency`: a third request, on a connection of
+    // its own, waits in the backlog.
+    let mut h1 = TcpStream::connect(("127.0.0.1", web)).unwrap();
+    h1.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    h1.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut first = [0u8; 1];
+    let waited = h1.read(&mut first);
+    assert!(
+        waited.as_ref().is_err_and(|e| matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )),
+        "a third request was served while two HTTP/2 streams were in flight: {waited:?}"
+    );
+    // Once the streams end, it is served.
+    for stream in [1, 3] {
+        h2.write_all(&h2_frame(DATA, 0x1, stream, &[])).unwrap();
+    }
+    h1.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut response = String::new();
+    h1.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+}

@@ -35,7 +35,8 @@ pub(crate) fn fork() -> std::io::Result<Forked> {
 #[derive(Debug, Default)]
 #[repr(C)]
 pub(crate) struct Slot {
-    /// Connections (http, stdio) being served right now.
+    /// `pool.concurrency` permits in use right now: one per connection
+    /// (http, stdio), one more per HTTP/2 stream beyond its connection's first.
     pub(crate) in_flight: AtomicU32,
     /// 1 once the worker has taken itself out of `live` (idle or
     /// max-requests retirement): it accepts nothing more.

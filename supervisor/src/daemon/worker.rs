@@ -4,8 +4,11 @@
 //! itself, one fresh instance per request (http) or connection (stdio);
 //! a `command` worker runs its one long-running instance.
 //!
-//! It serves at most `pool.concurrency` connections at once (it stops
-//! accepting at that many, leaving the backlog to its siblings), retires
+//! It serves at most `pool.concurrency` requests at once: each connection
+//! holds one permit (an HTTP/1 connection runs one request at a time), and
+//! each HTTP/2 stream beyond its connection's first holds one more, with
+//! `max_concurrent_streams` = `concurrency` per connection. At that many
+//! permits it stops accepting, leaving the backlog to its siblings. It retires
 //! itself as the zygote's module doc describes, and finishes its
 //! connections before exiting when the pool drains or the zygote dies.
 
@@ -13,13 +16,14 @@ use std::convert::Infallible;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use corral_policy::AppSpec;
+use http_body_util::BodyExt as _;
 use rustix::net::SendFlags;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use wasmtime::Engine;
 use wasmtime_wasi_http::io::TokioIo;
 
@@ -152,6 +156,9 @@ struct Serving {
     concurrency: u32,
     wake: OwnedFd,
     permits: Arc<Semaphore>,
+    /// An HTTP/2 stream waits for a permit: an accept loop holding one
+    /// while it waits for a connection gives it up.
+    stream_waiting: tokio::sync::Notify,
     /// Flips to `true` when the worker stops accepting.
     stop: watch::Sender<bool>,
     max_requests: Option<u64>,
@@ -177,6 +184,7 @@ async fn serve(ctx: &WorkerCtx<'_>, guest: &Guest) -> anyhow::Result<()> {
         concurrency,
         wake: ctx.wake.try_clone_to_owned()?,
         permits: Arc::new(Semaphore::new(concurrency as usize)),
+        stream_waiting: tokio::sync::Notify::new(),
         stop: stop_tx,
         max_requests: app.pool.max_requests,
         keep_alive_idle: app.pool.idle_timeout.min(KEEP_ALIVE_IDLE),
@@ -282,6 +290,9 @@ async fn accept_loop(listener: Listener, serving: Arc<Serving>, conn: Arc<Conn>)
         let accepted = tokio::select! {
             biased;
             _ = stop.wait_for(|stopped| *stopped) => return,
+            // The permit goes to the stream, queued on the (fair)
+            // semaphore before this loop asks again.
+            () = serving.stream_waiting.notified() => continue,
             accepted = accept => accepted,
         };
         let stream = match accepted {
@@ -320,13 +331,6 @@ where
 {
     match conn {
         Conn::Http(handler) => {
-            let handler = handler.clone();
-            let counter = serving.clone();
-            let service = hyper::service::service_fn(move |req| {
-                let handler = handler.clone();
-                count_request(&counter);
-                async move { Ok::<_, Infallible>(handler.handle(req).await) }
-            });
             let mut stream = stream;
             let (seen, h2) = match sniff_h2c(&mut stream).await {
                 Ok(sniffed) => sniffed,
@@ -335,6 +339,31 @@ where
                     return;
                 }
             };
+            let handler = handler.clone();
+            let serving_ = serving.clone();
+            // HTTP/2: the streams of this connection in flight.
+            let streams = h2.then(|| Arc::new(AtomicU32::new(0)));
+            let service = hyper::service::service_fn(move |req| {
+                let handler = handler.clone();
+                let serving = serving_.clone();
+                let streams = streams.clone();
+                async move {
+                    let hold = match streams {
+                        Some(streams) => Some(hold_stream(&serving, streams).await),
+                        None => None,
+                    };
+                    count_request(&serving);
+                    let response = handler.handle(req).await;
+                    // The stream holds its permit until its body is sent.
+                    Ok::<_, Infallible>(response.map(|body| {
+                        body.map_frame(move |frame| {
+                            let _held = &hold;
+                            frame
+                        })
+                        .boxed_unsync()
+                    }))
+                }
+            });
             let io = TokioIo::new(Prefixed::new(seen, stream));
             let mut stop = serving.stop.subscribe();
             // Serve until the connection ends; when the worker stops
@@ -360,6 +389,7 @@ where
             if h2 {
                 drive!(
                     hyper::server::conn::http2::Builder::new(SpawnLocal)
+                        .max_concurrent_streams(serving.concurrency)
                         .serve_connection(io, service)
                 );
             } else {
@@ -386,6 +416,66 @@ where
                 Err(e) => tracing::warn!("stdio connection: {e:#}"),
             }
         }
+    }
+}
+
+/// One HTTP/2 stream in flight: it counts in its connection's streams, and
+/// unless it is the only one, it holds a `concurrency` permit of its own
+/// (counted in the slot's `in_flight`, which the zygote reads to fork).
+struct StreamHold {
+    _active: ActiveStream,
+    _extra: Option<ExtraPermit>,
+}
+
+struct ActiveStream(Arc<AtomicU32>);
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+struct ExtraPermit {
+    _permit: OwnedSemaphorePermit,
+    serving: Arc<Serving>,
+}
+
+impl Drop for ExtraPermit {
+    fn drop(&mut self) {
+        self.serving.slot.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Wait until this worker may run one more request on an HTTP/2
+/// connection. The connection's own permit covers one stream at a time; a
+/// stream that starts while another is in flight takes one more (at most
+/// one stream without its own permit is in flight at any time, so requests
+/// never outnumber permits).
+async fn hold_stream(serving: &Arc<Serving>, streams: Arc<AtomicU32>) -> StreamHold {
+    let others = streams.fetch_add(1, Ordering::SeqCst);
+    let active = ActiveStream(streams);
+    let extra = if others == 0 {
+        None
+    } else {
+        // The semaphore is never closed. On this current-thread runtime the
+        // acquire below queues before the notified accept loop runs and
+        // releases the permit it holds while waiting for a connection.
+        serving.stream_waiting.notify_one();
+        let permit = serving.permits.clone().acquire_owned().await.ok();
+        permit.map(|permit| {
+            let n = serving.slot.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            if n >= serving.concurrency {
+                serving.wake(WAKE_SATURATED);
+            }
+            ExtraPermit {
+                _permit: permit,
+                serving: serving.clone(),
+            }
+        })
+    };
+    StreamHold {
+        _active: active,
+        _extra: extra,
     }
 }
 
