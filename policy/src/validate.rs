@@ -1234,6 +1234,43 @@ fn listen_overlaps(a: &ListenAddr, b: &ListenAddr) -> bool {
 mod tests {
     use super::*;
 
+    /// docs/policy.md names every key the validator accepts, so a key
+    /// added here cannot go undocumented.
+    #[test]
+    fn every_key_is_in_the_reference() {
+        let doc =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/policy.md"))
+                .expect("docs/policy.md");
+        let nested: [(&str, &[&str]); 6] = [
+            ("network.", NETWORK_KEYS),
+            ("pool.", POOL_KEYS),
+            ("limits.", LIMIT_KEYS),
+            ("sandbox.", SANDBOX_KEYS),
+            ("restart.", RESTART_KEYS),
+            ("dirs[].", DIR_KEYS),
+        ];
+        // A table key is documented through its sub-keys (`pool.max`).
+        let is_table = |k: &&str| {
+            nested
+                .iter()
+                .any(|(prefix, _)| prefix.trim_end_matches('.') == *k)
+        };
+        let mut keys: Vec<String> = DAEMON_KEYS
+            .iter()
+            .chain(APP_KEYS.iter().filter(|k| !is_table(k)))
+            .map(|k| k.to_string())
+            .collect();
+        for (prefix, list) in nested {
+            keys.extend(list.iter().map(|k| format!("{prefix}{k}")));
+        }
+        for key in keys {
+            assert!(
+                doc.contains(&format!("`{key}`")),
+                "docs/policy.md does not document `{key}`"
+            );
+        }
+    }
+
     #[test]
     fn guest_paths() {
         assert_eq!(normalize_guest_path("/data//x/./y/").unwrap(), "/data/x/y");
