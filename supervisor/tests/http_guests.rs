@@ -22,6 +22,7 @@ struct Server {
     child: Child,
     addr: SocketAddr,
     _cache: tempfile::TempDir,
+    _policy_dir: Option<tempfile::TempDir>,
 }
 
 impl Server {
@@ -60,7 +61,27 @@ impl Server {
             child,
             addr,
             _cache: cache,
+            _policy_dir: None,
         }
+    }
+
+    /// Serve `module` as the only app of a policy (`app`, kind http, sandbox
+    /// best-effort) whose extra TOML lines are `extra`.
+    fn with_policy(app: &str, module: &str, extra: &str) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("policy.toml");
+        std::fs::write(
+            &policy,
+            format!(
+                "[apps.{app}]\nmodule = {:?}\nkind = \"http\"\nlisten = [\"127.0.0.1:9\"]\n{extra}\n\
+                 sandbox = {{ landlock = \"best-effort\", seccomp = \"best-effort\" }}\n",
+                guest(module).display().to_string()
+            ),
+        )
+        .unwrap();
+        let mut server = Server::start(&["--policy", policy.to_str().unwrap(), "--app", app], None);
+        server._policy_dir = Some(dir);
+        server
     }
 
     /// One request on a fresh connection; returns (status, headers, body).
@@ -205,21 +226,10 @@ fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
 fn outbound_request_only_to_network_connect() {
     let (allowed, allowed_hits) = upstream();
     let (denied, denied_hits) = upstream();
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        format!(
-            "[apps.fetch]\nmodule = {:?}\nkind = \"http\"\nlisten = [\"127.0.0.1:9\"]\n\
-             network = {{ connect = [\"{allowed}\"] }}\n\
-             sandbox = {{ landlock = \"best-effort\", seccomp = \"best-effort\" }}\n",
-            guest("http-fetch.wasm").display().to_string()
-        ),
-    )
-    .unwrap();
-    let server = Server::start(
-        &["--policy", policy.to_str().unwrap(), "--app", "fetch"],
-        None,
+    let server = Server::with_policy(
+        "fetch",
+        "http-fetch.wasm",
+        &format!("network = {{ connect = [\"{allowed}\"] }}"),
     );
 
     let (status, _, body) = server.request(&format!("GET / HTTP/1.1\r\nx-fetch: {allowed}/x"), b"");
@@ -253,21 +263,12 @@ fn a_request_stuck_in_a_host_call_times_out_with_504() {
             held.push(stream);
         }
     });
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        format!(
-            "[apps.fetch]\nmodule = {:?}\nkind = \"http\"\nlisten = [\"127.0.0.1:9\"]\n\
-             network = {{ connect = [\"{silent_addr}\"] }}\nlimits = {{ timeout = \"300ms\" }}\n\
-             sandbox = {{ landlock = \"best-effort\", seccomp = \"best-effort\" }}\n",
-            guest("http-fetch.wasm").display().to_string()
+    let server = Server::with_policy(
+        "fetch",
+        "http-fetch.wasm",
+        &format!(
+            "network = {{ connect = [\"{silent_addr}\"] }}\nlimits = {{ timeout = \"300ms\" }}"
         ),
-    )
-    .unwrap();
-    let server = Server::start(
-        &["--policy", policy.to_str().unwrap(), "--app", "fetch"],
-        None,
     );
     for _ in 0..2 {
         let (status, _, body) =
@@ -284,21 +285,10 @@ fn a_request_stuck_in_a_host_call_times_out_with_504() {
 /// request served at the same time on another connection, nor the next one.
 #[test]
 fn a_trap_answers_500_a_spinning_guest_504_and_neither_disturbs_other_requests() {
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        format!(
-            "[apps.echo]\nmodule = {:?}\nkind = \"http\"\nlisten = [\"127.0.0.1:9\"]\n\
-             limits = {{ timeout = \"500ms\" }}\n\
-             sandbox = {{ landlock = \"best-effort\", seccomp = \"best-effort\" }}\n",
-            guest("http-echo.wasm").display().to_string()
-        ),
-    )
-    .unwrap();
-    let server = Arc::new(Server::start(
-        &["--policy", policy.to_str().unwrap(), "--app", "echo"],
-        None,
+    let server = Arc::new(Server::with_policy(
+        "echo",
+        "http-echo.wasm",
+        "limits = { timeout = \"500ms\" }",
     ));
 
     let spinning = {
