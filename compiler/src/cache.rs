@@ -410,6 +410,36 @@ impl Cache {
         }
     }
 
+    /// Compile `path` again even when the cache holds it, replace the entry
+    /// (atomically: an app still running the old artifact keeps its mapped
+    /// file), and load the new one. For `corral recompile` and the API's
+    /// Recompile: an operator who suspects an entry, or wants a fresh one
+    /// after a compiler change that kept the engine hash.
+    pub fn recompile(&self, engine: &Engine, path: &Path) -> Result<Artifact, CompileError> {
+        let (source, id) = sources::open(path)?.read()?;
+        let key = self.key(engine, &host_triple(), &source);
+        let paths = EntryPaths::new(&self.root, &key);
+        self.create_entry_dir(&paths)?;
+        let _lock = lock_entry(&paths, self.owner)?;
+        let (meta, took) = compile_and_store(engine, &source, &paths, self.owner, None)?;
+        if let Some(id) = id {
+            sources::remember(&self.root, path, &id, &source.digest, self.owner);
+        }
+        match open_entry(&paths, Some(engine))? {
+            Probe::Hit((file, _, program)) => {
+                Ok(artifact(key, paths, file, meta, program, false, Some(took)))
+            }
+            Probe::Missing => Err(CompileError::Load {
+                path: paths.cwasm,
+                reason: "vanished right after it was written".into(),
+            }),
+            Probe::Corrupt(reason) | Probe::Refused(reason) => Err(CompileError::Load {
+                path: paths.cwasm,
+                reason,
+            }),
+        }
+    }
+
     /// Make sure the cache holds `source` compiled by `engine` for
     /// `target` (a triple; the engine must have been configured for it with
     /// `cpu`), without loading it: the way to fill another machine's

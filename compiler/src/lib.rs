@@ -27,3 +27,22 @@ pub use engine::{
 };
 pub use error::{CacheError, CompileError};
 pub use source::{ProgramKind, Source};
+
+/// The wasmtime release corral is built with (the workspace pins it with
+/// `=`; a test checks this against Cargo.lock). wasmtime exports no such
+/// constant, and `corral --version`, `corrald` and the APIs report it.
+pub const WASMTIME_VERSION: &str = "48.0.8";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn wasmtime_version_matches_the_lock_file() {
+        let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock"))
+            .expect("Cargo.lock");
+        let entry = format!(
+            "name = \"wasmtime\"\nversion = \"{}\"",
+            super::WASMTIME_VERSION
+        );
+        assert!(lock.contains(&entry), "Cargo.lock has no {entry:?}");
+    }
+}

@@ -17,6 +17,7 @@
 
 mod listeners;
 pub mod logging;
+pub mod manager;
 pub(crate) mod protocol;
 mod supervisor;
 mod sys;

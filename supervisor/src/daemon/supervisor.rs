@@ -14,12 +14,12 @@
 //! was told to stop no longer writes its state, so `STATUS=` and
 //! `idle-exit` follow the live version.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::Write as _;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::process::{ExitCode, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -31,6 +31,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{oneshot, watch};
 
 use super::listeners::{self, SystemdSockets};
+use super::manager::{self, AppState, Manager, Registry, ReloadReport, Request};
 use super::protocol::{self, FromZygote, Start, ToZygote};
 use super::sys;
 
@@ -84,9 +85,9 @@ pub fn run(policy_path: &Path) -> ExitCode {
     }
 }
 
-/// How one app is doing, for `STATUS=` and logs.
+/// How one app task reports itself (the registry keeps the API's view).
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum AppState {
+enum Report {
     Starting,
     /// No process: corrald watches its sockets.
     Idle,
@@ -94,35 +95,60 @@ enum AppState {
         workers: u32,
         busy: u32,
     },
-    Backoff,
+    Backoff(String),
     Finished,
     Failed(String),
 }
 
-type States = Arc<Mutex<BTreeMap<String, AppState>>>;
-
-fn set_state(states: &States, app: &str, state: AppState) {
-    let summary = {
-        let mut s = states.lock().unwrap_or_else(|e| e.into_inner());
-        if s.get(app) == Some(&state) {
-            return;
+/// Record `report` for `app` and, when its state changed, tell systemd.
+fn set_state(registry: &Registry, app: &str, report: Report) {
+    let changed = registry.update(app, |info| match report {
+        Report::Starting => info.state = AppState::Starting,
+        Report::Idle => {
+            info.state = AppState::Idle;
+            info.workers = 0;
+            info.busy = 0;
+            info.zygote_pid = None;
         }
-        s.insert(app.to_string(), state);
-        summarize(&s)
-    };
-    let _ = sd_notify::notify(&[NotifyState::Status(&summary)]);
+        Report::Running { workers, busy } => {
+            info.state = AppState::Running;
+            info.workers = workers;
+            info.busy = busy;
+        }
+        Report::Backoff(why) => {
+            info.state = AppState::Restarting;
+            info.workers = 0;
+            info.busy = 0;
+            info.zygote_pid = None;
+            info.last_error = Some(why);
+        }
+        Report::Finished => {
+            info.state = AppState::Finished;
+            info.workers = 0;
+            info.busy = 0;
+            info.zygote_pid = None;
+        }
+        Report::Failed(why) => {
+            info.state = AppState::Failed;
+            info.workers = 0;
+            info.busy = 0;
+            info.zygote_pid = None;
+            info.last_error = Some(why);
+        }
+    });
+    if changed {
+        let _ = sd_notify::notify(&[NotifyState::Status(&summarize(&registry.states()))]);
+    }
 }
 
-fn summarize(states: &BTreeMap<String, AppState>) -> String {
+fn summarize(states: &[(String, AppState, u32, u32)]) -> String {
     let parts: Vec<String> = states
         .iter()
-        .map(|(name, s)| match s {
-            AppState::Starting => format!("{name} starting"),
-            AppState::Idle => format!("{name} idle"),
-            AppState::Running { workers, busy } => format!("{name} {workers}w/{busy} busy"),
-            AppState::Backoff => format!("{name} restarting"),
-            AppState::Finished => format!("{name} finished"),
-            AppState::Failed(_) => format!("{name} FAILED"),
+        .map(|(name, state, workers, busy)| match state {
+            AppState::Running => format!("{name} {workers}w/{busy} busy"),
+            AppState::Restarting => format!("{name} restarting"),
+            AppState::Failed => format!("{name} FAILED"),
+            other => format!("{name} {other}"),
         })
         .collect();
     format!("{} apps: {}", states.len(), parts.join(", "))
@@ -134,16 +160,24 @@ struct App {
     listeners: Vec<OwnedFd>,
     artifact: Artifact,
     drain_timeout: Duration,
-    states: States,
+    registry: Arc<Registry>,
     /// `true` once this version is stopping (shutdown, or replaced or
     /// removed by a reload): it no longer reports its state.
     stopping: watch::Receiver<bool>,
 }
 
 impl App {
-    fn set_state(&self, state: AppState) {
+    fn set_state(&self, report: Report) {
         if !*self.stopping.borrow() {
-            set_state(&self.states, &self.spec.name, state);
+            set_state(&self.registry, &self.spec.name, report);
+        }
+    }
+
+    /// Change the app's record beyond its state (counters, pids), unless
+    /// this version is stopping.
+    fn record(&self, change: impl FnOnce(&mut manager::AppInfo)) {
+        if !*self.stopping.borrow() {
+            self.registry.update(&self.spec.name, change);
         }
     }
 }
@@ -162,7 +196,11 @@ struct Daemon {
     policy: Policy,
     systemd: SystemdSockets,
     cache: Cache,
-    states: States,
+    registry: Arc<Registry>,
+    manager: Manager,
+    /// Apps stopped through the API: not started by a reload until a
+    /// start or restart.
+    stopped: BTreeSet<String>,
     /// Bound listening sockets by address, shared by the old and new
     /// version of an app across a reload.
     sockets: BTreeMap<String, OwnedFd>,
@@ -178,11 +216,24 @@ async fn serve(policy_path: std::path::PathBuf, policy: Policy) -> anyhow::Resul
             policy.daemon.cache_dir.display()
         )
     })?;
+    let registry = Arc::new(Registry::new());
+    let (manager, mut requests) = Manager::new(
+        registry.clone(),
+        manager::Static {
+            policy_path: policy_path.clone(),
+            api_socket: policy.daemon.api_socket.clone(),
+            api_group: policy.daemon.api_group.clone(),
+            cache: cache.clone(),
+        },
+        policy_files(&policy),
+    );
     let mut daemon = Daemon {
         policy_path,
         systemd: SystemdSockets::from_env()?,
         cache,
-        states: Arc::default(),
+        registry,
+        manager,
+        stopped: BTreeSet::new(),
         sockets: BTreeMap::new(),
         apps: BTreeMap::new(),
         retired: Vec::new(),
@@ -191,7 +242,7 @@ async fn serve(policy_path: std::path::PathBuf, policy: Policy) -> anyhow::Resul
     let apps = daemon.policy.apps.clone();
     let mut readiness = Vec::new();
     for spec in apps.values() {
-        set_state(&daemon.states, &spec.name, AppState::Starting);
+        daemon.registry.declare(spec);
     }
     for spec in apps.values() {
         if let Some(ready) = daemon.start_app(spec).await {
@@ -239,9 +290,13 @@ async fn serve(policy_path: std::path::PathBuf, policy: Policy) -> anyhow::Resul
     loop {
         tokio::select! {
             sig = signals.recv() => match sig {
-                Some(libc::SIGHUP) => daemon.reload().await,
+                Some(libc::SIGHUP) => {
+                    tracing::info!("SIGHUP: reloading {}", daemon.policy_path.display());
+                    daemon.reload().await;
+                }
                 _ => break, // SIGTERM, SIGINT
             },
+            Some(request) = requests.recv() => daemon.handle(request).await,
             _ = idle_check.tick(), if daemon.policy.daemon.idle_exit.is_some() => {
                 let limit = daemon.policy.daemon.idle_exit.unwrap_or_default();
                 if daemon.all_idle() {
@@ -278,16 +333,18 @@ async fn serve(policy_path: std::path::PathBuf, policy: Policy) -> anyhow::Resul
 
 impl Daemon {
     fn summary(&self) -> String {
-        summarize(&self.states.lock().unwrap_or_else(|e| e.into_inner()))
+        summarize(&self.registry.states())
     }
 
-    /// Every app has no process (idle, failed or finished).
+    /// Every app has no process (idle, failed, stopped or finished), no
+    /// stopped app is still draining, and no API client is connected.
     fn all_idle(&self) -> bool {
-        self.states
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .all(|s| matches!(s, AppState::Idle | AppState::Failed(_) | AppState::Finished))
+        self.registry
+            .states()
+            .iter()
+            .all(|(_, state, _, _)| state.is_quiet())
+            && self.retired.iter().all(|t| t.is_finished())
+            && self.manager.clients() == 0
     }
 
     /// The listening socket for `addr`: the one already bound (kept across
@@ -319,7 +376,7 @@ impl Daemon {
             Ok((listeners, artifact)) => Some(self.spawn_app(spec, listeners, artifact)),
             Err(e) => {
                 tracing::error!(app = spec.name, "app failed: {e:#}");
-                set_state(&self.states, &spec.name, AppState::Failed(format!("{e:#}")));
+                set_state(&self.registry, &spec.name, Report::Failed(format!("{e:#}")));
                 None
             }
         }
@@ -334,12 +391,16 @@ impl Daemon {
         let (ready_tx, ready_rx) = oneshot::channel();
         let (stop, stop_rx) = watch::channel(false);
         let key = artifact.key.clone();
+        set_state(&self.registry, &spec.name, Report::Starting);
+        self.registry.update(&spec.name, |info| {
+            info.artifact = Some(key.to_string());
+        });
         let app = App {
             spec: spec.clone(),
             listeners,
             artifact,
             drain_timeout: self.policy.daemon.drain_timeout,
-            states: self.states.clone(),
+            registry: self.registry.clone(),
             stopping: stop_rx.clone(),
         };
         let task = tokio::spawn(supervise(app, ready_tx, stop_rx));
@@ -359,39 +420,61 @@ impl Daemon {
         ready_rx
     }
 
-    /// SIGHUP: read the policy again; switch changed apps over, start new
-    /// ones, drain removed ones. An invalid policy changes nothing.
-    async fn reload(&mut self) {
+    /// SIGHUP or the API's Reload: read the policy again; switch changed
+    /// apps over, start new ones, drain removed ones. An invalid policy
+    /// changes nothing; its errors are logged and returned.
+    async fn reload(&mut self) -> ReloadReport {
         if let Ok(now) = NotifyState::monotonic_usec_now() {
             let _ = sd_notify::notify(&[NotifyState::Reloading, now]);
         }
-        tracing::info!("SIGHUP: reloading {}", self.policy_path.display());
-        match corral_policy::load(&self.policy_path, &Environment::from_process()) {
+        let report = match corral_policy::load(&self.policy_path, &Environment::from_process()) {
             Err(e) => {
                 let diagnostics = e.diagnostics();
                 if diagnostics.is_empty() {
                     tracing::error!("reload refused, still serving the previous policy: {e}");
                 } else {
-                    for d in diagnostics {
+                    for d in &diagnostics {
                         tracing::error!("reload refused: {d}");
                     }
                     tracing::error!(
                         "reload refused: the policy has errors; still serving the previous policy"
                     );
                 }
+                let mut errors: Vec<_> = diagnostics.iter().map(Into::into).collect();
+                if errors.is_empty() {
+                    errors.push(manager::PolicyProblem {
+                        file: self.policy_path.display().to_string(),
+                        line: 0,
+                        column: 0,
+                        key: String::new(),
+                        message: e.to_string(),
+                        text: format!("{}: {e}", self.policy_path.display()),
+                    });
+                }
+                ReloadReport {
+                    applied: false,
+                    errors,
+                    ..ReloadReport::default()
+                }
             }
             Ok(policy) => self.apply(policy).await,
-        }
+        };
         self.retired.retain(|t| !t.is_finished());
         let summary = self.summary();
         let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
+        report
     }
 
-    async fn apply(&mut self, policy: Policy) {
+    async fn apply(&mut self, policy: Policy) -> ReloadReport {
+        let mut report = ReloadReport {
+            applied: true,
+            ..ReloadReport::default()
+        };
         if policy.daemon != self.policy.daemon {
             tracing::warn!("reload: changes to [daemon] take effect at the next start");
         }
         let removed: Vec<String> = self
+            .policy
             .apps
             .keys()
             .filter(|name| !policy.apps.contains_key(*name))
@@ -403,13 +486,23 @@ impl Daemon {
                 app.stop.send_replace(true);
                 self.retired.push(app.task);
             }
-            self.states
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&name);
+            self.stopped.remove(&name);
+            self.registry.forget(&name);
+            report.removed.push(name);
         }
         let mut started = Vec::new();
         for (name, spec) in &policy.apps {
+            let known = self.policy.apps.contains_key(name);
+            self.registry.declare(spec);
+            if self.stopped.contains(name) {
+                // Stays stopped; a start uses the new spec.
+                match self.policy.apps.get(name) {
+                    Some(old) if old == spec => report.unchanged.push(name.clone()),
+                    Some(_) => report.changed.push(name.clone()),
+                    None => report.added.push(name.clone()),
+                }
+                continue;
+            }
             let prepared = match self.prepare(spec).await {
                 Ok(prepared) => prepared,
                 Err(e) => {
@@ -418,23 +511,36 @@ impl Daemon {
                             app = name,
                             "reload: cannot prepare the new version ({e:#}); keeping the running one"
                         );
+                        report.unchanged.push(name.clone());
                     } else {
                         tracing::error!(app = name, "app failed: {e:#}");
-                        set_state(&self.states, name, AppState::Failed(format!("{e:#}")));
+                        set_state(&self.registry, name, Report::Failed(format!("{e:#}")));
+                        if known {
+                            report.changed.push(name.clone());
+                        } else {
+                            report.added.push(name.clone());
+                        }
                     }
                     continue;
                 }
             };
             match self.apps.get(name) {
-                Some(running) if running.spec == *spec && running.artifact == prepared.1.key => {}
+                Some(running) if running.spec == *spec && running.artifact == prepared.1.key => {
+                    report.unchanged.push(name.clone());
+                }
                 Some(_) => {
                     tracing::info!(app = name, "reload: changed; switching to the new version");
                     started.push(self.spawn_app(spec, prepared.0, prepared.1));
+                    report.changed.push(name.clone());
                 }
                 None => {
                     tracing::info!(app = name, "reload: new app");
-                    set_state(&self.states, name, AppState::Starting);
                     started.push(self.spawn_app(spec, prepared.0, prepared.1));
+                    if known {
+                        report.changed.push(name.clone());
+                    } else {
+                        report.added.push(name.clone());
+                    }
                 }
             }
         }
@@ -445,16 +551,160 @@ impl Daemon {
             .flat_map(|a| a.listen.iter().map(ToString::to_string))
             .collect();
         self.sockets.retain(|addr, _| used.contains(addr));
+        self.manager.set_policy_files(policy_files(&policy));
         self.policy = policy;
         // READY=1 again once the new versions serve (bounded: a zygote that
         // never answers is the restart logic's business).
-        let _ = tokio::time::timeout(Duration::from_secs(30), async {
-            for ready in started {
-                let _ = ready.await;
-            }
-        })
-        .await;
+        wait_ready(started).await;
+        report
     }
+
+    /// An API request (already authorized by the Manager).
+    async fn handle(&mut self, request: Request) {
+        match request {
+            Request::Reload(reply) => {
+                let report = self.reload().await;
+                let _ = reply.send(report);
+            }
+            Request::Start(name, reply) => {
+                let result = self.start_request(&name, false).await;
+                let _ = reply.send(result);
+            }
+            Request::Restart(name, reply) => {
+                let result = self.start_request(&name, true).await;
+                let _ = reply.send(result);
+            }
+            Request::Stop(name, reply) => {
+                let result = self.stop_request(&name);
+                let _ = reply.send(result);
+            }
+            Request::Recompile(name, reply) => {
+                let result = self.recompile_request(&name).await;
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    fn spec_of(&self, name: &str) -> Result<AppSpec, manager::ManagerError> {
+        self.policy
+            .apps
+            .get(name)
+            .cloned()
+            .ok_or_else(|| manager::ManagerError::NoSuchApp(name.to_string()))
+    }
+
+    /// Start `name` (or, with `always`, restart it even when it runs), and
+    /// wait until it serves.
+    async fn start_request(
+        &mut self,
+        name: &str,
+        always: bool,
+    ) -> Result<(), manager::ManagerError> {
+        let spec = self.spec_of(name)?;
+        let was_stopped = self.stopped.remove(name);
+        let state = self.registry.get(name).map(|i| i.state);
+        let serving = self.apps.contains_key(name)
+            && !matches!(state, Some(AppState::Failed | AppState::Finished));
+        if serving && !was_stopped && !always {
+            return Ok(());
+        }
+        tracing::info!(
+            app = name,
+            "{}",
+            if always { "restarting" } else { "starting" }
+        );
+        match self.prepare(&spec).await {
+            Ok((listeners, artifact)) => {
+                let ready = self.spawn_app(&spec, listeners, artifact);
+                wait_ready(vec![ready]).await;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(app = name, "app failed: {e:#}");
+                let why = format!("{e:#}");
+                // A running version keeps serving; otherwise it failed.
+                if !serving {
+                    set_state(&self.registry, name, Report::Failed(why.clone()));
+                }
+                Err(manager::ManagerError::Failed(why))
+            }
+        }
+    }
+
+    /// Stop `name`: it drains in the background; its sockets stay bound,
+    /// so new connections wait in the backlog until it is started again.
+    fn stop_request(&mut self, name: &str) -> Result<(), manager::ManagerError> {
+        self.spec_of(name)?;
+        self.stopped.insert(name.to_string());
+        if let Some(app) = self.apps.remove(name) {
+            tracing::info!(app = name, "stopping: draining it");
+            app.stop.send_replace(true);
+            self.retired.push(app.task);
+        }
+        let changed = self.registry.update(name, |info| {
+            info.state = AppState::Stopped;
+            info.workers = 0;
+            info.busy = 0;
+            info.zygote_pid = None;
+        });
+        if changed {
+            let _ = sd_notify::notify(&[NotifyState::Status(&self.summary())]);
+        }
+        Ok(())
+    }
+
+    /// Compile `name`'s module again, ignoring the cache, and restart onto
+    /// the new artifact (a stopped app stays stopped).
+    async fn recompile_request(&mut self, name: &str) -> Result<(), manager::ManagerError> {
+        let spec = self.spec_of(name)?;
+        let cache = self.cache.clone();
+        let options = EngineOptions::for_app(&spec);
+        let module = spec.module.clone();
+        let compiled = tokio::task::spawn_blocking(move || -> anyhow::Result<Duration> {
+            let engine = corral_compiler::build_engine(&options, None)?.engine;
+            let artifact = cache
+                .recompile(&engine, &module)
+                .with_context(|| format!("compiling {}", module.display()))?;
+            Ok(artifact.compile_time.unwrap_or_default())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("the compile task failed: {e}"))
+        .and_then(|r| r);
+        match compiled {
+            Ok(took) => tracing::info!(
+                app = name,
+                "recompiled {} in {took:?}",
+                spec.module.display()
+            ),
+            Err(e) => {
+                tracing::error!(app = name, "recompile failed: {e:#}");
+                return Err(manager::ManagerError::Failed(format!("{e:#}")));
+            }
+        }
+        if self.stopped.contains(name) {
+            return Ok(());
+        }
+        self.start_request(name, true).await
+    }
+}
+
+/// Wait (at most 30 s) until every one of `started` serves.
+async fn wait_ready(started: Vec<oneshot::Receiver<()>>) {
+    let _ = tokio::time::timeout(Duration::from_secs(30), async {
+        for ready in started {
+            let _ = ready.await;
+        }
+    })
+    .await;
+}
+
+/// The policy's files, for `DaemonInfo`.
+fn policy_files(policy: &Policy) -> Vec<String> {
+    policy
+        .sources
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect()
 }
 
 /// An app's artifact (compiled on a blocking thread).
@@ -523,7 +773,7 @@ async fn supervise(app: App, ready: oneshot::Sender<()>, mut shutdown: watch::Re
             return;
         }
         if app.spec.pool.min == 0 && app.spec.kind != AppKind::Command {
-            app.set_state(AppState::Idle);
+            app.set_state(Report::Idle);
             if let Some(r) = ready.take() {
                 let _ = r.send(());
             }
@@ -562,7 +812,7 @@ async fn supervise(app: App, ready: oneshot::Sender<()>, mut shutdown: watch::Re
                         "{how}; not restarted (restart.on = {:?})",
                         restart.on
                     );
-                    app.set_state(AppState::Finished);
+                    app.set_state(Report::Finished);
                     let _ = shutdown.changed().await;
                     return;
                 }
@@ -647,7 +897,7 @@ async fn crashed(
                 humantime::format_duration(give_up.window)
             );
             tracing::error!(app = name, "failed: {reason}");
-            app.set_state(AppState::Failed(reason));
+            app.set_state(Report::Failed(reason));
             let _ = shutdown.changed().await;
             return Some(());
         }
@@ -660,7 +910,7 @@ async fn crashed(
         "{why}; restarting in {}",
         humantime::format_duration(*backoff)
     );
-    app.set_state(AppState::Backoff);
+    app.set_state(Report::Backoff(why.clone()));
     tokio::select! {
         () = tokio::time::sleep(*backoff) => {}
         _ = shutdown.changed() => return Some(()),
@@ -726,6 +976,7 @@ async fn run_zygote(
         tokio::io::Interest::READABLE,
     )?;
     tracing::debug!(app = name, pid, "zygote started");
+    app.record(|info| info.cold_starts += 1);
 
     let start = Start {
         app: app.spec.clone(),
@@ -819,9 +1070,13 @@ impl Reported {
         match msg {
             FromZygote::Ready { layers, missing: _ } => {
                 tracing::info!(app = name, pid, "serving ({layers})");
-                app.set_state(AppState::Running {
+                app.set_state(Report::Running {
                     workers: 0,
                     busy: 0,
+                });
+                app.record(|info| {
+                    info.sandbox = layers.split_whitespace().map(str::to_string).collect();
+                    info.zygote_pid = Some(pid);
                 });
                 if let Some(r) = ready.take() {
                     let _ = r.send(());
@@ -832,7 +1087,7 @@ impl Reported {
                 self.failed = Some(error);
             }
             FromZygote::Workers { live, busy } => {
-                app.set_state(AppState::Running {
+                app.set_state(Report::Running {
                     workers: live,
                     busy,
                 });
@@ -846,6 +1101,10 @@ impl Reported {
                 let how = seccomp_report(name, worker, status).unwrap_or(how);
                 if crashed {
                     tracing::warn!(app = name, worker, "{how}; replacing it");
+                    app.record(|info| {
+                        info.errors += 1;
+                        info.last_error = Some(format!("worker {worker}: {how}"));
+                    });
                 } else {
                     tracing::debug!(app = name, worker, "{how}");
                 }
@@ -939,16 +1198,15 @@ mod tests {
 
     #[test]
     fn status_is_one_line_per_daemon() {
-        let mut states = BTreeMap::new();
-        states.insert("a".to_string(), AppState::Idle);
-        states.insert(
-            "b".to_string(),
-            AppState::Running {
-                workers: 2,
-                busy: 1,
-            },
+        let states = [
+            ("a".to_string(), AppState::Idle, 0, 0),
+            ("b".to_string(), AppState::Running, 2, 1),
+            ("c".to_string(), AppState::Failed, 0, 0),
+            ("d".to_string(), AppState::Stopped, 0, 0),
+        ];
+        assert_eq!(
+            summarize(&states),
+            "4 apps: a idle, b 2w/1 busy, c FAILED, d stopped"
         );
-        states.insert("c".to_string(), AppState::Failed("x".into()));
-        assert_eq!(summarize(&states), "3 apps: a idle, b 2w/1 busy, c FAILED");
     }
 }

@@ -1,0 +1,711 @@
+//! The `Manager`: the one service behind both management front ends (the
+//! Unix-socket HTTP API in `crate::api` and D-Bus in `crate::dbus`).
+//!
+//! Reads (apps, info, events, metrics) come from a [`Registry`] that the
+//! app tasks update as they go, so they never wait for the daemon's loop.
+//! Mutations (start, stop, restart, reload, recompile) are checked against
+//! the caller's credentials *here*, not in the front ends, then sent to the
+//! daemon's loop as a [`Request`] and answered on a oneshot channel: the
+//! loop is the only place that changes which app versions run, so a
+//! mutation never races a SIGHUP reload.
+//!
+//! Who may mutate: uid 0, and members (primary or supplementary) of the
+//! group `daemon.api-group`, looked up at each call so that a group created
+//! after corrald started (package installation order) counts.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// How an app is doing. The words are the API's (`"running"`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppState {
+    /// Its artifact is being prepared or its zygote is starting.
+    Starting,
+    /// Its zygote serves (workers may be 0 for a moment).
+    Running,
+    /// No process: corrald watches its sockets (`pool.min = 0`).
+    Idle,
+    /// It crashed and waits out its restart backoff.
+    Restarting,
+    /// It gave up (`restart.give-up`) or could not be prepared.
+    Failed,
+    /// Stopped through the API; its sockets stay bound.
+    Stopped,
+    /// A `command` app whose instance ended and is not restarted.
+    Finished,
+}
+
+impl AppState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppState::Starting => "starting",
+            AppState::Running => "running",
+            AppState::Idle => "idle",
+            AppState::Restarting => "restarting",
+            AppState::Failed => "failed",
+            AppState::Stopped => "stopped",
+            AppState::Finished => "finished",
+        }
+    }
+
+    /// No process of the app runs.
+    pub fn is_quiet(self) -> bool {
+        matches!(
+            self,
+            AppState::Idle | AppState::Failed | AppState::Stopped | AppState::Finished
+        )
+    }
+}
+
+impl std::fmt::Display for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One app, as the APIs show it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AppInfo {
+    pub name: String,
+    /// `http`, `stdio` or `command`.
+    pub kind: String,
+    pub state: AppState,
+    /// When `state` last changed, Unix time in milliseconds.
+    pub state_since: u64,
+    /// Live workers.
+    pub workers: u32,
+    /// Workers serving at least one connection.
+    pub busy: u32,
+    /// Served since corrald started: http requests, stdio connections,
+    /// command runs.
+    pub requests: u64,
+    /// Failed requests and crashed instances.
+    pub errors: u64,
+    /// Zygote starts (from zero, and restarts).
+    pub cold_starts: u64,
+    pub last_error: Option<String>,
+    /// The module's path.
+    pub module: String,
+    /// `<triple>/<engine-hash>/<module-sha256>` of the artifact served.
+    pub artifact: Option<String>,
+    /// Sandbox layers in force, as the zygote reported them
+    /// (`landlock=abi7(files,tcp,scoping)`, `seccomp=on(130 calls)`).
+    pub sandbox: Vec<String>,
+    /// Listen addresses as the policy writes them.
+    pub listen: Vec<String>,
+    pub zygote_pid: Option<u32>,
+}
+
+/// The artifact cache, in numbers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CacheStats {
+    pub dir: String,
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// The daemon, as the APIs show it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DaemonInfo {
+    pub version: String,
+    pub wasmtime_version: String,
+    /// The host's target triple (the cache's first directory level).
+    pub target: String,
+    pub pid: u32,
+    /// Unix time in milliseconds.
+    pub started: u64,
+    pub uptime_seconds: f64,
+    pub policy_path: String,
+    /// The main file and its drop-ins, in merge order.
+    pub policy_files: Vec<String>,
+    pub api_socket: String,
+    pub api_group: String,
+    pub apps: usize,
+    pub cache: CacheStats,
+}
+
+/// One problem of a refused reload.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PolicyProblem {
+    pub file: String,
+    pub line: u32,
+    pub column: u32,
+    pub key: String,
+    pub message: String,
+    /// The whole line as `corral check` prints it: `file:line:col: key: message`.
+    pub text: String,
+}
+
+impl From<&corral_policy::Diagnostic> for PolicyProblem {
+    fn from(d: &corral_policy::Diagnostic) -> PolicyProblem {
+        PolicyProblem {
+            file: d.file.display().to_string(),
+            line: u32::try_from(d.line).unwrap_or(u32::MAX),
+            column: u32::try_from(d.column).unwrap_or(u32::MAX),
+            key: d.key.clone(),
+            message: d.message.clone(),
+            text: d.to_string(),
+        }
+    }
+}
+
+/// What a reload did. A policy with errors is a report with
+/// `applied: false`, not an error: the errors are the answer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ReloadReport {
+    pub applied: bool,
+    pub errors: Vec<PolicyProblem>,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    pub unchanged: Vec<String>,
+}
+
+/// A change of an app's state or worker count.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Event {
+    /// Increases by one per event; a gap means a slow reader missed some.
+    pub seq: u64,
+    /// Unix time in milliseconds.
+    pub time: u64,
+    pub app: String,
+    /// `None` for an app that just appeared.
+    pub old: Option<AppState>,
+    pub state: AppState,
+    pub workers: u32,
+    pub detail: Option<String>,
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ManagerError {
+    #[error("no app named {0:?} in the policy")]
+    NoSuchApp(String),
+    #[error("{0}")]
+    AccessDenied(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("corrald is shutting down")]
+    ShuttingDown,
+}
+
+impl ManagerError {
+    /// A stable word for machines (the socket API's `error` field).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ManagerError::NoSuchApp(_) => "no_such_app",
+            ManagerError::AccessDenied(_) => "access_denied",
+            ManagerError::Failed(_) => "failed",
+            ManagerError::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// Who is calling, from SO_PEERCRED/SO_PEERGROUPS or the D-Bus daemon's
+/// `GetConnectionCredentials`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+    pub pid: Option<u32>,
+    /// `"socket"` or `"dbus"`, for the log line of a denial.
+    pub via: &'static str,
+}
+
+/// A mutation, for the daemon's loop.
+#[derive(Debug)]
+pub(crate) enum Request {
+    Start(String, oneshot::Sender<Result<(), ManagerError>>),
+    Stop(String, oneshot::Sender<Result<(), ManagerError>>),
+    Restart(String, oneshot::Sender<Result<(), ManagerError>>),
+    Recompile(String, oneshot::Sender<Result<(), ManagerError>>),
+    Reload(oneshot::Sender<ReloadReport>),
+}
+
+/// Live state of every app, written by the app tasks and the daemon.
+pub(crate) struct Registry {
+    apps: Mutex<BTreeMap<String, AppInfo>>,
+    events: broadcast::Sender<Event>,
+    seq: AtomicU64,
+}
+
+impl Registry {
+    pub(crate) fn new() -> Registry {
+        Registry {
+            apps: Mutex::new(BTreeMap::new()),
+            events: broadcast::channel(1024).0,
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, AppInfo>> {
+        self.apps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Make the app known (or refresh its policy-side fields), keeping its
+    /// counters and state.
+    pub(crate) fn declare(&self, spec: &corral_policy::AppSpec) {
+        let mut apps = self.lock();
+        let info = apps.entry(spec.name.clone()).or_insert_with(|| AppInfo {
+            name: spec.name.clone(),
+            kind: spec.kind.to_string(),
+            state: AppState::Starting,
+            state_since: unix_ms(SystemTime::now()),
+            workers: 0,
+            busy: 0,
+            requests: 0,
+            errors: 0,
+            cold_starts: 0,
+            last_error: None,
+            module: String::new(),
+            artifact: None,
+            sandbox: Vec::new(),
+            listen: Vec::new(),
+            zygote_pid: None,
+        });
+        info.kind = spec.kind.to_string();
+        info.module = spec.module.display().to_string();
+        info.listen = spec.listen.iter().map(ToString::to_string).collect();
+    }
+
+    pub(crate) fn forget(&self, app: &str) {
+        self.lock().remove(app);
+    }
+
+    /// Change an app's record; an event goes out when its state or worker
+    /// count changed. Returns whether the state changed.
+    pub(crate) fn update(&self, app: &str, change: impl FnOnce(&mut AppInfo)) -> bool {
+        let event = {
+            let mut apps = self.lock();
+            let Some(info) = apps.get_mut(app) else {
+                return false;
+            };
+            let (old_state, old_workers) = (info.state, info.workers);
+            change(info);
+            if info.state != old_state {
+                info.state_since = unix_ms(SystemTime::now());
+            }
+            if info.state == old_state && info.workers == old_workers {
+                return false;
+            }
+            Event {
+                seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+                time: unix_ms(SystemTime::now()),
+                app: app.to_string(),
+                old: Some(old_state),
+                state: info.state,
+                workers: info.workers,
+                detail: match info.state {
+                    AppState::Failed => info.last_error.clone(),
+                    _ => None,
+                },
+            }
+        };
+        let changed = event.old != Some(event.state);
+        // No receiver is fine: nobody is listening.
+        let _ = self.events.send(event);
+        changed
+    }
+
+    pub(crate) fn get(&self, app: &str) -> Option<AppInfo> {
+        self.lock().get(app).cloned()
+    }
+
+    pub(crate) fn all(&self) -> Vec<AppInfo> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// `(name, state, workers, busy)` of every app, for `STATUS=`.
+    pub(crate) fn states(&self) -> Vec<(String, AppState, u32, u32)> {
+        self.lock()
+            .values()
+            .map(|i| (i.name.clone(), i.state, i.workers, i.busy))
+            .collect()
+    }
+}
+
+/// What the daemon tells the Manager once, at start.
+pub(crate) struct Static {
+    pub(crate) policy_path: std::path::PathBuf,
+    pub(crate) api_socket: std::path::PathBuf,
+    pub(crate) api_group: String,
+    pub(crate) cache: corral_compiler::Cache,
+}
+
+struct Shared {
+    registry: Arc<Registry>,
+    requests: mpsc::Sender<Request>,
+    fixed: Static,
+    /// Files of the policy in force (changes with reloads).
+    policy_files: Mutex<Vec<String>>,
+    started: SystemTime,
+    started_at: Instant,
+    clients: AtomicUsize,
+    /// Renders `GET /metrics` (set by the metrics code; empty until then).
+    metrics: Mutex<Option<MetricsRenderer>>,
+}
+
+/// Renders the Prometheus text for the current registry.
+pub type MetricsRenderer = Box<dyn Fn(&[AppInfo]) -> String + Send + Sync>;
+
+/// The management service. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Manager {
+    shared: Arc<Shared>,
+}
+
+/// Held while an API connection is open: corrald's `idle-exit` waits for
+/// every guard to drop.
+#[derive(Debug)]
+pub struct ClientGuard {
+    shared: std::sync::Weak<Shared>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.clients.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Manager {
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        fixed: Static,
+        policy_files: Vec<String>,
+    ) -> (Manager, mpsc::Receiver<Request>) {
+        let (tx, rx) = mpsc::channel(64);
+        let manager = Manager {
+            shared: Arc::new(Shared {
+                registry,
+                requests: tx,
+                fixed,
+                policy_files: Mutex::new(policy_files),
+                started: SystemTime::now(),
+                started_at: Instant::now(),
+                clients: AtomicUsize::new(0),
+                metrics: Mutex::new(None),
+            }),
+        };
+        (manager, rx)
+    }
+
+    pub(crate) fn set_policy_files(&self, files: Vec<String>) {
+        *self
+            .shared
+            .policy_files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = files;
+    }
+
+    /// Install the renderer of `GET /metrics`.
+    pub fn set_metrics_renderer(&self, render: MetricsRenderer) {
+        *self
+            .shared
+            .metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(render);
+    }
+
+    /// Open API connections.
+    pub(crate) fn clients(&self) -> usize {
+        self.shared.clients.load(Ordering::Relaxed)
+    }
+
+    pub fn list_apps(&self) -> Vec<AppInfo> {
+        self.shared.registry.all()
+    }
+
+    pub fn get_app(&self, name: &str) -> Result<AppInfo, ManagerError> {
+        self.shared
+            .registry
+            .get(name)
+            .ok_or_else(|| ManagerError::NoSuchApp(name.to_string()))
+    }
+
+    pub fn info(&self) -> DaemonInfo {
+        let fixed = &self.shared.fixed;
+        let (entries, bytes) = match fixed.cache.entries() {
+            Ok(list) => (list.len() as u64, list.iter().map(|e| e.size).sum()),
+            Err(_) => (0, 0),
+        };
+        DaemonInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            wasmtime_version: corral_compiler::WASMTIME_VERSION.to_string(),
+            target: corral_compiler::host_triple(),
+            pid: std::process::id(),
+            started: unix_ms(self.shared.started),
+            uptime_seconds: self.shared.started_at.elapsed().as_secs_f64(),
+            policy_path: fixed.policy_path.display().to_string(),
+            policy_files: self
+                .shared
+                .policy_files
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            api_socket: fixed.api_socket.display().to_string(),
+            api_group: fixed.api_group.clone(),
+            apps: self.shared.registry.lock().len(),
+            cache: CacheStats {
+                dir: fixed.cache.root().display().to_string(),
+                entries,
+                bytes,
+            },
+        }
+    }
+
+    /// App state changes from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.shared.registry.events.subscribe()
+    }
+
+    /// The Prometheus text exposition of the current counters.
+    pub fn metrics_text(&self) -> String {
+        let apps = self.list_apps();
+        match &*self
+            .shared
+            .metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            Some(render) => render(&apps),
+            None => basic_metrics(&apps),
+        }
+    }
+
+    pub fn client_guard(&self) -> ClientGuard {
+        self.shared.clients.fetch_add(1, Ordering::Relaxed);
+        ClientGuard {
+            shared: Arc::downgrade(&self.shared),
+        }
+    }
+
+    /// `Ok` when `caller` may mutate: uid 0, or a member of `api-group`.
+    /// A denial is logged with the caller and the action.
+    pub fn authorize(&self, caller: &Caller, action: &str) -> Result<(), ManagerError> {
+        if caller.uid == 0 {
+            return Ok(());
+        }
+        let group = &self.shared.fixed.api_group;
+        let gid = group_id(group);
+        if let Some(gid) = gid
+            && (caller.gid == gid || caller.groups.contains(&gid))
+        {
+            return Ok(());
+        }
+        let pid = caller.pid.map(|p| p.to_string()).unwrap_or("?".into());
+        tracing::warn!(
+            uid = caller.uid,
+            pid,
+            via = caller.via,
+            "access denied: {action} needs uid 0 or group {group}"
+        );
+        Err(ManagerError::AccessDenied(match gid {
+            Some(_) => format!(
+                "{action} is allowed to root and members of the group {group:?} only (caller uid {})",
+                caller.uid
+            ),
+            None => format!(
+                "{action} is allowed to root only: the group {group:?} (daemon.api-group) does not exist (caller uid {})",
+                caller.uid
+            ),
+        }))
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T, ManagerError> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .requests
+            .send(make(tx))
+            .await
+            .map_err(|_| ManagerError::ShuttingDown)?;
+        rx.await.map_err(|_| ManagerError::ShuttingDown)
+    }
+
+    async fn app_request(
+        &self,
+        caller: &Caller,
+        name: &str,
+        action: &str,
+        make: fn(String, oneshot::Sender<Result<(), ManagerError>>) -> Request,
+    ) -> Result<AppInfo, ManagerError> {
+        self.get_app(name)?;
+        self.authorize(caller, &format!("{action} {name}"))?;
+        tracing::info!(
+            app = name,
+            uid = caller.uid,
+            via = caller.via,
+            "{action} requested"
+        );
+        self.ask(|tx| make(name.to_string(), tx)).await??;
+        self.get_app(name)
+    }
+
+    /// Start a stopped or failed app (a running one is left as it is).
+    pub async fn start_app(&self, caller: &Caller, name: &str) -> Result<AppInfo, ManagerError> {
+        self.app_request(caller, name, "start", Request::Start)
+            .await
+    }
+
+    /// Stop accepting and drain; the sockets stay bound.
+    pub async fn stop_app(&self, caller: &Caller, name: &str) -> Result<AppInfo, ManagerError> {
+        self.app_request(caller, name, "stop", Request::Stop).await
+    }
+
+    /// A new zygote on the same sockets; the old workers drain.
+    pub async fn restart_app(&self, caller: &Caller, name: &str) -> Result<AppInfo, ManagerError> {
+        self.app_request(caller, name, "restart", Request::Restart)
+            .await
+    }
+
+    /// Compile the module again (ignoring the cache) and restart onto it.
+    pub async fn recompile(&self, caller: &Caller, name: &str) -> Result<AppInfo, ManagerError> {
+        self.app_request(caller, name, "recompile", Request::Recompile)
+            .await
+    }
+
+    /// Read the policy again, as SIGHUP does.
+    pub async fn reload(&self, caller: &Caller) -> Result<ReloadReport, ManagerError> {
+        self.authorize(caller, "reload")?;
+        tracing::info!(uid = caller.uid, via = caller.via, "reload requested");
+        self.ask(Request::Reload).await
+    }
+}
+
+/// The metrics every build has (apps, workers, states) until the full
+/// renderer is installed.
+fn basic_metrics(apps: &[AppInfo]) -> String {
+    let mut out = String::new();
+    out.push_str("# HELP corral_app_workers Live worker processes of the app.\n");
+    out.push_str("# TYPE corral_app_workers gauge\n");
+    for a in apps {
+        out.push_str(&format!(
+            "corral_app_workers{{app=\"{}\"}} {}\n",
+            escape_label(&a.name),
+            a.workers
+        ));
+    }
+    out
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+pub fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The gid of group `name` through NSS (so LDAP/sssd groups count too).
+pub(crate) fn group_id(name: &str) -> Option<u32> {
+    let cname = CString::new(name).ok()?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let mut group = std::mem::MaybeUninit::<libc::group>::uninit();
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call: `cname` is a
+        // NUL-terminated string, `group` and `result` are writable
+        // locations, and `buf` is writable for `buf.len()` bytes; the
+        // strings getgrnam_r stores in `group` point into `buf`, which we
+        // do not read. We read only `gr_gid`, and only when `result` is
+        // non-null (then `group` was filled in).
+        let rc = unsafe {
+            libc::getgrnam_r(
+                cname.as_ptr(),
+                group.as_mut_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 4, 0);
+            continue;
+        }
+        if rc != 0 || result.is_null() {
+            return None;
+        }
+        // SAFETY: `result` is non-null, so getgrnam_r initialized `group`.
+        return Some(unsafe { group.assume_init() }.gr_gid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_root_group_and_not_a_missing_one() {
+        assert_eq!(group_id("root"), Some(0));
+        assert_eq!(group_id("corral-no-such-group-xyz"), None);
+        assert_eq!(group_id("a\0b"), None);
+    }
+
+    #[test]
+    fn events_go_out_on_state_and_worker_changes_only() {
+        let registry = Registry::new();
+        let mut rx = registry.events.subscribe();
+        registry.lock().insert(
+            "a".into(),
+            AppInfo {
+                name: "a".into(),
+                kind: "http".into(),
+                state: AppState::Starting,
+                state_since: 0,
+                workers: 0,
+                busy: 0,
+                requests: 0,
+                errors: 0,
+                cold_starts: 0,
+                last_error: None,
+                module: "/m.wasm".into(),
+                artifact: None,
+                sandbox: vec![],
+                listen: vec![],
+                zygote_pid: None,
+            },
+        );
+        assert!(registry.update("a", |i| i.state = AppState::Running));
+        assert!(!registry.update("a", |i| i.busy = 3));
+        assert!(!registry.update("a", |i| i.workers = 2));
+        assert!(!registry.update("missing", |i| i.workers = 2));
+        let first = rx.try_recv().unwrap();
+        assert_eq!(
+            (first.seq, first.old, first.state),
+            (1, Some(AppState::Starting), AppState::Running)
+        );
+        let second = rx.try_recv().unwrap();
+        assert_eq!((second.seq, second.workers), (2, 2));
+        assert!(rx.try_recv().is_err(), "busy alone is not an event");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
