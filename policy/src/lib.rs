@@ -85,6 +85,28 @@ pub fn drop_in_files(main: &Path) -> Result<Vec<PathBuf>, PolicyError> {
 
 /// Load the policy at `main` and its drop-ins.
 pub fn load(main: &Path, env: &Environment) -> Result<Policy, PolicyError> {
+    let (sources, merged) = read_and_merge(main)?;
+    validate::validate(&sources, &merged, env).map_err(PolicyError::Invalid)
+}
+
+/// Validate one policy given as text, as if read from `path` (relative
+/// paths inside resolve against `path`'s directory). No drop-ins.
+pub fn parse_str(text: &str, path: &Path, env: &Environment) -> Result<Policy, PolicyError> {
+    load_texts(vec![(path.to_path_buf(), text.to_string())], env)
+}
+
+/// Load only the `[sockets]` tables of the policy at `main` and its
+/// drop-ins: what `corral-generator` needs at early boot, when the apps'
+/// modules and directories may not be mounted yet. Syntax errors anywhere
+/// and mistakes in `[sockets]` are errors; the rest is not checked.
+pub fn load_sockets(
+    main: &Path,
+) -> Result<std::collections::BTreeMap<String, SocketSpec>, PolicyError> {
+    let (sources, merged) = read_and_merge(main)?;
+    validate::validate_sockets(&sources, &merged).map_err(PolicyError::Invalid)
+}
+
+fn read_and_merge(main: &Path) -> Result<(Sources, Table), PolicyError> {
     let mut files = vec![main.to_path_buf()];
     files.extend(drop_in_files(main)?);
     let mut texts = Vec::with_capacity(files.len());
@@ -95,16 +117,16 @@ pub fn load(main: &Path, env: &Environment) -> Result<Policy, PolicyError> {
         })?;
         texts.push((path, text));
     }
-    load_texts(texts, env)
-}
-
-/// Validate one policy given as text, as if read from `path` (relative
-/// paths inside resolve against `path`'s directory). No drop-ins.
-pub fn parse_str(text: &str, path: &Path, env: &Environment) -> Result<Policy, PolicyError> {
-    load_texts(vec![(path.to_path_buf(), text.to_string())], env)
+    parse_and_merge(texts)
 }
 
 fn load_texts(texts: Vec<(PathBuf, String)>, env: &Environment) -> Result<Policy, PolicyError> {
+    let (sources, merged) = parse_and_merge(texts)?;
+    validate::validate(&sources, &merged, env).map_err(PolicyError::Invalid)
+}
+
+/// Parse every file (all syntax errors at once) and merge them in order.
+fn parse_and_merge(texts: Vec<(PathBuf, String)>) -> Result<(Sources, Table), PolicyError> {
     let mut sources = Sources::default();
     let mut tables = Vec::new();
     let mut syntax: Vec<SyntaxError> = Vec::new();
@@ -126,5 +148,5 @@ fn load_texts(texts: Vec<(PathBuf, String)>, env: &Environment) -> Result<Policy
     for table in tables {
         merged.merge(table);
     }
-    validate::validate(&sources, &merged, env).map_err(PolicyError::Invalid)
+    Ok((sources, merged))
 }

@@ -26,6 +26,22 @@ pub struct Policy {
     pub daemon: DaemonSpec,
     /// Apps by name (names are unique; iteration is in name order).
     pub apps: BTreeMap<String, AppSpec>,
+    /// `[sockets.NAME]`: sockets systemd holds for apps that listen on
+    /// `systemd:NAME`, by name.
+    pub sockets: BTreeMap<String, SocketSpec>,
+}
+
+/// One `[sockets.NAME]` table: the address of a socket that systemd opens
+/// and holds for the app that listens on `systemd:NAME`. `corral-generator`
+/// writes it as the unit `corral-NAME.socket` (`ListenStream=` this address,
+/// `FileDescriptorName=NAME`, `Service=corrald.service`), so the app starts
+/// on its first connection and keeps its socket across corrald restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub struct SocketSpec {
+    /// A TCP or unix address, never `systemd:`.
+    pub listen: ListenAddr,
 }
 
 /// The `[daemon]` table.

@@ -338,7 +338,8 @@ pub(crate) fn normalize_guest_path(text: &str) -> Result<String, String> {
     Ok(format!("/{}", parts.join("/")))
 }
 
-const TOP_KEYS: &[&str] = &["daemon", "defaults", "apps"];
+const TOP_KEYS: &[&str] = &["daemon", "defaults", "apps", "sockets"];
+const SOCKET_KEYS: &[&str] = &["listen"];
 const DAEMON_KEYS: &[&str] = &[
     "cache-dir",
     "state-dir",
@@ -444,6 +445,8 @@ pub(crate) fn validate(
     }
 
     check_across_apps(&mut cx, &apps, &app_names_at);
+    let sockets = sockets_spec(&mut cx, doc);
+    check_sockets_against_apps(&mut cx, doc, &sockets, &apps);
 
     if cx.error_count() > 0 {
         return Err(cx.into_diagnostics());
@@ -453,7 +456,138 @@ pub(crate) fn validate(
         sources: sources.paths().map(Path::to_path_buf).collect(),
         daemon,
         apps,
+        sockets,
     })
+}
+
+/// Validate only the `[sockets]` table of a merged document (for
+/// `corral-generator`, which must not depend on the apps' module files being
+/// readable at early boot). `Err` carries every problem found there.
+pub(crate) fn validate_sockets(
+    sources: &Sources,
+    doc: &Table,
+) -> Result<BTreeMap<String, SocketSpec>, Vec<Diagnostic>> {
+    let mut cx = Checker::new(sources);
+    let sockets = sockets_spec(&mut cx, doc);
+    if cx.error_count() > 0 {
+        return Err(cx.into_diagnostics());
+    }
+    Ok(sockets)
+}
+
+/// The `[sockets.NAME]` tables, each checked on its own.
+fn sockets_spec(cx: &mut Checker<'_>, doc: &Table) -> BTreeMap<String, SocketSpec> {
+    let mut sockets = BTreeMap::new();
+    let Some(entry) = doc.get("sockets") else {
+        return sockets;
+    };
+    let Some(table) = cx.table(&entry.value, "sockets") else {
+        return sockets;
+    };
+    for socket in &table.entries {
+        let path = join("sockets", &socket.key);
+        // The name becomes part of a unit name (`corral-NAME.socket`), so it
+        // follows the app-name rules rather than FileDescriptorName='s looser ones.
+        if check_app_name(&socket.key).is_err() {
+            cx.error(
+                socket.key_at,
+                &path,
+                format!(
+                    "`{}` is not a valid socket name: use 1 to 64 letters, digits, `-` or `_`, starting with a letter or digit (it names the unit corral-NAME.socket)",
+                    socket.key
+                ),
+            );
+            continue;
+        }
+        let Some(t) = cx.table(&socket.value, &path) else {
+            continue;
+        };
+        cx.check_keys(t, &path, SOCKET_KEYS);
+        let listen_path = join(&path, "listen");
+        let Some(listen) = t.get("listen") else {
+            cx.error(
+                socket.key_at,
+                &listen_path,
+                "missing: the address systemd listens on, e.g. listen = \"127.0.0.1:8080\" or \"unix:/run/web.sock\"",
+            );
+            continue;
+        };
+        let Some(text) = cx.string(&listen.value, &listen_path) else {
+            continue;
+        };
+        match parse_listen(text) {
+            Ok(ListenAddr::Systemd(_)) => cx.error(
+                listen.value.at,
+                &listen_path,
+                format!("`{text}`: a socket's address is \"IP:PORT\", \"[IPv6]:PORT\" or \"unix:/path\"; `systemd:NAME` belongs in an app's listen"),
+            ),
+            Ok(addr) => {
+                sockets.insert(socket.key.clone(), SocketSpec { listen: addr });
+            }
+            Err(why) => cx.error(listen.value.at, &listen_path, why),
+        }
+    }
+    sockets
+}
+
+/// Each `[sockets.NAME]` is used by an app (`listen = ["systemd:NAME"]`),
+/// and its address is not one an app binds itself.
+fn check_sockets_against_apps(
+    cx: &mut Checker<'_>,
+    doc: &Table,
+    sockets: &BTreeMap<String, SocketSpec>,
+    apps: &BTreeMap<String, AppSpec>,
+) {
+    let Some(NodeKind::Table(table)) = doc.get("sockets").map(|e| &e.value.kind) else {
+        return;
+    };
+    let mut claimed: Vec<(&str, &ListenAddr)> = Vec::new();
+    for (name, socket) in sockets {
+        let Some(entry) = table.get(name) else {
+            continue;
+        };
+        let path = join("sockets", name);
+        let wanted = ListenAddr::Systemd(name.clone());
+        if !apps.values().any(|app| app.listen.contains(&wanted)) {
+            cx.error(
+                entry.key_at,
+                &path,
+                format!("no app listens on \"systemd:{name}\": add it to an app's listen, or remove this socket"),
+            );
+        }
+        let at = match &entry.value.kind {
+            NodeKind::Table(t) => t.get("listen").map_or(entry.key_at, |l| l.value.at),
+            _ => entry.key_at,
+        };
+        let listen_path = join(&path, "listen");
+        for (app_name, app) in apps {
+            if let Some(other) = app
+                .listen
+                .iter()
+                .find(|a| listen_overlaps(&socket.listen, a))
+            {
+                cx.error(
+                    at,
+                    &listen_path,
+                    format!("`{}` overlaps `{other}` of app `{app_name}`", socket.listen),
+                );
+            }
+        }
+        if let Some((other_name, other)) = claimed
+            .iter()
+            .find(|(_, other)| listen_overlaps(&socket.listen, other))
+        {
+            cx.error(
+                at,
+                &listen_path,
+                format!(
+                    "`{}` overlaps `{other}` of socket `{other_name}`",
+                    socket.listen
+                ),
+            );
+        }
+        claimed.push((name, &socket.listen));
+    }
 }
 
 fn check_app_name(name: &str) -> Result<(), String> {
@@ -1263,6 +1397,7 @@ mod tests {
         for (prefix, list) in nested {
             keys.extend(list.iter().map(|k| format!("{prefix}{k}")));
         }
+        keys.extend(SOCKET_KEYS.iter().map(|k| format!("sockets.NAME.{k}")));
         for key in keys {
             assert!(
                 doc.contains(&format!("`{key}`")),

@@ -515,6 +515,103 @@ fn one_systemd_socket_for_two_apps() {
     );
 }
 
+/// `[sockets.NAME]` gives systemd the address of an app's `systemd:NAME`
+/// socket (corral-generator writes it as corral-NAME.socket).
+#[test]
+fn sockets_name_the_address_of_systemd_sockets() {
+    let f = Fixture::new();
+    let p = f.ok(
+        "[sockets.web]\nlisten = \"127.0.0.1:8080\"\n[sockets.admin]\nlisten = \"unix:/run/admin.sock\"\n\
+         [apps.web]\nmodule = \"app.wasm\"\nkind = \"http\"\nlisten = [\"systemd:web\", \"systemd:admin\"]\n",
+    );
+    assert_eq!(p.sockets.len(), 2);
+    assert_eq!(
+        p.sockets["web"].listen,
+        ListenAddr::Tcp("127.0.0.1:8080".parse().unwrap())
+    );
+    assert_eq!(
+        p.sockets["admin"].listen,
+        ListenAddr::Unix("/run/admin.sock".into())
+    );
+    let json = serde_json::to_value(&p).unwrap();
+    assert_eq!(json["sockets"]["web"]["listen"], "127.0.0.1:8080");
+    // A systemd:NAME without [sockets.NAME] is still valid: the operator
+    // writes that socket unit by hand.
+    assert!(f.ok(MINIMAL).sockets.is_empty());
+}
+
+#[test]
+fn sockets_mistakes() {
+    let f = Fixture::new();
+    let app = "[apps.web]\nmodule = \"app.wasm\"\nkind = \"http\"\nlisten = [\"systemd:web\", \"127.0.0.1:9090\"]\n";
+    // Not used by any app, a systemd: address, a missing and a bad address,
+    // an unknown key, a bad name, an address an app binds itself.
+    let errors = f.errors(&format!(
+        "{app}[sockets.wbe]\nlisten = \"127.0.0.1:8080\"\n\
+         [sockets.web]\nlisten = \"systemd:web\"\n\
+         [sockets.x]\nlistn = \"127.0.0.1:1\"\n\
+         [sockets.\"a b\"]\nlisten = \"127.0.0.1:2\"\n\
+         [sockets.y]\nlisten = \"0.0.0.0:9090\"\n"
+    ));
+    assert_one_error(
+        &errors,
+        "5:10",
+        "sockets.wbe: no app listens on \"systemd:wbe\"",
+    );
+    assert_one_error(
+        &errors,
+        "8:10",
+        "sockets.web.listen: `systemd:web`: a socket's address is",
+    );
+    assert_one_error(
+        &errors,
+        "10:1",
+        "sockets.x.listn: unknown key; did you mean `listen`?",
+    );
+    assert_one_error(&errors, "9:10", "sockets.x.listen: missing");
+    assert_one_error(
+        &errors,
+        "11:10",
+        "sockets.a b: `a b` is not a valid socket name",
+    );
+    assert_one_error(
+        &errors,
+        "14:10",
+        "sockets.y.listen: `0.0.0.0:9090` overlaps `127.0.0.1:9090` of app `web`",
+    );
+    let errors = f.errors(&format!("{app}[sockets.web]\nlisten = \"127.0.0.1:0\"\n"));
+    assert_one_error(&errors, "6:10", "sockets.web.listen: `127.0.0.1:0`: port 0");
+}
+
+/// corral-generator reads only `[sockets]`: a missing module (say, on a
+/// /var not yet mounted at early boot) does not hide the sockets, but a
+/// mistake in `[sockets]` or a syntax error anywhere is still an error.
+#[test]
+fn load_sockets_reads_only_the_sockets() {
+    let f = Fixture::new();
+    let main = f.write(
+        "policy.toml",
+        "[sockets.web]\nlisten = \"[::1]:8080\"\n[apps.web]\nmodule = \"/nonexistent/app.wasm\"\nkind = \"http\"\nlisten = [\"systemd:web\"]\n",
+    );
+    f.write(
+        "policy.d/10-more.toml",
+        "[sockets.echo]\nlisten = \"unix:/run/echo.sock\"\n",
+    );
+    assert!(load(&main, &Environment::default()).is_err());
+    let sockets = load_sockets(&main).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(sockets.keys().collect::<Vec<_>>(), ["echo", "web"]);
+    assert_eq!(sockets["web"].listen.to_string(), "[::1]:8080");
+
+    f.write(
+        "policy.d/20-bad.toml",
+        "[sockets.x]\nlisten = \"nowhere\"\n",
+    );
+    let err = load_sockets(&main).unwrap_err().to_string();
+    assert!(err.contains("20-bad.toml:2:10: sockets.x.listen:"), "{err}");
+    f.write("policy.d/20-bad.toml", "[apps.x\n");
+    assert!(matches!(load_sockets(&main), Err(PolicyError::Invalid(_))));
+}
+
 #[test]
 fn guest_paths_must_be_absolute_and_stay_inside() {
     let f = Fixture::new();
