@@ -1,0 +1,645 @@
+//! The two D-Bus interfaces: `org.corral.Manager1` on the manager object
+//! and `org.corral.App1` on each app's object.
+//!
+//! Both are thin: each method builds a [`Caller`] when it mutates, calls
+//! one [`Manager`] method and converts the answer. The conversion is one
+//! rule for every type, so that a D-Bus answer can be compared field by
+//! field with the socket API's JSON:
+//!
+//! - a JSON field `snake_case` is the D-Bus name `CamelCase`
+//!   (`state_since` is `StateSince`, `cache.entries` is `CacheEntries`);
+//! - the value is the same, in the same unit (Unix milliseconds, counts);
+//! - D-Bus has no null: a JSON `null` is `""` for a string and `0` for a pid.
+//!
+//! An app is an `a{sv}` (the same dict `Properties.GetAll` gives for the
+//! app's object); `ListApps` gives systemd's kind of summary table with the
+//! object paths.
+
+// The `ManagerObjectSignals` trait that `#[interface]` generates outside the
+// impl takes `&self` plus one argument per field of an event.
+#![allow(
+    clippy::too_many_arguments,
+    reason = "AppStateChanged has one argument per field of the event"
+)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use zbus::fdo;
+use zbus::message::{Header, Message};
+use zbus::names::ErrorName;
+use zbus::object_server::SignalEmitter;
+use zbus::zvariant::{OwnedObjectPath, Value};
+use zbus::{Connection, interface};
+
+use super::path::app_path;
+use crate::daemon::manager::{
+    AppInfo, Caller, DaemonInfo, Event, Manager, ManagerError, ReloadReport,
+};
+
+/// The name of the app interface.
+pub const APP_INTERFACE: &str = "org.corral.App1";
+
+/// An app as D-Bus shows it: property name to value.
+pub type AppDict = BTreeMap<&'static str, Value<'static>>;
+
+/// One row of `ListApps`: name, kind, state, workers, busy, requests,
+/// errors, object path.
+pub type AppRow = (String, String, String, u32, u32, u64, u64, OwnedObjectPath);
+
+/// One problem of `Reload`: file, line, column, key, message, the whole line.
+pub type ProblemRow = (String, u32, u32, String, String, String);
+
+/// `Reload`'s answer: applied, errors, added, removed, changed, unchanged.
+pub type ReloadRow = (
+    bool,
+    Vec<ProblemRow>,
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+);
+
+/// The properties of `org.corral.App1`, in the order of [`AppInfo`]'s
+/// fields. `Properties.GetAll` and `GetApp` give exactly these.
+pub fn app_properties(a: &AppInfo) -> AppDict {
+    BTreeMap::from([
+        ("Name", Value::from(a.name.clone())),
+        ("Kind", Value::from(a.kind.clone())),
+        ("State", Value::from(a.state.as_str())),
+        ("StateSince", Value::from(a.state_since)),
+        ("Workers", Value::from(a.workers)),
+        ("Busy", Value::from(a.busy)),
+        ("Requests", Value::from(a.requests)),
+        ("Errors", Value::from(a.errors)),
+        ("ColdStarts", Value::from(a.cold_starts)),
+        (
+            "LastError",
+            Value::from(a.last_error.clone().unwrap_or_default()),
+        ),
+        ("Module", Value::from(a.module.clone())),
+        (
+            "Artifact",
+            Value::from(a.artifact.clone().unwrap_or_default()),
+        ),
+        ("Sandbox", Value::from(a.sandbox.clone())),
+        ("Listen", Value::from(a.listen.clone())),
+        ("ZygotePid", Value::from(a.zygote_pid.unwrap_or(0))),
+    ])
+}
+
+/// The app properties whose changes go out as `PropertiesChanged` (the
+/// others are counters that change with every request: read them).
+pub const APP_PROPERTIES_EMITTING: &[&str] = &[
+    "Kind",
+    "State",
+    "StateSince",
+    "Workers",
+    "LastError",
+    "Module",
+    "Artifact",
+    "Sandbox",
+    "Listen",
+    "ZygotePid",
+];
+
+/// The manager properties whose changes go out as `PropertiesChanged`.
+pub const MANAGER_PROPERTIES_EMITTING: &[&str] = &["PolicyFiles", "Apps"];
+
+/// The emitting manager properties of `info`.
+pub fn manager_emitting(info: &DaemonInfo) -> AppDict {
+    BTreeMap::from([
+        ("PolicyFiles", Value::from(info.policy_files.clone())),
+        ("Apps", Value::from(count(info.apps))),
+    ])
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn app_row(a: &AppInfo) -> AppRow {
+    (
+        a.name.clone(),
+        a.kind.clone(),
+        a.state.as_str().to_string(),
+        a.workers,
+        a.busy,
+        a.requests,
+        a.errors,
+        app_path(&a.name),
+    )
+}
+
+fn reload_row(r: ReloadReport) -> ReloadRow {
+    (
+        r.applied,
+        r.errors
+            .into_iter()
+            .map(|p| (p.file, p.line, p.column, p.key, p.message, p.text))
+            .collect(),
+        r.added,
+        r.removed,
+        r.changed,
+        r.unchanged,
+    )
+}
+
+/// A failed call, as D-Bus errors: `AccessDenied` is the standard
+/// `org.freedesktop.DBus.Error.AccessDenied`, the rest are ours.
+#[derive(Debug)]
+pub enum Error {
+    NoSuchApp(String),
+    AccessDenied(String),
+    Failed(String),
+    ShuttingDown(String),
+    /// The bus itself failed us (e.g. asking for the caller's credentials).
+    Bus(String),
+}
+
+impl Error {
+    fn message(&self) -> &str {
+        match self {
+            Error::NoSuchApp(m)
+            | Error::AccessDenied(m)
+            | Error::Failed(m)
+            | Error::ShuttingDown(m)
+            | Error::Bus(m) => m,
+        }
+    }
+}
+
+impl From<ManagerError> for Error {
+    fn from(e: ManagerError) -> Error {
+        let message = e.to_string();
+        match e {
+            ManagerError::NoSuchApp(_) => Error::NoSuchApp(message),
+            ManagerError::AccessDenied(_) => Error::AccessDenied(message),
+            ManagerError::Failed(_) => Error::Failed(message),
+            ManagerError::ShuttingDown => Error::ShuttingDown(message),
+        }
+    }
+}
+
+impl From<zbus::Error> for Error {
+    fn from(e: zbus::Error) -> Error {
+        Error::Bus(e.to_string())
+    }
+}
+
+impl zbus::DBusError for Error {
+    fn create_reply(&self, call: &Header<'_>) -> zbus::Result<Message> {
+        Message::error(call, self.name())?.build(&(self.message(),))
+    }
+
+    fn name(&self) -> ErrorName<'_> {
+        ErrorName::from_static_str_unchecked(match self {
+            Error::NoSuchApp(_) => "org.corral.Manager1.Error.NoSuchApp",
+            Error::AccessDenied(_) => "org.freedesktop.DBus.Error.AccessDenied",
+            Error::Failed(_) => "org.corral.Manager1.Error.Failed",
+            Error::ShuttingDown(_) => "org.corral.Manager1.Error.ShuttingDown",
+            Error::Bus(_) => "org.freedesktop.DBus.Error.Failed",
+        })
+    }
+
+    fn description(&self) -> Option<&str> {
+        Some(self.message())
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", zbus::DBusError::name(self), self.message())
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Who sent `call`, from the bus's `GetConnectionCredentials` (the bus
+/// read them from the kernel when the caller connected; the caller cannot
+/// choose them). A caller whose uid the bus does not know is nobody.
+async fn caller(conn: &Connection, call: &Header<'_>) -> Result<Caller, Error> {
+    let sender = call
+        .sender()
+        .ok_or_else(|| Error::AccessDenied("the call names no sender".into()))?;
+    let reply = conn
+        .call_method(
+            Some("org.freedesktop.DBus"),
+            "/org/freedesktop/DBus",
+            Some("org.freedesktop.DBus"),
+            "GetConnectionCredentials",
+            &(sender.as_str(),),
+        )
+        .await?;
+    let creds: fdo::ConnectionCredentials = reply.body().deserialize()?;
+    let groups = creds.unix_group_ids().cloned().unwrap_or_default();
+    Ok(Caller {
+        uid: creds.unix_user_id().unwrap_or(u32::MAX),
+        // The bus reports the groups (from SO_PEERGROUPS), not which one is
+        // primary: every group counts the same, as the socket's do.
+        gid: groups.first().copied().unwrap_or(u32::MAX),
+        groups,
+        pid: creds.process_id(),
+        via: "dbus",
+    })
+}
+
+/// `org.corral.Manager1` on `/org/corral/Manager1`.
+#[derive(Debug)]
+pub struct ManagerObject {
+    manager: Manager,
+    /// Poked after a reload so that app objects come and go at once.
+    resync: Arc<Notify>,
+}
+
+impl ManagerObject {
+    pub fn new(manager: Manager, resync: Arc<Notify>) -> ManagerObject {
+        ManagerObject { manager, resync }
+    }
+}
+
+#[interface(name = "org.corral.Manager1")]
+impl ManagerObject {
+    /// Every app: name, kind, state, workers, busy workers, requests,
+    /// errors, and the path of its org.corral.App1 object.
+    #[zbus(out_args("apps"))]
+    async fn list_apps(&self) -> Vec<AppRow> {
+        self.manager.list_apps().iter().map(app_row).collect()
+    }
+
+    /// One app: the properties of its org.corral.App1 object.
+    #[zbus(out_args("app"))]
+    async fn get_app(&self, name: &str) -> Result<AppDict, Error> {
+        Ok(app_properties(&self.manager.get_app(name)?))
+    }
+
+    /// Start a stopped or failed app (root or daemon.api-group only).
+    #[zbus(out_args("app"))]
+    async fn start_app(
+        &self,
+        name: &str,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] call: Header<'_>,
+    ) -> Result<AppDict, Error> {
+        let caller = caller(conn, &call).await?;
+        Ok(app_properties(
+            &self.manager.start_app(&caller, name).await?,
+        ))
+    }
+
+    /// Stop accepting and drain; the sockets stay bound (root or
+    /// daemon.api-group only).
+    #[zbus(out_args("app"))]
+    async fn stop_app(
+        &self,
+        name: &str,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] call: Header<'_>,
+    ) -> Result<AppDict, Error> {
+        let caller = caller(conn, &call).await?;
+        Ok(app_properties(&self.manager.stop_app(&caller, name).await?))
+    }
+
+    /// A new zygote on the same sockets; the old workers drain (root or
+    /// daemon.api-group only).
+    #[zbus(out_args("app"))]
+    async fn restart_app(
+        &self,
+        name: &str,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] call: Header<'_>,
+    ) -> Result<AppDict, Error> {
+        let caller = caller(conn, &call).await?;
+        Ok(app_properties(
+            &self.manager.restart_app(&caller, name).await?,
+        ))
+    }
+
+    /// Read the policy again, as SIGHUP does. A policy with errors is not
+    /// applied: applied is false and errors lists them (root or
+    /// daemon.api-group only).
+    #[zbus(out_args("applied", "errors", "added", "removed", "changed", "unchanged"))]
+    async fn reload(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] call: Header<'_>,
+    ) -> Result<ReloadRow, Error> {
+        let caller = caller(conn, &call).await?;
+        let report = self.manager.reload(&caller).await?;
+        self.resync.notify_one();
+        Ok(reload_row(report))
+    }
+
+    /// Compile the app's module again, ignoring the cache, and restart the
+    /// app onto it (root or daemon.api-group only).
+    #[zbus(out_args("app"))]
+    async fn recompile(
+        &self,
+        name: &str,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] call: Header<'_>,
+    ) -> Result<AppDict, Error> {
+        let caller = caller(conn, &call).await?;
+        Ok(app_properties(
+            &self.manager.recompile(&caller, name).await?,
+        ))
+    }
+
+    /// An app's state or worker count changed: one signal per event of the
+    /// socket API's GET /v1/events, with the same fields (old is "" for an
+    /// app that just appeared, detail "" when there is none).
+    #[zbus(signal)]
+    pub async fn app_state_changed(
+        emitter: &SignalEmitter<'_>,
+        seq: u64,
+        time: u64,
+        app: &str,
+        old: &str,
+        state: &str,
+        workers: u32,
+        detail: &str,
+    ) -> zbus::Result<()>;
+
+    /// corral's version.
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn version(&self) -> String {
+        self.manager.info().version
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn wasmtime_version(&self) -> String {
+        self.manager.info().wasmtime_version
+    }
+
+    /// The host's target triple (the cache's first directory level).
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn target(&self) -> String {
+        self.manager.info().target
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn pid(&self) -> u32 {
+        self.manager.info().pid
+    }
+
+    /// When corrald started, Unix time in milliseconds.
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn started(&self) -> u64 {
+        self.manager.info().started
+    }
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn uptime_seconds(&self) -> f64 {
+        self.manager.info().uptime_seconds
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn policy_path(&self) -> String {
+        self.manager.info().policy_path
+    }
+
+    /// The policy file and its drop-ins in force, in merge order.
+    #[zbus(property)]
+    async fn policy_files(&self) -> Vec<String> {
+        self.manager.info().policy_files
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn api_socket(&self) -> String {
+        self.manager.info().api_socket
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn api_group(&self) -> String {
+        self.manager.info().api_group
+    }
+
+    /// How many apps the policy in force has.
+    #[zbus(property)]
+    async fn apps(&self) -> u32 {
+        count(self.manager.info().apps)
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn cache_dir(&self) -> String {
+        self.manager.info().cache.dir
+    }
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn cache_entries(&self) -> u64 {
+        self.manager.info().cache.entries
+    }
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn cache_bytes(&self) -> u64 {
+        self.manager.info().cache.bytes
+    }
+}
+
+/// `org.corral.App1` on `/org/corral/Manager1/app/<label>`. Its
+/// properties are read live from the Manager at each `Get`/`GetAll`.
+#[derive(Debug)]
+pub struct AppObject {
+    manager: Manager,
+    name: String,
+}
+
+impl AppObject {
+    pub fn new(manager: Manager, name: String) -> AppObject {
+        AppObject { manager, name }
+    }
+
+    fn app(&self) -> fdo::Result<AppInfo> {
+        self.manager
+            .get_app(&self.name)
+            .map_err(|e| fdo::Error::UnknownObject(e.to_string()))
+    }
+}
+
+#[interface(name = "org.corral.App1")]
+impl AppObject {
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn name(&self) -> fdo::Result<String> {
+        Ok(self.app()?.name)
+    }
+
+    /// http, stdio or command.
+    #[zbus(property)]
+    async fn kind(&self) -> fdo::Result<String> {
+        Ok(self.app()?.kind)
+    }
+
+    /// starting, running, idle, restarting, failed, stopped or finished.
+    #[zbus(property)]
+    async fn state(&self) -> fdo::Result<String> {
+        Ok(self.app()?.state.as_str().to_string())
+    }
+
+    /// When State last changed, Unix time in milliseconds.
+    #[zbus(property)]
+    async fn state_since(&self) -> fdo::Result<u64> {
+        Ok(self.app()?.state_since)
+    }
+
+    /// Live workers.
+    #[zbus(property)]
+    async fn workers(&self) -> fdo::Result<u32> {
+        Ok(self.app()?.workers)
+    }
+
+    /// Workers serving at least one connection.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn busy(&self) -> fdo::Result<u32> {
+        Ok(self.app()?.busy)
+    }
+
+    /// Served since corrald started: http requests, stdio connections,
+    /// command runs.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn requests(&self) -> fdo::Result<u64> {
+        Ok(self.app()?.requests)
+    }
+
+    /// Failed requests and crashed instances.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn errors(&self) -> fdo::Result<u64> {
+        Ok(self.app()?.errors)
+    }
+
+    /// Zygote starts (from zero, and restarts).
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn cold_starts(&self) -> fdo::Result<u64> {
+        Ok(self.app()?.cold_starts)
+    }
+
+    /// "" when there was none.
+    #[zbus(property)]
+    async fn last_error(&self) -> fdo::Result<String> {
+        Ok(self.app()?.last_error.unwrap_or_default())
+    }
+
+    /// The module's path.
+    #[zbus(property)]
+    async fn module(&self) -> fdo::Result<String> {
+        Ok(self.app()?.module)
+    }
+
+    /// triple/engine-hash/module-sha256 of the artifact served, "" when none.
+    #[zbus(property)]
+    async fn artifact(&self) -> fdo::Result<String> {
+        Ok(self.app()?.artifact.unwrap_or_default())
+    }
+
+    /// Sandbox layers in force, as the zygote reported them.
+    #[zbus(property)]
+    async fn sandbox(&self) -> fdo::Result<Vec<String>> {
+        Ok(self.app()?.sandbox)
+    }
+
+    /// Listen addresses as the policy writes them.
+    #[zbus(property)]
+    async fn listen(&self) -> fdo::Result<Vec<String>> {
+        Ok(self.app()?.listen)
+    }
+
+    /// 0 when no zygote runs.
+    #[zbus(property)]
+    async fn zygote_pid(&self) -> fdo::Result<u32> {
+        Ok(self.app()?.zygote_pid.unwrap_or(0))
+    }
+}
+
+/// Emit `AppStateChanged` for `event` from the manager object.
+pub async fn emit_event(emitter: &SignalEmitter<'_>, event: &Event) -> zbus::Result<()> {
+    ManagerObject::app_state_changed(
+        emitter,
+        event.seq,
+        event.time,
+        &event.app,
+        event.old.map(|s| s.as_str()).unwrap_or(""),
+        event.state.as_str(),
+        event.workers,
+        event.detail.as_deref().unwrap_or(""),
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::manager::AppState;
+
+    #[test]
+    fn every_app_field_is_a_property_and_none_is_empty() {
+        let info = AppInfo {
+            name: "web".into(),
+            kind: "http".into(),
+            state: AppState::Idle,
+            state_since: 1_700_000_000_000,
+            workers: 0,
+            busy: 0,
+            requests: 7,
+            errors: 1,
+            cold_starts: 2,
+            last_error: None,
+            module: "/srv/web.wasm".into(),
+            artifact: None,
+            sandbox: vec!["seccomp=on".into()],
+            listen: vec!["127.0.0.1:8080".into()],
+            zygote_pid: None,
+        };
+        let props = app_properties(&info);
+        // One property per field of the JSON object, named in CamelCase.
+        let json = serde_json::to_value(&info).unwrap();
+        let mut json_keys: Vec<String> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| camel_case(k))
+            .collect();
+        json_keys.sort();
+        let mut keys: Vec<String> = props.keys().map(|k| k.to_string()).collect();
+        keys.sort();
+        assert_eq!(keys, json_keys);
+        assert_eq!(props["LastError"], Value::from(""));
+        assert_eq!(props["ZygotePid"], Value::from(0u32));
+        assert_eq!(props["State"], Value::from("idle"));
+        for name in APP_PROPERTIES_EMITTING {
+            assert!(props.contains_key(name), "{name}");
+        }
+    }
+
+    fn camel_case(snake: &str) -> String {
+        snake
+            .split('_')
+            .map(|w| {
+                let mut c = w.chars();
+                c.next()
+                    .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn manager_errors_keep_their_dbus_names() {
+        use zbus::DBusError;
+        let denied = Error::from(ManagerError::AccessDenied("no".into()));
+        assert_eq!(
+            denied.name().as_str(),
+            "org.freedesktop.DBus.Error.AccessDenied"
+        );
+        assert_eq!(denied.description(), Some("no"));
+        assert_eq!(
+            Error::from(ManagerError::NoSuchApp("x".into()))
+                .name()
+                .as_str(),
+            "org.corral.Manager1.Error.NoSuchApp"
+        );
+        assert_eq!(
+            Error::from(ManagerError::ShuttingDown).name().as_str(),
+            "org.corral.Manager1.Error.ShuttingDown"
+        );
+    }
+}
