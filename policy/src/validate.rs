@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::Environment;
 use crate::defaults;
 use crate::error::Diagnostic;
-use crate::source::{Loc, Node, NodeKind, Sources, Table};
+use crate::source::{Entry, Loc, Node, NodeKind, Sources, Table};
 use crate::spec::*;
 
 /// Collects diagnostics, each at most once per (place, message).
@@ -548,7 +548,23 @@ fn check_sockets_against_apps(
         };
         let path = join("sockets", name);
         let wanted = ListenAddr::Systemd(name.clone());
-        if !apps.values().any(|app| app.listen.contains(&wanted)) {
+        // Also the raw tables: an app with another mistake is not in `apps`,
+        // and one error about it is enough.
+        let written = format!("systemd:{name}");
+        let in_raw = |app: &Entry| match &app.value.kind {
+            NodeKind::Table(t) => match t.get("listen").map(|l| &l.value.kind) {
+                Some(NodeKind::Array(items)) => items
+                    .iter()
+                    .any(|i| matches!(&i.kind, NodeKind::Str(s) if *s == written)),
+                _ => false,
+            },
+            _ => false,
+        };
+        let raw_apps: &[Entry] = match doc.get("apps").map(|e| &e.value.kind) {
+            Some(NodeKind::Table(t)) => &t.entries,
+            _ => &[],
+        };
+        if !apps.values().any(|app| app.listen.contains(&wanted)) && !raw_apps.iter().any(in_raw) {
             cx.error(
                 entry.key_at,
                 &path,

@@ -583,6 +583,18 @@ fn sockets_mistakes() {
     assert_one_error(&errors, "6:10", "sockets.web.listen: `127.0.0.1:0`: port 0");
 }
 
+/// An app with another mistake still counts as using its socket: one
+/// error, about the app, not a second one about the socket.
+#[test]
+fn a_broken_app_still_uses_its_socket() {
+    let f = Fixture::new();
+    let errors = f.errors(
+        "[sockets.web]\nlisten = \"127.0.0.1:8080\"\n[apps.web]\nmodule = \"absent.wasm\"\nkind = \"http\"\nlisten = [\"systemd:web\"]\n",
+    );
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_one_error(&errors, "4:10", "apps.web.module");
+}
+
 /// corral-generator reads only `[sockets]`: a missing module (say, on a
 /// /var not yet mounted at early boot) does not hide the sockets, but a
 /// mistake in `[sockets]` or a syntax error anywhere is still an error.
