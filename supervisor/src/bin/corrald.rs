@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use corral_supervisor::dbus::Bus;
 
 /// The corral supervisor: serves the apps of a policy from pre-forked,
 /// sandboxed worker pools.
@@ -14,6 +15,11 @@ struct Args {
     /// The policy file (drop-ins in policy.d/ next to it are merged).
     #[arg(long, value_name = "PATH", default_value = corral_policy::defaults::POLICY_PATH)]
     policy: PathBuf,
+
+    /// The D-Bus bus to serve org.corral.Manager1 on (docs/dbus.md);
+    /// `none`: no D-Bus. An unreachable bus is logged, not fatal.
+    #[arg(long, value_enum, env = "CORRAL_BUS", default_value_t = Bus::System)]
+    bus: Bus,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -35,6 +41,6 @@ fn main() -> ExitCode {
     });
     match args.command {
         Some(Command::Zygote) => corral_supervisor::daemon::zygote::main(),
-        None => corral_supervisor::daemon::run(&args.policy),
+        None => corral_supervisor::daemon::run(&args.policy, args.bus),
     }
 }

@@ -45,8 +45,8 @@ const PRIVATE_ENV: &[&str] = &[
     "WATCHDOG_PID",
 ];
 
-/// `corrald --policy PATH`.
-pub fn run(policy_path: &Path) -> ExitCode {
+/// `corrald --policy PATH [--bus system|session|none]`.
+pub fn run(policy_path: &Path, bus: crate::dbus::Bus) -> ExitCode {
     let policy = match corral_policy::load(policy_path, &Environment::from_process()) {
         Ok(policy) => policy,
         Err(e) => {
@@ -76,7 +76,7 @@ pub fn run(policy_path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(policy_path.to_path_buf(), policy)) {
+    match rt.block_on(serve(policy_path.to_path_buf(), policy, bus)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -209,7 +209,11 @@ struct Daemon {
     retired: Vec<tokio::task::JoinHandle<()>>,
 }
 
-async fn serve(policy_path: std::path::PathBuf, policy: Policy) -> anyhow::Result<()> {
+async fn serve(
+    policy_path: std::path::PathBuf,
+    policy: Policy,
+    bus: crate::dbus::Bus,
+) -> anyhow::Result<()> {
     let cache = Cache::open(&policy.daemon.cache_dir).with_context(|| {
         format!(
             "opening the artifact cache {}",
@@ -244,6 +248,10 @@ async fn serve(policy_path: std::path::PathBuf, policy: Policy) -> anyhow::Resul
     for spec in apps.values() {
         daemon.registry.declare(spec);
     }
+    // After the apps are declared (their objects exist when the name is
+    // taken) and before they start (READY=1 waits for it). No bus, or a
+    // name we may not own, is logged and corrald serves on without D-Bus.
+    let _dbus = crate::dbus::spawn(daemon.manager.clone(), bus).await;
     for spec in apps.values() {
         if let Some(ready) = daemon.start_app(spec).await {
             readiness.push(ready);

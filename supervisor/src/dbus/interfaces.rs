@@ -30,7 +30,7 @@ use zbus::fdo;
 use zbus::message::{Header, Message};
 use zbus::names::ErrorName;
 use zbus::object_server::SignalEmitter;
-use zbus::zvariant::{OwnedObjectPath, Value};
+use zbus::{OwnedObjectPath, Variant};
 use zbus::{Connection, interface};
 
 use super::path::app_path;
@@ -42,7 +42,7 @@ use crate::daemon::manager::{
 pub const APP_INTERFACE: &str = "org.corral.App1";
 
 /// An app as D-Bus shows it: property name to value.
-pub type AppDict = BTreeMap<&'static str, Value<'static>>;
+pub type AppDict = BTreeMap<&'static str, Variant<'static>>;
 
 /// One row of `ListApps`: name, kind, state, workers, busy, requests,
 /// errors, object path.
@@ -65,27 +65,27 @@ pub type ReloadRow = (
 /// fields. `Properties.GetAll` and `GetApp` give exactly these.
 pub fn app_properties(a: &AppInfo) -> AppDict {
     BTreeMap::from([
-        ("Name", Value::from(a.name.clone())),
-        ("Kind", Value::from(a.kind.clone())),
-        ("State", Value::from(a.state.as_str())),
-        ("StateSince", Value::from(a.state_since)),
-        ("Workers", Value::from(a.workers)),
-        ("Busy", Value::from(a.busy)),
-        ("Requests", Value::from(a.requests)),
-        ("Errors", Value::from(a.errors)),
-        ("ColdStarts", Value::from(a.cold_starts)),
+        ("Name", Variant::from(a.name.clone())),
+        ("Kind", Variant::from(a.kind.clone())),
+        ("State", Variant::from(a.state.as_str())),
+        ("StateSince", Variant::from(a.state_since)),
+        ("Workers", Variant::from(a.workers)),
+        ("Busy", Variant::from(a.busy)),
+        ("Requests", Variant::from(a.requests)),
+        ("Errors", Variant::from(a.errors)),
+        ("ColdStarts", Variant::from(a.cold_starts)),
         (
             "LastError",
-            Value::from(a.last_error.clone().unwrap_or_default()),
+            Variant::from(a.last_error.clone().unwrap_or_default()),
         ),
-        ("Module", Value::from(a.module.clone())),
+        ("Module", Variant::from(a.module.clone())),
         (
             "Artifact",
-            Value::from(a.artifact.clone().unwrap_or_default()),
+            Variant::from(a.artifact.clone().unwrap_or_default()),
         ),
-        ("Sandbox", Value::from(a.sandbox.clone())),
-        ("Listen", Value::from(a.listen.clone())),
-        ("ZygotePid", Value::from(a.zygote_pid.unwrap_or(0))),
+        ("Sandbox", Variant::from(a.sandbox.clone())),
+        ("Listen", Variant::from(a.listen.clone())),
+        ("ZygotePid", Variant::from(a.zygote_pid.unwrap_or(0))),
     ])
 }
 
@@ -110,8 +110,8 @@ pub const MANAGER_PROPERTIES_EMITTING: &[&str] = &["PolicyFiles", "Apps"];
 /// The emitting manager properties of `info`.
 pub fn manager_emitting(info: &DaemonInfo) -> AppDict {
     BTreeMap::from([
-        ("PolicyFiles", Value::from(info.policy_files.clone())),
-        ("Apps", Value::from(count(info.apps))),
+        ("PolicyFiles", Variant::from(info.policy_files.clone())),
+        ("Apps", Variant::from(count(info.apps))),
     ])
 }
 
@@ -190,7 +190,7 @@ impl From<zbus::Error> for Error {
 
 impl zbus::DBusError for Error {
     fn create_reply(&self, call: &Header<'_>) -> zbus::Result<Message> {
-        Message::error(call, self.name())?.build(&(self.message(),))
+        Message::error(call, self.name()).build(&(self.message(),))
     }
 
     fn name(&self) -> ErrorName<'_> {
@@ -602,9 +602,9 @@ mod tests {
         let mut keys: Vec<String> = props.keys().map(|k| k.to_string()).collect();
         keys.sort();
         assert_eq!(keys, json_keys);
-        assert_eq!(props["LastError"], Value::from(""));
-        assert_eq!(props["ZygotePid"], Value::from(0u32));
-        assert_eq!(props["State"], Value::from("idle"));
+        assert_eq!(props["LastError"], Variant::from(""));
+        assert_eq!(props["ZygotePid"], Variant::from(0u32));
+        assert_eq!(props["State"], Variant::from("idle"));
         for name in APP_PROPERTIES_EMITTING {
             assert!(props.contains_key(name), "{name}");
         }

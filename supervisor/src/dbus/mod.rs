@@ -33,7 +33,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, broadcast};
 use zbus::fdo::{self, RequestNameFlags, RequestNameReply};
 use zbus::object_server::SignalEmitter;
-use zbus::zvariant::Value;
+use zbus::Variant;
 use zbus::{Connection, connection};
 
 use crate::daemon::manager::{Event, Manager};
@@ -144,14 +144,13 @@ async fn connect(manager: Manager, bus: Bus) -> anyhow::Result<DbusService> {
         Bus::System => connection::Builder::system(),
         Bus::Session => connection::Builder::session(),
         Bus::None => unreachable!("handled by spawn"),
-    }
-    .context("finding the bus address")?;
+    };
     let connection = builder
         .serve_at(
             MANAGER_PATH,
             ManagerObject::new(manager.clone(), resync.clone()),
-        )?
-        .serve_at(MANAGER_PATH, fdo::ObjectManager)?
+        )
+        .serve_at(MANAGER_PATH, fdo::ObjectManager)
         .build()
         .await
         .context("connecting")?;
@@ -163,7 +162,7 @@ async fn connect(manager: Manager, bus: Bus) -> anyhow::Result<DbusService> {
     };
     sync.all().await;
     let reply = connection
-        .request_name_with_flags(BUS_NAME, RequestNameFlags::DoNotQueue.into())
+        .request_name_with_flags(BUS_NAME, RequestNameFlags::DO_NOT_QUEUE)
         .await
         .map_err(|e| match e {
             zbus::Error::NameTaken => {
@@ -285,10 +284,10 @@ fn emitting(mut props: AppDict, names: &[&str]) -> AppDict {
 
 /// One `PropertiesChanged` with every property that differs, if any.
 async fn changed(conn: &Connection, path: &str, interface: &str, before: &AppDict, now: &AppDict) {
-    let diff: std::collections::HashMap<&str, Value<'_>> = now
+    let diff: std::collections::HashMap<&str, Variant<'_>> = now
         .iter()
         .filter(|(k, v)| before.get(*k) != Some(*v))
-        .map(|(k, v)| (*k, v.try_clone().unwrap_or_else(|_| Value::from(""))))
+        .map(|(k, v)| (*k, v.clone()))
         .collect();
     if diff.is_empty() {
         return;

@@ -10,7 +10,7 @@
 
 use std::fmt::Write as _;
 
-use zbus::zvariant::OwnedObjectPath;
+use zbus::OwnedObjectPath;
 
 /// The manager object, and the parent of every app object.
 pub const MANAGER_PATH: &str = "/org/corral/Manager1";
