@@ -35,6 +35,11 @@ impl SystemdSockets {
         Ok(SystemdSockets(by_name))
     }
 
+    /// Every socket systemd passed, with its `FileDescriptorName=`.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &OwnedFd)> {
+        self.0.iter().map(|(name, fd)| (name.as_str(), fd))
+    }
+
     fn take(&self, name: &str) -> anyhow::Result<OwnedFd> {
         let fd = self.0.get(name).with_context(|| {
             let names: Vec<&str> = self.0.keys().map(String::as_str).collect();

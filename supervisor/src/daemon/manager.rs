@@ -234,6 +234,8 @@ pub(crate) enum Request {
 /// Live state of every app, written by the app tasks and the daemon.
 pub(crate) struct Registry {
     apps: Mutex<BTreeMap<String, AppInfo>>,
+    /// The workers' counters per app (requests, errors, latency).
+    pub(crate) metrics: super::metrics::Blocks,
     events: broadcast::Sender<Event>,
     seq: AtomicU64,
 }
@@ -242,6 +244,7 @@ impl Registry {
     pub(crate) fn new() -> Registry {
         Registry {
             apps: Mutex::new(BTreeMap::new()),
+            metrics: super::metrics::Blocks::default(),
             events: broadcast::channel(1024).0,
             seq: AtomicU64::new(0),
         }
@@ -316,12 +319,20 @@ impl Registry {
         changed
     }
 
+    /// The app's record with the workers' counters folded in.
     pub(crate) fn get(&self, app: &str) -> Option<AppInfo> {
-        self.lock().get(app).cloned()
+        let mut info = self.lock().get(app).cloned()?;
+        self.metrics.fill(&mut info);
+        Some(info)
     }
 
+    /// Every app's record with the workers' counters folded in.
     pub(crate) fn all(&self) -> Vec<AppInfo> {
-        self.lock().values().cloned().collect()
+        let mut all: Vec<AppInfo> = self.lock().values().cloned().collect();
+        for info in &mut all {
+            self.metrics.fill(info);
+        }
+        all
     }
 
     /// `(name, state, workers, busy)` of every app, for `STATUS=`.
@@ -485,7 +496,7 @@ impl Manager {
             .unwrap_or_else(|e| e.into_inner())
         {
             Some(render) => render(&apps),
-            None => basic_metrics(&apps),
+            None => self.shared.registry.metrics.render(&apps),
         }
     }
 
@@ -589,22 +600,6 @@ impl Manager {
         tracing::info!(uid = caller.uid, via = caller.via, "reload requested");
         self.ask(Request::Reload).await
     }
-}
-
-/// The metrics every build has (apps, workers, states) until the full
-/// renderer is installed.
-fn basic_metrics(apps: &[AppInfo]) -> String {
-    let mut out = String::new();
-    out.push_str("# HELP corral_app_workers Live worker processes of the app.\n");
-    out.push_str("# TYPE corral_app_workers gauge\n");
-    for a in apps {
-        out.push_str(&format!(
-            "corral_app_workers{{app=\"{}\"}} {}\n",
-            escape_label(&a.name),
-            a.workers
-        ));
-    }
-    out
 }
 
 /// A Prometheus label value: backslash, quote and newline escaped.

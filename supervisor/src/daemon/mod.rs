@@ -15,13 +15,14 @@
 //! (`restart.backoff`); `restart.give-up` crashes within its window mark
 //! the app failed, and only that app.
 
-mod listeners;
+pub(crate) mod listeners;
 pub mod logging;
 pub mod manager;
+pub(crate) mod metrics;
 pub(crate) mod protocol;
 mod supervisor;
 mod sys;
-mod worker;
+pub(crate) mod worker;
 pub mod zygote;
 
 pub use supervisor::run;

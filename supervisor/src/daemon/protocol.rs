@@ -5,8 +5,9 @@
 //! bytes); file descriptors travel with a packet as `SCM_RIGHTS`.
 //!
 //! - corrald → zygote: [`ToZygote::Start`] first, carrying the listening
-//!   sockets (in [`Start::listeners`] order) and then the artifact's file;
-//!   later [`ToZygote::Drain`].
+//!   sockets (in [`Start::listeners`] order), then the artifact's file,
+//!   then (when [`Start::metrics`]) the app's metrics page (a memfd, see
+//!   `metrics.rs`); later [`ToZygote::Drain`].
 //! - zygote → corrald: [`FromZygote::Ready`] once it is sandboxed and has
 //!   forked its first workers (or [`FromZygote::Failed`]), then pool
 //!   events; [`FromZygote::Idle`] right before it exits because its last
@@ -45,6 +46,9 @@ pub(crate) struct Start {
     /// What each listening fd is, for logs (`127.0.0.1:8080`, `systemd:web`).
     pub(crate) listeners: Vec<String>,
     pub(crate) artifact: Handoff,
+    /// The app's metrics page comes last among the fds.
+    #[serde(default)]
+    pub(crate) metrics: bool,
 }
 
 /// What a zygote tells corrald.

@@ -243,6 +243,12 @@ async fn serve(
         retired: Vec::new(),
         policy,
     };
+    // Before the apps start: READY=1 comes only once the API serves.
+    crate::api::spawn(
+        daemon.manager.clone(),
+        &daemon.policy.daemon,
+        &daemon.systemd,
+    );
     let apps = daemon.policy.apps.clone();
     let mut readiness = Vec::new();
     for spec in apps.values() {
@@ -375,6 +381,13 @@ impl Daemon {
             sockets.push(self.socket(addr)?);
         }
         let artifact = prepare(spec, sockets.len(), &self.cache).await?;
+        if let Some(counters) = self.registry.metrics.counters(&spec.name) {
+            let counter = match artifact.cache_hit {
+                true => &counters.cache_hits,
+                false => &counters.cache_misses,
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok((sockets, artifact))
     }
 
@@ -986,13 +999,16 @@ async fn run_zygote(
     tracing::debug!(app = name, pid, "zygote started");
     app.record(|info| info.cold_starts += 1);
 
+    let metrics_page = app.registry.metrics.fd_for_zygote(name);
     let start = Start {
         app: app.spec.clone(),
         listeners: app.spec.listen.iter().map(ToString::to_string).collect(),
         artifact: app.artifact.handoff(),
+        metrics: metrics_page.is_some(),
     };
     let mut fds: Vec<BorrowedFd<'_>> = app.listeners.iter().map(AsFd::as_fd).collect();
     fds.push(app.artifact.file().as_fd());
+    fds.extend(metrics_page.as_ref().map(AsFd::as_fd));
     protocol::send(&ours, &ToZygote::Start(Box::new(start)), &fds)?;
     rustix::io::ioctl_fionbio(&ours, true)?;
     let control = register(
@@ -1106,7 +1122,15 @@ impl Reported {
                 crashed,
                 status,
             } => {
-                let how = seccomp_report(name, worker, status).unwrap_or(how);
+                let kill = seccomp_report(name, worker, status);
+                if kill.is_some()
+                    && let Some(counters) = app.registry.metrics.counters(name)
+                {
+                    counters
+                        .sandbox_kills
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                let how = kill.unwrap_or(how);
                 if crashed {
                     tracing::warn!(app = name, worker, "{how}; replacing it");
                     app.record(|info| {

@@ -3,6 +3,8 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
+use super::metrics::AppCounters;
+
 /// What [`fork`] returned in this process.
 #[derive(Debug)]
 pub(crate) enum Forked {
@@ -103,6 +105,61 @@ impl SharedPool {
     pub(crate) fn slots(&self) -> &'static [Slot] {
         self.slots
     }
+}
+
+/// The size of an app's metrics page (one page holds [`AppCounters`]).
+const COUNTERS_LEN: usize = 4096;
+const _: () = assert!(std::mem::size_of::<AppCounters>() <= COUNTERS_LEN);
+
+/// corrald: a sealed memfd holding a zeroed [`AppCounters`] page, and
+/// corrald's own mapping of it (see `metrics.rs`).
+pub(crate) fn create_counters() -> std::io::Result<(std::os::fd::OwnedFd, &'static AppCounters)> {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let fd = rustix::fs::memfd_create(
+        "corral-metrics",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?;
+    rustix::fs::ftruncate(&fd, COUNTERS_LEN as u64)?;
+    // Nobody who gets the fd can shrink the file under a mapping (a read
+    // past its end would be SIGBUS), grow it, or lift the seals.
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+    let counters = map_counters(&fd)?;
+    Ok((fd, counters))
+}
+
+/// Map an app's metrics page (made by [`create_counters`]) shared and
+/// writable, for the life of the process: corrald, and a zygote before it
+/// enters the sandbox (its workers inherit the mapping).
+pub(crate) fn map_counters(fd: &impl std::os::fd::AsFd) -> std::io::Result<&'static AppCounters> {
+    use rustix::mm::{MapFlags, ProtFlags, mmap};
+    let len = rustix::fs::fstat(fd)?.st_size;
+    if len < COUNTERS_LEN as i64 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("metrics page is {len} bytes, expected {COUNTERS_LEN}"),
+        ));
+    }
+    // SAFETY: a fresh mapping at an address the kernel picks cannot alias
+    // any existing Rust object; `fd` is a file at least COUNTERS_LEN long.
+    let base = unsafe {
+        mmap(
+            std::ptr::null_mut(),
+            COUNTERS_LEN,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::SHARED,
+            fd,
+            0,
+        )?
+    };
+    // SAFETY: the mapping is page-aligned and COUNTERS_LEN bytes long, room
+    // for one AppCounters (checked at compile time above); its bytes are
+    // zeros or were written only through AppCounters' atomics (memfd pages
+    // start zeroed, all-zero is a valid value of every atomic in it); the
+    // file cannot shrink (sealed by create_counters, and checked to be long
+    // enough here), so the memory stays valid; it is never unmapped, so
+    // `'static` holds; and it is only accessed through atomics, so sharing
+    // it between processes is no data race.
+    Ok(unsafe { &*base.cast::<AppCounters>() })
 }
 
 /// The signals corrald handles on a thread of its own with `sigwait`.

@@ -27,6 +27,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use wasmtime::Engine;
 use wasmtime_wasi_http::io::TokioIo;
 
+use super::metrics::AppCounters;
 use super::sys::{SharedPool, Slot};
 use crate::host::{self, ConnectionStdio, EpochTicker, GuestCaps, Program, StdioMode};
 
@@ -78,6 +79,8 @@ pub(crate) struct WorkerCtx<'a> {
     pub(crate) listeners: &'a [OwnedFd],
     pub(crate) pool: SharedPool,
     pub(crate) slot: usize,
+    /// The app's metrics page: requests, errors, latency.
+    pub(crate) counters: &'static AppCounters,
     pub(crate) wake: BorrowedFd<'a>,
     pub(crate) zygote: Option<rustix::process::Pid>,
 }
@@ -106,13 +109,19 @@ fn run(ctx: &WorkerCtx<'_>, guest: &Guest) -> anyhow::Result<i32> {
                 engine,
                 program,
                 caps,
-            } => run_command(engine, program, caps).await,
+            } => run_command(engine, program, caps, ctx.counters).await,
             _ => serve(ctx, guest).await.map(|()| 0),
         }
     })
 }
 
-async fn run_command(engine: &Engine, program: &Program, caps: &GuestCaps) -> anyhow::Result<i32> {
+async fn run_command(
+    engine: &Engine,
+    program: &Program,
+    caps: &GuestCaps,
+    counters: &AppCounters,
+) -> anyhow::Result<i32> {
+    counters.begin();
     let outcome = match program {
         Program::Module(module) => {
             let linker = host::p1::linker(engine)?;
@@ -124,6 +133,9 @@ async fn run_command(engine: &Engine, program: &Program, caps: &GuestCaps) -> an
         }
     };
     outcome.report("command");
+    if outcome.exit_code() != 0 {
+        counters.errors.fetch_add(1, Ordering::Relaxed);
+    }
     Ok(i32::from(outcome.exit_code()))
 }
 
@@ -152,6 +164,7 @@ impl Listener {
 /// Shared by the accept loops and connections of one worker.
 struct Serving {
     slot: &'static Slot,
+    counters: &'static AppCounters,
     live: &'static std::sync::atomic::AtomicU32,
     concurrency: u32,
     wake: OwnedFd,
@@ -180,6 +193,7 @@ async fn serve(ctx: &WorkerCtx<'_>, guest: &Guest) -> anyhow::Result<()> {
     let (stop_tx, _) = watch::channel(false);
     let serving = Arc::new(Serving {
         slot,
+        counters: ctx.counters,
         live: &header.live,
         concurrency,
         wake: ctx.wake.try_clone_to_owned()?,
@@ -353,7 +367,12 @@ where
                         None => None,
                     };
                     count_request(&serving);
+                    let started = Instant::now();
+                    serving.counters.begin();
                     let response = handler.handle(req).await;
+                    serving
+                        .counters
+                        .observe(started.elapsed(), response.status().is_server_error());
                     // The stream holds its permit until its body is sent.
                     Ok::<_, Infallible>(response.map(|body| {
                         body.map_frame(move |frame| {
@@ -409,12 +428,21 @@ where
             caps,
         } => {
             count_request(serving);
+            let started = Instant::now();
+            serving.counters.begin();
             let mut caps = GuestCaps::clone(caps);
             caps.stdio = StdioMode::Connection(ConnectionStdio::new(stream));
-            match host::p1::run(engine, linker, module, &caps, false).await {
-                Ok(outcome) => outcome.report("stdio connection"),
-                Err(e) => tracing::warn!("stdio connection: {e:#}"),
-            }
+            let failed = match host::p1::run(engine, linker, module, &caps, false).await {
+                Ok(outcome) => {
+                    outcome.report("stdio connection");
+                    outcome.exit_code() != 0
+                }
+                Err(e) => {
+                    tracing::warn!("stdio connection: {e:#}");
+                    true
+                }
+            };
+            serving.counters.observe(started.elapsed(), failed);
         }
     }
 }
@@ -581,7 +609,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
 
 /// hyper's timer (header-read timeouts) on tokio's clock.
 #[derive(Debug, Clone, Copy)]
-struct TokioTimer;
+pub(crate) struct TokioTimer;
 
 /// A tokio sleep as hyper's [`hyper::rt::Sleep`].
 struct TokioSleep(Pin<Box<tokio::time::Sleep>>);

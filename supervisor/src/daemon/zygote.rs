@@ -40,6 +40,7 @@ use rustix::event::{PollFd, PollFlags};
 use rustix::net::RecvFlags;
 use rustix::process::{WaitOptions, WaitStatus};
 
+use super::metrics::AppCounters;
 use super::protocol::{self, FromZygote, Start, ToZygote};
 use super::sys::{self, Forked, SharedPool};
 use super::worker::{self, Guest, WorkerCtx};
@@ -130,6 +131,8 @@ struct Zygote {
     guest: Guest,
     listeners: Vec<OwnedFd>,
     pool: SharedPool,
+    /// The app's metrics page (corrald's), mapped before the sandbox.
+    counters: &'static AppCounters,
     /// Workers write to `wake_tx`; the zygote reads `wake_rx` (`None` in a
     /// freshly forked worker, which closes it).
     wake_rx: Option<OwnedFd>,
@@ -162,6 +165,15 @@ impl Zygote {
         inherited: &[RawFd],
     ) -> anyhow::Result<Zygote> {
         let app = start.app;
+        // Mapped now, before the sandbox; the fd is closed right away (the
+        // workers inherit the mapping, not the file).
+        let counters = match start.metrics.then(|| fds.pop()).flatten() {
+            Some(fd) => sys::map_counters(&fd).unwrap_or_else(|e| {
+                tracing::warn!(app = app.name, "metrics page: {e}; counting privately");
+                AppCounters::private()
+            }),
+            None => AppCounters::private(),
+        };
         let Some(artifact) = fds.pop() else {
             bail!("no artifact fd in the start message");
         };
@@ -266,6 +278,7 @@ impl Zygote {
             guest,
             listeners,
             pool,
+            counters,
             wake_rx: Some(wake_rx),
             wake_tx,
             workers: HashMap::new(),
@@ -391,6 +404,7 @@ impl Zygote {
                     listeners: &self.listeners,
                     pool: self.pool,
                     slot,
+                    counters: self.counters,
                     wake: self.wake_tx.as_fd(),
                     zygote: rustix::process::getppid(),
                 };

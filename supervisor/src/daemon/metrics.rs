@@ -1,0 +1,351 @@
+//! Per-app counters that worker processes bump and corrald reads, and
+//! their Prometheus text (`GET /metrics`, `daemon.metrics`).
+//!
+//! Requests, errors and latencies happen in workers, which are sandboxed
+//! (no files, no sockets) and may die at any time. So corrald creates one
+//! page of atomics per app ([`AppCounters`]) in a sealed memfd, maps it,
+//! and hands the fd to each zygote it starts with the `Start` message; the
+//! zygote maps it before it enters the sandbox and closes the fd, and its
+//! workers inherit the mapping through fork. The page belongs to corrald,
+//! not to a zygote, so the counters survive zygote restarts, reloads and
+//! scale to zero; they count from corrald's start.
+//!
+//! A worker can write its own app's page only: a compromised worker can
+//! forge its app's numbers, nothing else. The memfd is sealed against
+//! shrinking, so nobody can make corrald's reads fault.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::os::fd::OwnedFd;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::manager::{AppInfo, AppState, escape_label};
+
+/// Upper bounds of the latency histogram's buckets, in seconds (the
+/// `+Inf` bucket comes on top).
+pub(crate) const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// One app's counters, shared by corrald, its zygote and its workers.
+/// Only atomics (all-zero is a valid value of each); `repr(C)` because
+/// processes that map it agree on the layout by being the same binary.
+#[derive(Debug, Default)]
+#[repr(C)]
+pub(crate) struct AppCounters {
+    /// http requests, stdio connections, command runs (workers).
+    pub(crate) requests: AtomicU64,
+    /// Of those, failed: an http response with status >= 500 (the guest's
+    /// own, or corral's for a trap or limit), a stdio or command instance
+    /// that trapped, hit a limit or exited non-zero (workers).
+    pub(crate) errors: AtomicU64,
+    /// Wasm instances created (workers).
+    pub(crate) instances: AtomicU64,
+    /// Latency observations per bucket (not cumulative), `+Inf` last.
+    pub(crate) latency: [AtomicU64; BUCKETS.len() + 1],
+    /// Sum of the observed latencies, in microseconds.
+    pub(crate) latency_sum_us: AtomicU64,
+    /// Artifact cache lookups when the app was prepared (corrald).
+    pub(crate) cache_hits: AtomicU64,
+    pub(crate) cache_misses: AtomicU64,
+    /// Workers killed by seccomp (corrald, from the zygote's report).
+    pub(crate) sandbox_kills: AtomicU64,
+}
+
+impl AppCounters {
+    /// One request (or connection) that took `took`; `failed` counts it as
+    /// an error too.
+    pub(crate) fn observe(&self, took: Duration, failed: bool) {
+        let seconds = took.as_secs_f64();
+        let bucket = BUCKETS
+            .iter()
+            .position(|&le| seconds <= le)
+            .unwrap_or(BUCKETS.len());
+        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
+        if failed {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A request (or connection, or run) begins in a fresh instance.
+    pub(crate) fn begin(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.instances.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A zeroed page that no other process sees: for a zygote started
+    /// without one (it still runs; its numbers are lost).
+    pub(crate) fn private() -> &'static AppCounters {
+        Box::leak(Box::default())
+    }
+}
+
+/// The counter pages of every app corrald has served, by app name. A page
+/// outlives the app's versions (reloads, restarts); an app removed from
+/// the policy keeps its page (4 KiB) in case it comes back.
+#[derive(Debug, Default)]
+pub(crate) struct Blocks {
+    apps: Mutex<BTreeMap<String, Block>>,
+}
+
+#[derive(Debug)]
+struct Block {
+    counters: &'static AppCounters,
+    fd: OwnedFd,
+}
+
+impl Blocks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Block>> {
+        self.apps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The app's page, made on first use; `None` (logged) when the memfd
+    /// cannot be made: the app runs, its counters stay at zero.
+    pub(crate) fn counters(&self, app: &str) -> Option<&'static AppCounters> {
+        let mut apps = self.lock();
+        if let Some(block) = apps.get(app) {
+            return Some(block.counters);
+        }
+        match super::sys::create_counters() {
+            Ok((fd, counters)) => {
+                apps.insert(app.to_string(), Block { counters, fd });
+                Some(counters)
+            }
+            Err(e) => {
+                tracing::error!(app, "cannot create the app's metrics page: {e}");
+                None
+            }
+        }
+    }
+
+    /// A copy of the page's fd, for a zygote's `Start` message.
+    pub(crate) fn fd_for_zygote(&self, app: &str) -> Option<OwnedFd> {
+        self.counters(app)?;
+        let apps = self.lock();
+        match apps.get(app)?.fd.try_clone() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::error!(app, "cannot pass the metrics page: {e}");
+                None
+            }
+        }
+    }
+
+    /// The page of an app that has one (never creates it).
+    pub(crate) fn get(&self, app: &str) -> Option<&'static AppCounters> {
+        self.lock().get(app).map(|b| b.counters)
+    }
+
+    /// Fold the workers' numbers into an app's record: `requests` comes
+    /// from the page, `errors` is the record's (crashed workers) plus the
+    /// page's (failed requests).
+    pub(crate) fn fill(&self, info: &mut AppInfo) {
+        if let Some(c) = self.get(&info.name) {
+            info.requests = c.requests.load(Ordering::Relaxed);
+            info.errors = info.errors.saturating_add(c.errors.load(Ordering::Relaxed));
+        }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4) for `apps` (records
+    /// already [`Blocks::fill`]ed).
+    pub(crate) fn render(&self, apps: &[AppInfo]) -> String {
+        let zero = AppCounters::default();
+        let pages: Vec<(&AppInfo, &AppCounters)> = apps
+            .iter()
+            .map(|a| (a, self.get(&a.name).unwrap_or(&zero)))
+            .collect();
+        let mut out = String::new();
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        type Value = fn(&AppInfo, &AppCounters) -> u64;
+        let simple: [(&str, &str, &str, Value); 9] = [
+            (
+                "corral_app_requests_total",
+                "counter",
+                "Requests served since corrald started: http requests, stdio connections, command runs.",
+                |a, _| a.requests,
+            ),
+            (
+                "corral_app_errors_total",
+                "counter",
+                "Failed requests (http status >= 500; stdio/command instances that trapped, hit a limit or exited non-zero) plus crashed workers.",
+                |a, _| a.errors,
+            ),
+            (
+                "corral_app_instances_total",
+                "counter",
+                "Wasm instances created (one per http request, stdio connection or command run).",
+                |_, c| c.instances.load(Ordering::Relaxed),
+            ),
+            (
+                "corral_app_workers",
+                "gauge",
+                "Live worker processes.",
+                |a, _| u64::from(a.workers),
+            ),
+            (
+                "corral_app_busy_workers",
+                "gauge",
+                "Workers serving at least one connection.",
+                |a, _| u64::from(a.busy),
+            ),
+            (
+                "corral_app_cold_starts_total",
+                "counter",
+                "Zygote starts (from zero processes, and restarts).",
+                |a, _| a.cold_starts,
+            ),
+            (
+                "corral_app_cache_hits_total",
+                "counter",
+                "Artifact cache hits when the app was prepared.",
+                |_, c| c.cache_hits.load(Ordering::Relaxed),
+            ),
+            (
+                "corral_app_cache_misses_total",
+                "counter",
+                "Artifact cache misses (compiles) when the app was prepared.",
+                |_, c| c.cache_misses.load(Ordering::Relaxed),
+            ),
+            (
+                "corral_app_sandbox_kills_total",
+                "counter",
+                "Workers killed by the seccomp filter.",
+                |_, c| c.sandbox_kills.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, kind, help, value) in simple {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (a, c) in &pages {
+                let _ = writeln!(
+                    out,
+                    "{name}{{app=\"{}\"}} {}",
+                    escape_label(&a.name),
+                    value(a, c)
+                );
+            }
+        }
+        let name = "corral_app_state";
+        let _ = writeln!(
+            out,
+            "# HELP {name} 1 for the app's current state, 0 for the others.\n# TYPE {name} gauge"
+        );
+        const STATES: [AppState; 7] = [
+            AppState::Starting,
+            AppState::Running,
+            AppState::Idle,
+            AppState::Restarting,
+            AppState::Failed,
+            AppState::Stopped,
+            AppState::Finished,
+        ];
+        for (a, _) in &pages {
+            for s in STATES {
+                let _ = writeln!(
+                    out,
+                    "{name}{{app=\"{}\",state=\"{s}\"}} {}",
+                    escape_label(&a.name),
+                    u8::from(a.state == s)
+                );
+            }
+        }
+        let name = "corral_app_request_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from an http request's head to its response's head; a stdio connection's whole life.\n# TYPE {name} histogram"
+        );
+        for (a, c) in &pages {
+            let app = escape_label(&a.name);
+            let mut cumulative = 0u64;
+            for (i, bound) in BUCKETS
+                .iter()
+                .map(|b| b.to_string())
+                .chain(["+Inf".to_string()])
+                .enumerate()
+            {
+                cumulative = cumulative.saturating_add(load(&c.latency[i]));
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{app=\"{app}\",le=\"{bound}\"}} {cumulative}"
+                );
+            }
+            let sum = load(&c.latency_sum_us) as f64 / 1e6;
+            let _ = writeln!(out, "{name}_sum{{app=\"{app}\"}} {sum}");
+            let _ = writeln!(out, "{name}_count{{app=\"{app}\"}} {cumulative}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP corral_build_info corral's version and the wasmtime it embeds.\n# TYPE corral_build_info gauge\ncorral_build_info{{version=\"{}\",wasmtime_version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION"),
+            corral_compiler::WASMTIME_VERSION
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_is_shared_through_its_fd_and_rendered() {
+        let blocks = Blocks::default();
+        let counters = blocks.counters("web").unwrap();
+        counters.begin();
+        counters.observe(Duration::from_micros(700), false);
+        counters.begin();
+        counters.observe(Duration::from_secs(20), true);
+        // What a zygote does with the fd: map it again (here in the same
+        // process, which shows it is the same memory).
+        let fd = blocks.fd_for_zygote("web").unwrap();
+        let other = super::super::sys::map_counters(&fd).unwrap();
+        other.sandbox_kills.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(counters.sandbox_kills.load(Ordering::Relaxed), 1);
+        assert!(
+            rustix::fs::ftruncate(&fd, 0).is_err(),
+            "sealed against shrinking"
+        );
+
+        let mut info = AppInfo {
+            name: "web".into(),
+            kind: "http".into(),
+            state: AppState::Running,
+            state_since: 0,
+            workers: 2,
+            busy: 1,
+            requests: 0,
+            errors: 1,
+            cold_starts: 3,
+            last_error: None,
+            module: "/m.wasm".into(),
+            artifact: None,
+            sandbox: vec![],
+            listen: vec![],
+            zygote_pid: None,
+        };
+        blocks.fill(&mut info);
+        assert_eq!((info.requests, info.errors), (2, 2));
+        let text = blocks.render(&[info]);
+        for line in [
+            "corral_app_requests_total{app=\"web\"} 2",
+            "corral_app_errors_total{app=\"web\"} 2",
+            "corral_app_sandbox_kills_total{app=\"web\"} 1",
+            "corral_app_state{app=\"web\",state=\"running\"} 1",
+            "corral_app_state{app=\"web\",state=\"idle\"} 0",
+            "corral_app_request_duration_seconds_bucket{app=\"web\",le=\"0.0005\"} 0",
+            "corral_app_request_duration_seconds_bucket{app=\"web\",le=\"0.001\"} 1",
+            "corral_app_request_duration_seconds_bucket{app=\"web\",le=\"10\"} 1",
+            "corral_app_request_duration_seconds_bucket{app=\"web\",le=\"+Inf\"} 2",
+            "corral_app_request_duration_seconds_count{app=\"web\"} 2",
+            "corral_app_request_duration_seconds_sum{app=\"web\"} 20.0007",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+}
