@@ -30,8 +30,8 @@ use zbus::fdo;
 use zbus::message::{Header, Message};
 use zbus::names::ErrorName;
 use zbus::object_server::SignalEmitter;
-use zbus::{OwnedObjectPath, Variant};
 use zbus::{Connection, interface};
+use zbus::{OwnedObjectPath, Variant};
 
 use super::path::app_path;
 use crate::daemon::manager::{
@@ -51,7 +51,9 @@ pub type AppRow = (String, String, String, u32, u32, u64, u64, OwnedObjectPath);
 /// One problem of `Reload`: file, line, column, key, message, the whole line.
 pub type ProblemRow = (String, u32, u32, String, String, String);
 
-/// `Reload`'s answer: applied, errors, added, removed, changed, unchanged.
+/// `Reload`'s answer: applied, errors, added, removed, changed, unchanged
+/// (written out in `reload`'s signature: `#[interface]` makes separate out
+/// arguments only of a tuple it can see).
 pub type ReloadRow = (
     bool,
     Vec<ProblemRow>,
@@ -236,8 +238,9 @@ async fn caller(conn: &Connection, call: &Header<'_>) -> Result<Caller, Error> {
     let groups = creds.unix_group_ids().cloned().unwrap_or_default();
     Ok(Caller {
         uid: creds.unix_user_id().unwrap_or(u32::MAX),
-        // The bus reports the groups (from SO_PEERGROUPS), not which one is
-        // primary: every group counts the same, as the socket's do.
+        // dbus-daemon reports every group of the caller, its primary one
+        // included (tested with setpriv), but not which one is primary:
+        // Manager::authorize treats `gid` and `groups` alike.
         gid: groups.first().copied().unwrap_or(u32::MAX),
         groups,
         pid: creds.process_id(),
@@ -324,7 +327,17 @@ impl ManagerObject {
         &self,
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] call: Header<'_>,
-    ) -> Result<ReloadRow, Error> {
+    ) -> Result<
+        (
+            bool,
+            Vec<ProblemRow>,
+            Vec<String>,
+            Vec<String>,
+            Vec<String>,
+            Vec<String>,
+        ),
+        Error,
+    > {
         let caller = caller(conn, &call).await?;
         let report = self.manager.reload(&caller).await?;
         self.resync.notify_one();
