@@ -1,9 +1,11 @@
 //! The `corral` command: one file per subcommand, each an `XxxCommand`
 //! (clap `Args`) with `execute`, as wasmtime's `src/commands/` does.
 //!
-//! Exit codes (documented in `corral --help` and docs/cli.md):
-//! 0 success, 1 the thing checked is invalid or the operation failed,
-//! 2 bad command line (clap's own code).
+//! Exit codes (documented in `corral --help`, README.md and docs/api.md):
+//! 0 success, 1 the thing checked is invalid or the operation failed (a
+//! refused reload too), 2 bad command line (clap's own code); the commands
+//! that talk to corrald add 3 no such app, 4 access denied, 5 corrald not
+//! reachable (see [`client::exit`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,15 +14,24 @@ use clap::{Parser, Subcommand};
 
 mod cache;
 mod check;
+pub mod client;
 mod compile;
+mod control;
+mod docs;
 mod doctor;
+mod events;
 mod run;
+mod status;
 
 pub use cache::{CacheCommand, CacheDirArgs};
 pub use check::CheckCommand;
 pub use compile::CompileCommand;
+pub use control::{Action, AppCommand, ReloadCommand};
+pub use docs::{CompletionsCommand, ManCommand};
 pub use doctor::DoctorCommand;
+pub use events::EventsCommand;
 pub use run::RunCommand;
+pub use status::{AppsCommand, StatusCommand};
 
 /// Where the policy lives unless `--policy` says otherwise.
 pub fn default_policy_path() -> PathBuf {
@@ -35,8 +46,9 @@ pub struct Cli {
     pub command: Command,
 }
 
-const EXIT_CODES: &str =
-    "Exit codes: 0 success; 1 invalid input or failed operation; 2 bad command line.";
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 invalid input or failed operation (a refused \
+     reload too); 2 bad command line; 3 no such app; 4 access denied (mutations need root or \
+     daemon.api-group); 5 corrald not reachable.";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -50,6 +62,28 @@ pub enum Command {
     Doctor(DoctorCommand),
     /// Run a Wasm module or component once, or serve an http component.
     Run(RunCommand),
+    /// Show corrald and its apps, or one app in detail.
+    Status(StatusCommand),
+    /// List the apps corrald serves.
+    Apps(AppsCommand),
+    /// Start a stopped or failed app.
+    Start(AppCommand),
+    /// Stop an app: it finishes its requests; its sockets stay bound.
+    Stop(AppCommand),
+    /// Restart an app on a new zygote (its sockets stay bound).
+    Restart(AppCommand),
+    /// Compile an app's module again, ignoring the cache, and restart it.
+    Recompile(AppCommand),
+    /// Make corrald read its policy again; prints every error if refused.
+    Reload(ReloadCommand),
+    /// Follow app state changes.
+    Events(EventsCommand),
+    /// Print or write shell completions (for packaging).
+    #[command(hide = true)]
+    Completions(CompletionsCommand),
+    /// Print or write the man pages (for packaging).
+    #[command(hide = true)]
+    Man(ManCommand),
 }
 
 impl Cli {
@@ -60,6 +94,16 @@ impl Cli {
             Command::Cache(c) => c.execute(),
             Command::Doctor(c) => c.execute(),
             Command::Run(c) => c.execute(),
+            Command::Status(c) => c.execute(),
+            Command::Apps(c) => c.execute(),
+            Command::Start(c) => c.execute(Action::Start),
+            Command::Stop(c) => c.execute(Action::Stop),
+            Command::Restart(c) => c.execute(Action::Restart),
+            Command::Recompile(c) => c.execute(Action::Recompile),
+            Command::Reload(c) => c.execute(),
+            Command::Events(c) => c.execute(),
+            Command::Completions(c) => c.execute(),
+            Command::Man(c) => c.execute(),
         }
     }
 }

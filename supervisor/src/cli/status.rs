@@ -1,0 +1,290 @@
+//! `corral status [APP]` and `corral apps`: what corrald says about its
+//! apps, as tables (or its JSON with `--json`).
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+use super::client::{Call, Target};
+
+/// Show corrald and its apps, or one app in detail (like `systemctl status`).
+#[derive(Debug, clap::Args)]
+pub struct StatusCommand {
+    /// The app to show; without it, corrald and a table of every app.
+    #[arg(value_name = "APP")]
+    pub app: Option<String>,
+
+    #[command(flatten)]
+    pub target: Target,
+}
+
+impl StatusCommand {
+    pub fn execute(self) -> anyhow::Result<ExitCode> {
+        let t = &self.target;
+        let result = match &self.app {
+            Some(name) => t.call(Call::GetApp(name)).map(|app| {
+                if t.json {
+                    println!("{}", pretty(&app));
+                } else {
+                    print!("{}", render_app(&app, now_ms()));
+                }
+            }),
+            None => t.call(Call::Info).and_then(|info| {
+                let apps = t.call(Call::ListApps)?;
+                if t.json {
+                    println!(
+                        "{}",
+                        pretty(&serde_json::json!({ "daemon": info, "apps": apps }))
+                    );
+                } else {
+                    print!("{}", render_daemon(&info, now_ms()));
+                    println!();
+                    print!("{}", render_apps(&apps));
+                }
+                Ok(())
+            }),
+        };
+        Ok(match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => e.report(),
+        })
+    }
+}
+
+/// List the apps corrald serves, one line each.
+#[derive(Debug, clap::Args)]
+pub struct AppsCommand {
+    #[command(flatten)]
+    pub target: Target,
+}
+
+impl AppsCommand {
+    pub fn execute(self) -> anyhow::Result<ExitCode> {
+        Ok(match self.target.call(Call::ListApps) {
+            Ok(apps) if self.target.json => {
+                println!("{}", pretty(&apps));
+                ExitCode::SUCCESS
+            }
+            Ok(apps) => {
+                print!("{}", render_apps(&apps));
+                ExitCode::SUCCESS
+            }
+            Err(e) => e.report(),
+        })
+    }
+}
+
+pub(crate) fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `2026-11-25T14:14:35Z (3m 12s ago)`.
+pub(crate) fn when(ms: u64, now: u64) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(ms);
+    let ago = Duration::from_secs(now.saturating_sub(ms) / 1000);
+    format!(
+        "{} ({} ago)",
+        humantime::format_rfc3339_seconds(at),
+        if ago.is_zero() {
+            "just now".to_string()
+        } else {
+            humantime::format_duration(ago).to_string()
+        }
+    )
+    .replace("(just now ago)", "(just now)")
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) if s.is_empty() => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(items) if items.is_empty() => "-".into(),
+        Value::Array(items) => items.iter().map(text).collect::<Vec<_>>().join(" "),
+        other => other.to_string(),
+    }
+}
+
+/// One app, `systemctl status` style.
+pub(crate) fn render_app(a: &Value, now: u64) -> String {
+    let state = text(&a["state"]);
+    let dot = match state.as_str() {
+        "running" | "idle" => "●",
+        "failed" => "×",
+        _ => "○",
+    };
+    let mut out = format!("{dot} {} ({} app)\n", text(&a["name"]), text(&a["kind"]));
+    let mut zygote = String::new();
+    if let Some(pid) = a["zygote_pid"].as_u64() {
+        zygote = format!(", zygote pid {pid}");
+    }
+    let rows = [
+        (
+            "State",
+            format!(
+                "{state} since {}",
+                when(a["state_since"].as_u64().unwrap_or(0), now)
+            ),
+        ),
+        (
+            "Workers",
+            format!(
+                "{} ({} busy){zygote}",
+                text(&a["workers"]),
+                text(&a["busy"])
+            ),
+        ),
+        (
+            "Requests",
+            format!(
+                "{} served, {} errors, {} cold starts",
+                text(&a["requests"]),
+                text(&a["errors"]),
+                text(&a["cold_starts"])
+            ),
+        ),
+        ("Last error", text(&a["last_error"])),
+        ("Module", text(&a["module"])),
+        ("Artifact", text(&a["artifact"])),
+        ("Sandbox", text(&a["sandbox"])),
+        ("Listen", text(&a["listen"])),
+    ];
+    for (label, value) in rows {
+        out.push_str(&format!("{label:>12}: {value}\n"));
+    }
+    out
+}
+
+/// corrald itself, from `GET /v1/info`.
+pub(crate) fn render_daemon(i: &Value, now: u64) -> String {
+    let started = i["started"].as_u64().unwrap_or(0);
+    let files = match i["policy_files"].as_array() {
+        Some(f) if f.len() > 1 => format!(" (+{} drop-ins)", f.len() - 1),
+        _ => String::new(),
+    };
+    let rows = [
+        (
+            "Version",
+            format!(
+                "corral {} (wasmtime {}), {}",
+                text(&i["version"]),
+                text(&i["wasmtime_version"]),
+                text(&i["target"])
+            ),
+        ),
+        (
+            "Running",
+            format!("since {}, pid {}", when(started, now), text(&i["pid"])),
+        ),
+        ("Policy", format!("{}{files}", text(&i["policy_path"]))),
+        (
+            "API",
+            format!(
+                "{} (mutations: root and group {})",
+                text(&i["api_socket"]),
+                text(&i["api_group"])
+            ),
+        ),
+        (
+            "Cache",
+            format!(
+                "{}: {} entries, {}",
+                text(&i["cache"]["dir"]),
+                text(&i["cache"]["entries"]),
+                bytesize::ByteSize(i["cache"]["bytes"].as_u64().unwrap_or(0))
+            ),
+        ),
+        ("Apps", text(&i["apps"])),
+    ];
+    let mut out = String::from("● corrald\n");
+    for (label, value) in rows {
+        out.push_str(&format!("{label:>12}: {value}\n"));
+    }
+    out
+}
+
+/// The apps as an aligned table.
+pub(crate) fn render_apps(apps: &Value) -> String {
+    let mut rows: Vec<Vec<String>> = vec![
+        [
+            "APP", "KIND", "STATE", "WORKERS", "BUSY", "REQUESTS", "ERRORS", "LISTEN",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for a in apps.as_array().into_iter().flatten() {
+        rows.push(
+            [
+                "name", "kind", "state", "workers", "busy", "requests", "errors", "listen",
+            ]
+            .iter()
+            .map(|k| text(&a[*k]))
+            .collect(),
+        );
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    let n = rows.len() - 1;
+    out.push_str(&format!("{n} app{}\n", if n == 1 { "" } else { "s" }));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_app_reads_like_systemctl_status() {
+        let app = serde_json::json!({
+            "name": "web", "kind": "http", "state": "running", "state_since": 1_000_000,
+            "workers": 2, "busy": 1, "requests": 10, "errors": 1, "cold_starts": 1,
+            "last_error": null, "module": "/srv/web.wasm", "artifact": "x/y/z",
+            "sandbox": ["landlock=abi7", "seccomp=on"], "listen": ["127.0.0.1:8080"],
+            "zygote_pid": 42
+        });
+        let out = render_app(&app, 1_000_000 + 75_000);
+        assert!(out.starts_with("● web (http app)\n"), "{out}");
+        assert!(
+            out.contains("       State: running since 1970-01-01T00:16:40Z (1m 15s ago)\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("     Workers: 2 (1 busy), zygote pid 42\n"),
+            "{out}"
+        );
+        assert!(out.contains("  Last error: -\n"), "{out}");
+        assert!(
+            out.contains("     Sandbox: landlock=abi7 seccomp=on\n"),
+            "{out}"
+        );
+        let table = render_apps(&serde_json::json!([app]));
+        assert_eq!(table.lines().count(), 3, "{table}");
+        assert!(
+            table
+                .lines()
+                .nth(1)
+                .unwrap()
+                .starts_with("web  http  running"),
+            "{table}"
+        );
+    }
+}
