@@ -31,9 +31,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, broadcast};
+use zbus::Variant;
 use zbus::fdo::{self, RequestNameFlags, RequestNameReply};
 use zbus::object_server::SignalEmitter;
-use zbus::Variant;
 use zbus::{Connection, connection};
 
 use crate::daemon::manager::{Event, Manager};
