@@ -1,0 +1,344 @@
+//! The task's process: `containerd-shim-corral-v1 guest <plan>`, started
+//! by the shim at `create`, one per container. It joins the container's
+//! namespaces, loads the module's artifact from corral's cache, waits for
+//! `start`, enters corral's sandbox (landlock, seccomp, rlimits) and runs
+//! the guest with corral's host. Its exit status is the container's.
+
+use std::io::Read as _;
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use corral_compiler::EngineOptions;
+use corral_policy::{Access, AppKind, AppSpec, DirGrant, Environment};
+use corral_supervisor::host::{
+    self, ComponentKind, EpochTicker, GuestCaps, Program, StdioMode, exit_code,
+};
+use corral_supervisor::sandbox::SandboxPlan;
+
+use crate::plan::{Mode, Namespace, TaskPlan};
+
+/// The fd on which the shim says "start" (one byte) or gives up (EOF).
+pub(crate) const START_FD: i32 = 3;
+/// Set when the task's process started itself again after compiling.
+const REEXEC_ENV: &str = "CORRAL_SHIM_GUEST_REEXEC";
+
+/// The engine every shim task uses: the same as `corral run`'s, so the
+/// same artifacts serve both (pooling would not change compiled code).
+pub(crate) fn engine_options() -> EngineOptions {
+    EngineOptions::default_for_cli()
+}
+
+pub(crate) fn main(plan: &Path) -> ExitCode {
+    match run(plan) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("corral-shim: {e:#}");
+            ExitCode::from(exit_code::HOST_ERROR)
+        }
+    }
+}
+
+fn run(plan_path: &Path) -> anyhow::Result<ExitCode> {
+    let plan = TaskPlan::read(plan_path)?;
+    let reexec = std::env::var_os(REEXEC_ENV).is_some();
+    if !reexec {
+        // Single-threaded here: setns(CLONE_NEWNS) and friends need that.
+        enter_namespaces(&plan.namespaces, plan.hostname.as_deref())?;
+    }
+    if plan.mode == Mode::Pause {
+        if !wait_for_start()? {
+            return Ok(ExitCode::SUCCESS);
+        }
+        loop {
+            // SAFETY: pause(2) takes no arguments and only returns when a
+            // handled signal arrives; none is handled, so SIGTERM/SIGKILL
+            // end the process.
+            unsafe { libc::pause() };
+        }
+    }
+
+    // Inherited: 0-2 and the start fd. Everything opened from here on is
+    // the guest's (artifact, cache lock, listener, preopens) and is kept.
+    let mut inherited = corral_supervisor::sandbox::open_fds();
+    let engine = host::new_engine(&engine_options())?;
+    let artifact = host::load_artifact(&engine, &plan.module, &plan.cache_dir)?;
+    if !artifact.cache_hit && !reexec {
+        // The shim compiles at create, so this is rare (a cache wiped in
+        // between). Compiling started threads, and the sandbox needs a
+        // single-threaded process: start over, loading from the cache.
+        return Err(reexec_self());
+    }
+
+    let kind = match &artifact.program {
+        Program::Module(_) => None,
+        Program::Component(c) => Some(host::component_kind(&engine, c).with_context(
+            || "the component exports neither wasi:cli/run nor wasi:http/incoming-handler (0.2.x)",
+        )?),
+    };
+    let http = kind == Some(ComponentKind::HttpProxy);
+    let app = app_spec(&plan, http)?;
+
+    let mut caps = GuestCaps::none(
+        plan.argv.first().map(String::as_str).unwrap_or("main.wasm"),
+        app.kind,
+    );
+    caps.argv = plan.argv.clone();
+    if caps.argv.is_empty() {
+        caps.argv.push("main.wasm".to_string());
+    }
+    caps.env = plan.env.clone();
+    caps.stdio = StdioMode::Inherit;
+    if plan.rootfs.is_dir() {
+        let root = DirGrant::new(plan.rootfs.clone(), "/", Access::ReadWrite)
+            .map_err(|e| anyhow::anyhow!("the root filesystem: {e}"))?;
+        caps.dirs.push(root);
+    }
+
+    if !wait_for_start()? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // The start fd is closed now; a new fd may reuse its number.
+    inherited.retain(|&fd| fd != START_FD);
+    // Bound before the sandbox, which allows no bind.
+    let listener = if http {
+        Some(TcpListener::bind(plan.listen).with_context(|| format!("binding {}", plan.listen))?)
+    } else {
+        None
+    };
+
+    // tokio's signal driver (compiled in when any crate of the build
+    // enables tokio's `process` or `signal` feature) makes a process-wide
+    // socketpair the first time a runtime starts; the sandbox refuses
+    // socketpair. Make it now (a runtime without threads) and keep it.
+    drop(current_thread_runtime()?);
+
+    let mut sandbox = SandboxPlan::for_app(&app);
+    for dir in &caps.dirs {
+        match dir.access {
+            Access::ReadOnly => sandbox.allow_read(dir.host.clone()),
+            Access::ReadWrite => sandbox.allow_write(dir.host.clone()),
+        }
+    }
+    for fd in corral_supervisor::sandbox::open_fds() {
+        if fd > 2 && !inherited.contains(&fd) {
+            // SAFETY: `fd` was listed in /proc/self/fd just now and is only
+            // borrowed for this call, which reads its number; nothing in
+            // between closes fds.
+            sandbox.keep_fd(unsafe { BorrowedFd::borrow_raw(fd) });
+        }
+    }
+    // Before any thread (tokio, the epoch ticker) starts.
+    let sandboxed = sandbox.enter().context("entering the sandbox")?;
+    for missing in &sandboxed.layers().missing {
+        eprintln!("corral-shim: sandbox (best-effort): {missing}");
+    }
+
+    let _ticker = EpochTicker::start(&engine).context("starting the epoch ticker")?;
+    let what = plan.argv.first().cloned().unwrap_or_default();
+    match (artifact.program, kind) {
+        (Program::Module(module), _) => {
+            let rt = current_thread_runtime()?;
+            let outcome = rt.block_on(async {
+                let linker = host::p1::linker(&engine)?;
+                host::p1::run(&engine, &linker, &module, &caps, true).await
+            })?;
+            outcome.report(&what);
+            Ok(ExitCode::from(outcome.exit_code()))
+        }
+        (Program::Component(component), Some(ComponentKind::Command)) => {
+            let rt = current_thread_runtime()?;
+            let outcome = rt.block_on(async {
+                let linker = host::p2::linker(&engine)?;
+                host::p2::run_command(&engine, &linker, &component, &caps, true).await
+            })?;
+            outcome.report(&what);
+            Ok(ExitCode::from(outcome.exit_code()))
+        }
+        (Program::Component(component), _) => {
+            let handler = host::http::HttpHandler::new(&engine, &component, caps)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let listener = listener.context("bound above")?;
+            listener.set_nonblocking(true)?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                eprintln!("corral-shim: serving HTTP on {}", listener.local_addr()?);
+                handler.serve(listener).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Blocks until the shim says start (`true`) or closes the pipe (`false`).
+fn wait_for_start() -> anyhow::Result<bool> {
+    // SAFETY: the shim hands the read end of its start pipe over as
+    // START_FD and nothing else in this process owns that fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(START_FD) };
+    let mut pipe = std::fs::File::from(fd);
+    let mut byte = [0u8; 1];
+    loop {
+        match pipe.read(&mut byte) {
+            Ok(0) => return Ok(false),
+            Ok(_) => return Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("waiting for start"),
+        }
+    }
+}
+
+/// The sandbox's view of the task: a policy app like `corral run`'s,
+/// `command` or `http` (listening on the plan's address).
+fn app_spec(plan: &TaskPlan, http: bool) -> anyhow::Result<AppSpec> {
+    let module = serde_json::to_string(&plan.module.to_string_lossy())?;
+    let (kind, listen) = if http {
+        ("http", format!("[{:?}]", plan.listen.to_string()))
+    } else {
+        ("command", "[]".to_string())
+    };
+    let enforcement = sandbox_enforcement();
+    let text = format!(
+        "[apps.task]\nmodule = {module}\nkind = \"{kind}\"\nlisten = {listen}\n\
+         sandbox = {{ landlock = \"{enforcement}\", seccomp = \"{enforcement}\" }}\n"
+    );
+    let policy = corral_policy::parse_str(
+        &text,
+        &plan.module.with_extension("toml"),
+        &Environment::default(),
+    )
+    .map_err(|e| {
+        let d: Vec<String> = e.diagnostics().iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("the task's sandbox policy: {e} {}", d.join("; "))
+    })?;
+    let app = policy.apps.get("task").cloned().context("the task's app")?;
+    debug_assert!(matches!(app.kind, AppKind::Http | AppKind::Command));
+    Ok(app)
+}
+
+/// `require` or `best-effort` (the default): from CORRAL_SHIM_SANDBOX in
+/// the task's environment, which the shim passes on from containerd's.
+pub(crate) fn sandbox_enforcement() -> &'static str {
+    match std::env::var(crate::SANDBOX_ENV).as_deref() {
+        Ok("require") => "require",
+        _ => "best-effort",
+    }
+}
+
+/// Join (path given) or create (no path) the spec's namespaces. A new pid
+/// namespace is not made: the guest runs as one process and needs no
+/// init; the user namespace is refused when the plan is made.
+fn enter_namespaces(namespaces: &[Namespace], hostname: Option<&str>) -> anyhow::Result<()> {
+    let mut new_uts = false;
+    for ns in namespaces {
+        let flag = match ns.kind.as_str() {
+            "network" => libc::CLONE_NEWNET,
+            "ipc" => libc::CLONE_NEWIPC,
+            "uts" => libc::CLONE_NEWUTS,
+            "mount" => libc::CLONE_NEWNS,
+            "cgroup" => libc::CLONE_NEWCGROUP,
+            "pid" => continue,
+            other => bail!("namespace type `{other}` is not supported"),
+        };
+        match &ns.path {
+            Some(path) => {
+                let file = std::fs::File::open(path)
+                    .with_context(|| format!("opening namespace {}", path.display()))?;
+                // SAFETY: setns on an fd we own, with the namespace type it
+                // was opened for; no memory is passed.
+                if unsafe { libc::setns(file.as_raw_fd(), flag) } != 0 {
+                    return Err(std::io::Error::last_os_error()).with_context(|| {
+                        format!("joining {} namespace {}", ns.kind, path.display())
+                    });
+                }
+            }
+            None => {
+                // SAFETY: unshare takes only flags; this process is
+                // single-threaded (freshly executed, no threads yet).
+                if unsafe { libc::unshare(flag) } != 0 {
+                    return Err(std::io::Error::last_os_error())
+                        .with_context(|| format!("creating a {} namespace", ns.kind));
+                }
+                if flag == libc::CLONE_NEWNS {
+                    // Nothing mounted here may reach the host.
+                    make_mounts_private()?;
+                }
+                if flag == libc::CLONE_NEWNET {
+                    bring_loopback_up()?;
+                }
+                new_uts |= flag == libc::CLONE_NEWUTS;
+            }
+        }
+    }
+    if let (true, Some(name)) = (new_uts, hostname) {
+        rustix::system::sethostname(name.as_bytes()).context("setting the hostname")?;
+    }
+    Ok(())
+}
+
+/// `mount --make-rprivate /`: nothing mounted in the new namespace
+/// reaches the host.
+fn make_mounts_private() -> anyhow::Result<()> {
+    // SAFETY: string literals with NUL terminators and null data; the
+    // kernel only reads them.
+    let rc = unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("making the new mount namespace private");
+    }
+    Ok(())
+}
+
+/// A new network namespace starts with `lo` down.
+fn bring_loopback_up() -> anyhow::Result<()> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::]:0"))
+        .context("a socket to configure lo")?;
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we own,
+    // on a socket we own.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) != 0 {
+            return Err(std::io::Error::last_os_error()).context("reading lo's flags");
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) != 0 {
+            return Err(std::io::Error::last_os_error()).context("bringing lo up");
+        }
+    }
+    Ok(())
+}
+
+fn reexec_self() -> anyhow::Error {
+    use std::os::unix::process::CommandExt as _;
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return anyhow::Error::new(e).context("finding the shim's own executable"),
+    };
+    let err = std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .env(REEXEC_ENV, "1")
+        .exec();
+    anyhow::Error::new(err).context(format!("re-executing {}", exe.display()))
+}
+
+fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}

@@ -1,0 +1,43 @@
+//! `containerd-shim-corral-v1`: a containerd shim v2 runtime that runs
+//! Wasm images with corral's host, artifact cache and sandbox
+//! (`runtime_type = "io.containerd.corral.v1"`, see docs/shim.md).
+//!
+//! containerd runs this binary with `start` / `delete` and then as the
+//! shim's ttrpc server ([`service`]); the shim runs the same binary again
+//! as `guest <plan>` for each container's process ([`guest`]).
+
+mod guest;
+mod plan;
+mod service;
+
+use std::path::PathBuf;
+
+/// The first argument that makes this binary a task's process.
+pub(crate) const GUEST_ARG: &str = "guest";
+/// Where the node's artifact cache is (default [`DEFAULT_CACHE`]); read
+/// from containerd's environment, which shims inherit.
+pub(crate) const CACHE_ENV: &str = "CORRAL_SHIM_CACHE";
+pub(crate) const DEFAULT_CACHE: &str = "/var/cache/corral/shim";
+/// `require` or `best-effort` (default): what happens when the kernel
+/// lacks landlock or seccomp.
+pub(crate) const SANDBOX_ENV: &str = "CORRAL_SHIM_SANDBOX";
+
+pub(crate) fn cache_dir() -> PathBuf {
+    std::env::var_os(CACHE_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE))
+}
+
+fn main() -> std::process::ExitCode {
+    let mut args = std::env::args_os().skip(1);
+    if args.next().is_some_and(|a| a == GUEST_ARG) {
+        let Some(plan) = args.next() else {
+            eprintln!("usage: containerd-shim-corral-v1 guest PLAN (started by the shim itself)");
+            return std::process::ExitCode::from(2);
+        };
+        return guest::main(PathBuf::from(plan).as_path());
+    }
+    containerd_shim::run::<service::Service>("io.containerd.corral.v1", None);
+    std::process::ExitCode::SUCCESS
+}

@@ -1,0 +1,631 @@
+//! The shim v2 task service: one shim process per container (or per pod,
+//! grouped by the CRI sandbox id), each container's guest in a child
+//! process of its own (see [`crate::guest`]).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use containerd_shim as shim;
+use containerd_shim::monitor::{Subject, Topic, monitor_subscribe};
+use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskIO, TaskStart};
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
+use containerd_shim::protos::topics;
+use containerd_shim::protos::ttrpc::{self, Code};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Config, DeleteResponse, ExitSignal, Flags, TtrpcContext, TtrpcResult, api};
+use log::{info, warn};
+
+use crate::guest;
+use crate::plan::{MODULE_FILE, Mode, PLAN_FILE, Spec, TaskPlan};
+
+/// The task pid, for `delete` after the shim itself is gone.
+const PID_FILE: &str = "corral-task.pid";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Created,
+    Running,
+    Stopped,
+}
+
+struct Task {
+    bundle: PathBuf,
+    rootfs: PathBuf,
+    /// Whether the shim mounted the rootfs (and unmounts it at delete).
+    mounted: bool,
+    pid: u32,
+    status: Status,
+    exit_status: u32,
+    exited_at: Option<Timestamp>,
+    /// Write end of the start pipe: one byte starts the guest.
+    start: Option<File>,
+    stdin: String,
+    stdout: String,
+    stderr: String,
+}
+
+#[derive(Default)]
+struct State {
+    tasks: HashMap<String, Task>,
+}
+
+#[derive(Clone)]
+pub(crate) struct Service {
+    namespace: String,
+    state: Arc<(Mutex<State>, Condvar)>,
+    exit: Arc<ExitSignal>,
+    publisher: Option<Arc<RemotePublisher>>,
+}
+
+impl Service {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        if let Some(p) = &self.publisher
+            && let Err(e) = p.publish(
+                ttrpc::context::Context::default(),
+                topic,
+                &self.namespace,
+                event,
+            )
+        {
+            warn!("publishing {topic}: {e}");
+        }
+    }
+
+    /// Records exits of task processes (reaped by the framework's SIGCHLD
+    /// handler) and publishes them.
+    fn watch_exits(&self) {
+        let sub = match monitor_subscribe(Topic::Pid) {
+            Ok(sub) => sub,
+            Err(e) => {
+                warn!("subscribing to exits: {e}");
+                return;
+            }
+        };
+        let this = self.clone();
+        std::thread::spawn(move || {
+            for event in sub.rx.iter() {
+                let Subject::Pid(pid) = event.subject else {
+                    continue;
+                };
+                let mut state = this.lock();
+                let Some((id, task)) = state
+                    .tasks
+                    .iter_mut()
+                    .find(|(_, t)| t.pid as i32 == pid && t.status != Status::Stopped)
+                else {
+                    continue;
+                };
+                task.status = Status::Stopped;
+                task.exit_status = event.exit_code as u32;
+                task.exited_at = Some(now());
+                task.start = None;
+                info!("{id}: task process {pid} exited with {}", event.exit_code);
+                let exit = TaskExit {
+                    container_id: id.clone(),
+                    id: id.clone(),
+                    pid: pid as u32,
+                    exit_status: event.exit_code as u32,
+                    exited_at: MessageField::some(now()),
+                    ..Default::default()
+                };
+                drop(state);
+                this.state.1.notify_all();
+                this.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(exit));
+            }
+        });
+    }
+
+    fn create_task(&self, req: &api::CreateTaskRequest) -> anyhow::Result<u32> {
+        let bundle = PathBuf::from(&req.bundle);
+        let spec = Spec::read(&bundle)?;
+        let rootfs = spec.rootfs(&bundle);
+        let mut mounted = false;
+        if !req.rootfs.is_empty() {
+            std::fs::create_dir_all(&rootfs)?;
+            for m in &req.rootfs {
+                shim::mount::mount_rootfs(Some(&m.type_), Some(&m.source), &m.options, &rootfs)
+                    .map_err(|e| anyhow::anyhow!("mounting the rootfs ({}): {e}", m.type_))?;
+                mounted = true;
+            }
+        }
+        let made = self.prepare(&req.id, &bundle, &spec, req);
+        let (pid, start) = match made {
+            Ok(ok) => ok,
+            Err(e) => {
+                if mounted {
+                    unmount(&rootfs);
+                }
+                return Err(e);
+            }
+        };
+        let mut state = self.lock();
+        state.tasks.insert(
+            req.id.clone(),
+            Task {
+                bundle: bundle.clone(),
+                rootfs,
+                mounted,
+                pid,
+                status: Status::Created,
+                exit_status: 0,
+                exited_at: None,
+                start: Some(start),
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+            },
+        );
+        drop(state);
+        Ok(pid)
+    }
+
+    /// The plan, the artifact in the cache, and the task's process
+    /// (waiting for start).
+    fn prepare(
+        &self,
+        id: &str,
+        bundle: &Path,
+        spec: &Spec,
+        req: &api::CreateTaskRequest,
+    ) -> anyhow::Result<(u32, File)> {
+        let cache_dir = crate::cache_dir();
+        let plan = TaskPlan::from_spec(id, bundle, spec, &cache_dir)?;
+        if plan.mode == Mode::Wasm {
+            precompile(id, &plan)?;
+        }
+        let plan_path = plan.write(bundle)?;
+
+        let (start_r, start_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg(crate::GUEST_ARG)
+            .arg(&plan_path)
+            .current_dir(bundle)
+            .env_clear()
+            .env(crate::SANDBOX_ENV, guest::sandbox_enforcement())
+            .stdin(open_stdio(&req.stdin, false)?)
+            .stdout(open_stdio(&req.stdout, true)?)
+            .stderr(open_stdio(&req.stderr, true)?);
+        let start_fd = start_r.as_raw_fd();
+        // SAFETY: between fork and exec only async-signal-safe calls:
+        // dup2 and fcntl on fds this process owns.
+        unsafe {
+            cmd.pre_exec(move || {
+                if start_fd == guest::START_FD {
+                    if libc::fcntl(start_fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(start_fd, guest::START_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        // Spawned under the state lock: the exit watcher cannot see this
+        // pid's exit before the task is recorded.
+        let state = self.lock();
+        let child = cmd.spawn()?;
+        let pid = child.id();
+        drop(child); // never waited here: the framework's reaper does
+        drop(start_r);
+        std::fs::write(bundle.join(PID_FILE), pid.to_string())?;
+        drop(state);
+        info!("{id}: task process {pid} created ({:?})", plan.mode);
+        Ok((pid, File::from(OwnedFd::from(start_w))))
+    }
+}
+
+/// Compile the module into corral's artifact cache on this node, once per
+/// module, engine and CPU: the second container of an image loads it.
+fn precompile(id: &str, plan: &TaskPlan) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let engine = corral_supervisor::host::new_engine(&guest::engine_options())?;
+    let artifact = corral_supervisor::host::load_artifact(&engine, &plan.module, &plan.cache_dir)?;
+    let module = &artifact.key.module;
+    if artifact.cache_hit {
+        info!(
+            "{id}: artifact cache hit for sha256:{module} ({} in {:?})",
+            plan.cache_dir.display(),
+            t0.elapsed()
+        );
+    } else {
+        info!(
+            "{id}: artifact cache miss for sha256:{module}: compiled into {} in {:?}",
+            plan.cache_dir.display(),
+            artifact.compile_time.unwrap_or_else(|| t0.elapsed())
+        );
+    }
+    Ok(())
+}
+
+/// containerd's stdio for the task: a fifo path (which the client already
+/// opened), `file://` path, or nothing.
+fn open_stdio(path: &str, write: bool) -> anyhow::Result<Stdio> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if path.is_empty() {
+        return Ok(Stdio::null());
+    }
+    if let Some(file) = path.strip_prefix("file://") {
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(file)?;
+        return Ok(Stdio::from(f));
+    }
+    if path.contains("://") {
+        anyhow::bail!("{path}: only fifo and file:// stdio are supported");
+    }
+    let f = if write {
+        // Read-write: opening never blocks, and the reader still sees EOF
+        // once the task (the only holder) exits.
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?
+    } else {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)?;
+        rustix::fs::fcntl_setfl(&f, rustix::fs::OFlags::empty())?;
+        f
+    };
+    Ok(Stdio::from(f))
+}
+
+fn unmount(rootfs: &Path) {
+    if let Err(e) = try_unmount(rootfs) {
+        warn!("unmounting {}: {e}", rootfs.display());
+    }
+}
+
+/// Lazily unmount `rootfs` (EINVAL: it was not mounted).
+fn try_unmount(rootfs: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(rootfs.as_os_str().as_bytes())?;
+    // SAFETY: a NUL-terminated path we own; umount2 only reads it.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn cleanup_bundle(bundle: &Path) {
+    for name in [PLAN_FILE, MODULE_FILE, PID_FILE] {
+        let _ = std::fs::remove_file(bundle.join(name));
+    }
+}
+
+fn now() -> Timestamp {
+    shim::util::timestamp().unwrap_or_default()
+}
+
+fn err(code: Code, msg: impl std::fmt::Display) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.to_string()))
+}
+
+fn not_found(id: &str) -> ttrpc::Error {
+    err(Code::NOT_FOUND, format!("task {id} not found"))
+}
+
+impl shim::Shim for Service {
+    type T = Service;
+
+    fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        Service {
+            namespace: args.namespace.clone(),
+            state: Arc::default(),
+            exit: Arc::new(ExitSignal::default()),
+            publisher: None,
+        }
+    }
+
+    fn start_shim(&mut self, opts: shim::StartOpts) -> Result<String, shim::Error> {
+        // One shim per pod (the CRI sandbox id), else per container.
+        let grouping = Spec::read(Path::new("."))
+            .ok()
+            .and_then(|s| s.annotations.get("io.kubernetes.cri.sandbox-id").cloned())
+            .unwrap_or_else(|| opts.id.clone());
+        let (_pid, address) = shim::spawn(opts, &grouping, Vec::new())?;
+        shim::util::write_address(&address)?;
+        Ok(address)
+    }
+
+    fn delete_shim(&mut self) -> Result<DeleteResponse, shim::Error> {
+        // The shim is gone (crashed or killed): containerd runs this in the
+        // bundle. Kill a task process left behind, unmount, clean up.
+        let bundle = std::env::current_dir().map_err(|e| shim::Error::Other(e.to_string()))?;
+        let mut pid = 0;
+        if let Ok(text) = std::fs::read_to_string(bundle.join(PID_FILE))
+            && let Ok(p) = text.trim().parse::<i32>()
+            && p > 0
+        {
+            pid = p as u32;
+            // SAFETY: kill takes plain integers.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        if let Ok(spec) = Spec::read(&bundle) {
+            let rootfs = spec.rootfs(&bundle);
+            let _ = try_unmount(&rootfs);
+        }
+        cleanup_bundle(&bundle);
+        Ok(DeleteResponse {
+            pid,
+            exit_status: 128 + libc::SIGKILL as u32,
+            exited_at: MessageField::some(now()),
+            ..Default::default()
+        })
+    }
+
+    fn wait(&mut self) {
+        self.exit.wait();
+    }
+
+    fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        let service = Service {
+            publisher: Some(Arc::new(publisher)),
+            ..self.clone()
+        };
+        service.watch_exits();
+        service
+    }
+}
+
+impl shim::Task for Service {
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        info!("{}: create (bundle {})", req.id, req.bundle);
+        if req.terminal {
+            return Err(err(
+                Code::INVALID_ARGUMENT,
+                "a terminal is not supported: Wasm guests get pipes",
+            ));
+        }
+        let pid = self
+            .create_task(&req)
+            .map_err(|e| err(Code::FAILED_PRECONDITION, format!("{e:#}")))?;
+        self.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                rootfs: req.rootfs.clone(),
+                io: MessageField::some(TaskIO {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    ..Default::default()
+                }),
+                pid,
+                ..Default::default()
+            }),
+        );
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        if !req.exec_id.is_empty() {
+            return Err(err(Code::UNIMPLEMENTED, "exec is not supported"));
+        }
+        let mut state = self.lock();
+        let task = state
+            .tasks
+            .get_mut(&req.id)
+            .ok_or_else(|| not_found(&req.id))?;
+        match task.status {
+            Status::Created => {}
+            Status::Running => return Err(err(Code::FAILED_PRECONDITION, "already started")),
+            Status::Stopped => {
+                return Err(err(
+                    Code::FAILED_PRECONDITION,
+                    format!(
+                        "the task exited with {} before start (its stderr says why)",
+                        task.exit_status
+                    ),
+                ));
+            }
+        }
+        let mut start = task
+            .start
+            .take()
+            .ok_or_else(|| err(Code::INTERNAL, "no start pipe"))?;
+        std::io::Write::write_all(&mut start, b"s")
+            .map_err(|e| err(Code::INTERNAL, format!("starting the task: {e}")))?;
+        task.status = Status::Running;
+        let pid = task.pid;
+        drop(state);
+        info!("{}: started task process {pid}", req.id);
+        self.publish(
+            topics::TASK_START_EVENT_TOPIC,
+            Box::new(TaskStart {
+                container_id: req.id.clone(),
+                pid,
+                ..Default::default()
+            }),
+        );
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        let state = self.lock();
+        let task = state.tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?;
+        let status = match task.status {
+            Status::Created => api::Status::CREATED,
+            Status::Running => api::Status::RUNNING,
+            Status::Stopped => api::Status::STOPPED,
+        };
+        Ok(api::StateResponse {
+            id: req.id.clone(),
+            bundle: task.bundle.display().to_string(),
+            pid: task.pid,
+            status: status.into(),
+            stdin: task.stdin.clone(),
+            stdout: task.stdout.clone(),
+            stderr: task.stderr.clone(),
+            exit_status: task.exit_status,
+            exited_at: MessageField::from_option(task.exited_at.clone()),
+            ..Default::default()
+        })
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let mut state = self.lock();
+        loop {
+            let task = state.tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?;
+            if task.status == Status::Stopped {
+                return Ok(api::WaitResponse {
+                    exit_status: task.exit_status,
+                    exited_at: MessageField::from_option(task.exited_at.clone()),
+                    ..Default::default()
+                });
+            }
+            state = self.state.1.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let state = self.lock();
+        let task = state.tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?;
+        if task.status == Status::Stopped {
+            return Err(err(Code::NOT_FOUND, "process already finished"));
+        }
+        info!("{}: kill {} with signal {}", req.id, task.pid, req.signal);
+        // SAFETY: kill takes plain integers; the pid is our own child,
+        // not yet reaped (it is not Stopped), so it names no other process.
+        if unsafe { libc::kill(task.pid as i32, req.signal as i32) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(err(Code::INTERNAL, format!("kill: {e}")));
+        }
+        Ok(api::Empty::default())
+    }
+
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        if !req.exec_id.is_empty() {
+            return Err(err(Code::UNIMPLEMENTED, "exec is not supported"));
+        }
+        let mut state = self.lock();
+        let status = state
+            .tasks
+            .get(&req.id)
+            .ok_or_else(|| not_found(&req.id))?
+            .status;
+        match status {
+            Status::Running => {
+                return Err(err(
+                    Code::FAILED_PRECONDITION,
+                    "the task is running: kill it first",
+                ));
+            }
+            Status::Created => {
+                // Never started: closing the start pipe ends the process.
+                if let Some(task) = state.tasks.get_mut(&req.id) {
+                    task.start = None;
+                }
+                while state
+                    .tasks
+                    .get(&req.id)
+                    .is_some_and(|t| t.status != Status::Stopped)
+                {
+                    state = self.state.1.wait(state).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            Status::Stopped => {}
+        }
+        let task = state
+            .tasks
+            .remove(&req.id)
+            .ok_or_else(|| not_found(&req.id))?;
+        drop(state);
+        if task.mounted {
+            unmount(&task.rootfs);
+        }
+        cleanup_bundle(&task.bundle);
+        info!("{}: deleted", req.id);
+        let exited_at = task.exited_at.unwrap_or_else(now);
+        self.publish(
+            topics::TASK_DELETE_EVENT_TOPIC,
+            Box::new(TaskDelete {
+                container_id: req.id.clone(),
+                pid: task.pid,
+                exit_status: task.exit_status,
+                exited_at: MessageField::some(exited_at.clone()),
+                ..Default::default()
+            }),
+        );
+        Ok(api::DeleteResponse {
+            pid: task.pid,
+            exit_status: task.exit_status,
+            exited_at: MessageField::some(exited_at),
+            ..Default::default()
+        })
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let state = self.lock();
+        let task = state.tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?;
+        let mut info = containerd_shim::protos::types::task::ProcessInfo::new();
+        info.pid = task.pid;
+        Ok(api::PidsResponse {
+            processes: vec![info],
+            ..Default::default()
+        })
+    }
+
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let state = self.lock();
+        let task_pid = state.tasks.get(&req.id).map(|t| t.pid).unwrap_or(0);
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        if self.lock().tasks.is_empty() {
+            info!("shutting down");
+            self.exit.signal();
+        }
+        Ok(api::Empty::default())
+    }
+}

@@ -1,0 +1,461 @@
+//! End to end through a real containerd: the test starts containerd (from
+//! Debian) with its own config, root, state and socket under a temp dir,
+//! builds an OCI image tarball of corral's test guests itself (no
+//! network), imports it with `ctr images import` and runs it with
+//! `ctr run --runtime io.containerd.corral.v1`, the shim binary being on
+//! containerd's PATH.
+//!
+//! Needs root (containerd mounts snapshots); skipped, saying so, otherwise.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+
+const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-corral-v1");
+const RUNTIME: &str = "io.containerd.corral.v1";
+const NS: &str = "corral-test";
+const IMAGE: &str = "corral.test/guests:1";
+
+fn guest(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/guests")
+        .join(name)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// containerd on its own socket, root and state; killed on drop.
+struct Containerd {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Containerd {
+    fn start() -> Containerd {
+        let dir = tempfile::Builder::new()
+            .prefix("corral-shim-test")
+            .tempdir()
+            .unwrap();
+        let d = dir.path();
+        let config = format!(
+            "version = 2\n\
+             root = {root:?}\n\
+             state = {state:?}\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.snapshotter.v1.btrfs\",\n\
+               \"io.containerd.snapshotter.v1.zfs\", \"io.containerd.snapshotter.v1.devmapper\",\n\
+               \"io.containerd.snapshotter.v1.aufs\", \"io.containerd.tracing.processor.v1.otlp\"]\n\
+             [grpc]\n  address = {sock:?}\n\
+             [ttrpc]\n  address = {ttrpc:?}\n\
+             [debug]\n  level = \"info\"\n",
+            root = d.join("root").display().to_string(),
+            state = d.join("state").display().to_string(),
+            sock = d.join("containerd.sock").display().to_string(),
+            ttrpc = d.join("containerd.sock.ttrpc").display().to_string(),
+        );
+        std::fs::write(d.join("config.toml"), config).unwrap();
+        let shim_dir = Path::new(SHIM).parent().unwrap();
+        let path = format!(
+            "{}:{}",
+            shim_dir.display(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+        );
+        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .env("PATH", path)
+            .env("CORRAL_SHIM_CACHE", d.join("cache"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd (Debian package containerd; tests/run-tests installs it)");
+        let c = Containerd { dir, child };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = c.ctr(&["version"]);
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not come up: {}\n{}",
+                text(&out.stderr),
+                c.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    fn ctr_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
+            .arg(self.path().join("containerd.sock"))
+            .arg("--namespace")
+            .arg(NS)
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_cmd(args).output().expect("running ctr")
+    }
+
+    /// `ctr` that must succeed.
+    fn ok(&self, args: &[&str]) -> Output {
+        let out = self.ctr(args);
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {:?}\nstdout: {}\nstderr: {}\ncontainerd log:\n{}",
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr),
+            self.log()
+        );
+        out
+    }
+
+    /// `ctr run --rm` of a Wasm command, as the container's process.
+    fn run(&self, id: &str, args: &[&str]) -> Output {
+        let mut all = vec!["run", "--rm", "--runtime", RUNTIME, IMAGE, id];
+        all.extend_from_slice(args);
+        self.ctr(&all)
+    }
+
+    /// Processes whose command line mentions this test's directory (the
+    /// shims: `-address <dir>/containerd.sock`; the tasks: their bundle).
+    fn leftover_processes(&self) -> Vec<String> {
+        let needle = self.path().display().to_string();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if pid == self.child.id() {
+                continue;
+            }
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(&needle) && !cmdline.starts_with("ctr ") {
+                found.push(format!("{pid}: {cmdline}"));
+            }
+        }
+        found
+    }
+
+    fn mounts_below_state(&self) -> Vec<String> {
+        let state = self.path().join("state").display().to_string();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&state))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // SAFETY: kill takes plain integers; the pid is our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn sha256(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+/// A ustar archive of regular files (name, mode, bytes).
+fn tar(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, mode, data) in files {
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        let octal = |field: &mut [u8], value: u64| {
+            let s = format!("{:0width$o}\0", value, width = field.len() - 1);
+            field.copy_from_slice(s.as_bytes());
+        };
+        octal(&mut h[100..108], u64::from(*mode));
+        octal(&mut h[108..116], 0);
+        octal(&mut h[116..124], 0);
+        octal(&mut h[124..136], data.len() as u64);
+        octal(&mut h[136..148], 1_700_000_000);
+        h[156] = b'0';
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        let s = format!("{sum:06o}\0 ");
+        h[148..156].copy_from_slice(s.as_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+/// An OCI image layout, as a tarball for `ctr images import`: one image
+/// whose single layer holds the guests, its entrypoint a `.wasm` file.
+fn image_tarball() -> Vec<u8> {
+    let exit3 = std::fs::read(guest("exit3.wasm")).unwrap();
+    let cli = std::fs::read(guest("cli-exit3.wasm")).unwrap();
+    let hello = std::fs::read(guest("http-hello.wasm")).unwrap();
+    let layer = tar(&[
+        ("exit3.wasm", 0o644, &exit3),
+        ("cli-exit3.wasm", 0o644, &cli),
+        ("hello.wasm", 0o644, &hello),
+    ]);
+    let layer_digest = sha256(&layer);
+    let config = serde_json::json!({
+        "architecture": std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64"),
+        "os": "linux",
+        "config": { "Entrypoint": ["/exit3.wasm"], "Env": ["GREETING=hi"], "WorkingDir": "/" },
+        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{layer_digest}")] },
+    })
+    .to_string()
+    .into_bytes();
+    let config_digest = sha256(&config);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": format!("sha256:{config_digest}"),
+            "size": config.len(),
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": format!("sha256:{layer_digest}"),
+            "size": layer.len(),
+        }],
+    })
+    .to_string()
+    .into_bytes();
+    let manifest_digest = sha256(&manifest);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{manifest_digest}"),
+            "size": manifest.len(),
+            "annotations": { "io.containerd.image.name": IMAGE, "org.opencontainers.image.ref.name": "1" },
+        }],
+    })
+    .to_string()
+    .into_bytes();
+    let blob = |d: &str| format!("blobs/sha256/{d}");
+    let (lp, cp, mp) = (
+        blob(&layer_digest),
+        blob(&config_digest),
+        blob(&manifest_digest),
+    );
+    tar(&[
+        ("oci-layout", 0o644, br#"{"imageLayoutVersion":"1.0.0"}"#),
+        ("index.json", 0o644, &index),
+        (&lp, 0o644, &layer),
+        (&cp, 0o644, &config),
+        (&mp, 0o644, &manifest),
+    ])
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: corral\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+#[test]
+fn wasm_images_run_under_containerd() {
+    if !is_root() {
+        eprintln!(
+            "SKIPPED wasm_images_run_under_containerd: needs root (containerd mounts snapshots)"
+        );
+        return;
+    }
+    let c = Containerd::start();
+    let tarball = c.path().join("guests.tar");
+    std::fs::write(&tarball, image_tarball()).unwrap();
+    c.ok(&["images", "import", tarball.to_str().unwrap()]);
+
+    // A preview1 command: its stdout reaches ctr through containerd's
+    // fifos, its exit code is the container's. The first start compiles.
+    let out = c.run("exit3-a", &[]);
+    assert_eq!(
+        text(&out.stdout),
+        "exiting with 3\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "stderr: {}\n{}",
+        text(&out.stderr),
+        c.log()
+    );
+
+    // The second container of the image starts from the node's cache.
+    let out = c.run("exit3-b", &[]);
+    assert_eq!(text(&out.stdout), "exiting with 3\n");
+    assert_eq!(out.status.code(), Some(3));
+    let log = c.log();
+    let line = |id: &str, what: &str| {
+        log.lines()
+            .any(|l| l.contains(&format!("{id}: artifact cache {what}")))
+    };
+    assert!(line("exit3-a", "miss"), "first start compiles:\n{log}");
+    assert!(
+        line("exit3-b", "hit"),
+        "second start hits the cache:\n{log}"
+    );
+    assert!(!line("exit3-b", "miss"), "{log}");
+    let cached: Vec<_> = walk(&c.path().join("cache"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
+    assert_eq!(cached.len(), 1, "one artifact in the cache: {cached:?}");
+
+    // A wasi:cli command component, by a command line naming it (args
+    // after the image replace the entrypoint, as for any image).
+    let out = c.run("cli", &["/cli-exit3.wasm"]);
+    assert_eq!(
+        text(&out.stdout),
+        "exiting with 3\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    // wasi:cli/exit carries only ok/err: exit(3) through the adapter is 1.
+    assert_eq!(out.status.code(), Some(1));
+
+    // A wasi:http component serves on the address its env names, on the
+    // host network; kill stops it.
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let listen = format!("CORRAL_HTTP_LISTEN={addr}");
+    c.ok(&[
+        "run",
+        "-d",
+        "--net-host",
+        "--runtime",
+        RUNTIME,
+        "--env",
+        &listen,
+        IMAGE,
+        "http",
+        "/hello.wasm",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let response = loop {
+        match http_get(addr) {
+            Ok(r) => break r,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "{addr} never answered: {e}\n{}",
+                    c.log()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response.contains("\r\n\r\n") && response.contains("Hello from corral!\n"),
+        "{response}"
+    );
+
+    c.ok(&["task", "kill", "http"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = c.ok(&["task", "ls"]);
+        let row = text(&out.stdout);
+        if row
+            .lines()
+            .any(|l| l.starts_with("http ") && l.contains("STOPPED"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "task not stopped after kill: {row}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err(),
+        "{addr} still accepts after kill"
+    );
+    c.ok(&["task", "delete", "http"]);
+    c.ok(&["container", "delete", "http"]);
+
+    // Nothing left behind: no task or shim process, no mount.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = c.leftover_processes();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "processes left: {left:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(c.mounts_below_state(), Vec::<String>::new());
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
