@@ -1,0 +1,191 @@
+#!/bin/bash
+# The checks of tests/e2e-systemd/run, inside the booted Debian 12 container
+# (systemd is PID 1 here). Started by corral-e2e.service once the system is
+# up; writes its exit code to /root/e2e.rc and powers the container off.
+#
+# Every check prints "e2e: ok ..." or "e2e: FAIL ..."; a failed check does
+# not stop the others. Output goes to the console, which the host logs.
+set -uo pipefail
+
+failures=0
+ok() { echo "e2e: ok   $*"; }
+fail() { echo "e2e: FAIL $*"; failures=$((failures + 1)); }
+info() { echo "e2e: ..   $*"; }
+show() { sed 's/^/e2e: ..   /'; }   # diagnostic output, indented under its check
+check() { # DESCRIPTION COMMAND...: ok when the command succeeds
+    local what="$1"; shift
+    if "$@"; then ok "$what"; else fail "$what"; fi
+}
+finish() {
+    echo "$failures" >/root/e2e.rc
+    info "$failures failed check(s); powering off"
+    systemctl poweroff --no-block
+    exit 0
+}
+trap finish EXIT
+
+t0=$(date +%s.%N)
+elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }'; }
+
+http_get() { # URL: the body, or nothing and a non-zero status
+    curl -fsS --max-time 30 "$1"
+}
+echo_roundtrip() { # PORT: send a line to the stdio echo app, expect it back
+    timeout 30 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1; printf 'ping-corral\n' >&3; read -r line <&3; [ \"\$line\" = ping-corral ]"
+}
+http_ok() { http_get "$1" >/dev/null; }
+main_pid() { systemctl show -P MainPID corrald.service; }
+active() { [ "$(systemctl is-active "$1")" = active ]; }
+
+info "systemd $(systemctl --version | head -n1 | cut -d' ' -f2), kernel $(uname -r), state $(systemctl is-system-running)"
+
+# --- Install, as an operator would.
+if DEBIAN_FRONTEND=noninteractive apt-get install -y -q /root/corral.deb >/root/install.log 2>&1; then
+    ok "apt-get install ./corral.deb"
+else
+    fail "apt-get install ./corral.deb"; show </root/install.log; exit 1
+fi
+check "user corral exists (sysusers.d)" getent passwd corral
+check "group corral exists" getent group corral
+check "corrald.socket enabled and listening" active corrald.socket
+check "API socket is root:corral 0660" \
+    test "$(stat -c '%U:%G %a' /run/corral/api.sock)" = "root:corral 660"
+check "corrald not started by the install" test "$(systemctl is-active corrald.service)" = inactive
+
+# --- The example: two apps on systemd-held sockets, from the generator.
+cp /usr/share/doc/corral/examples/* /etc/corral/
+systemctl daemon-reload
+check "generator wrote corral-hello.socket" test -f /run/systemd/generator/corral-hello.socket
+check "generator enabled it in sockets.target" test -L /run/systemd/generator/sockets.target.wants/corral-hello.socket
+systemctl start sockets.target
+check "corral-hello.socket and corral-echo.socket listen" active corral-hello.socket
+check "corral-echo.socket listens" active corral-echo.socket
+
+# systemd-analyze verify: no warning at all for our units (stderr empty).
+verify_err=$(cd /tmp && systemd-analyze verify corrald.service corrald.socket \
+    /run/systemd/generator/corral-hello.socket /run/systemd/generator/corral-echo.socket 2>&1 >/dev/null)
+if [ -z "$verify_err" ]; then ok "systemd-analyze verify: no warnings"; else fail "systemd-analyze verify:"; echo "$verify_err" | show; fi
+
+# --- Socket activation: corrald is not running until the first connection,
+# and that connection is served.
+check "corrald not running before the first connection" test "$(systemctl is-active corrald.service)" = inactive
+body=$(http_get http://127.0.0.1:8080/)
+if [ -n "$body" ]; then ok "first connection to hello served: $(printf '%s' "$body" | head -c 60)"; else fail "first connection to hello served"; fi
+check "corrald started by that connection" active corrald.service
+check "echo app served through its socket" echo_roundtrip 8081
+status_line=$(systemctl show -P StatusText corrald.service)
+info "corrald STATUS=: $status_line"
+
+# corrald runs as corral, under the unit's sandbox, and its workers are
+# sandboxed too (the journal says which layers).
+check "corrald runs as user corral" test "$(stat -c %U /proc/"$(main_pid)")" = corral
+journalctl -u corrald.service --no-pager -o cat | grep -i -m3 -E 'sandbox|landlock|seccomp' | sed 's/^/e2e: ..   journal: /'
+if journalctl -u corrald.service --no-pager -o cat | grep -q -i -E 'SIGSYS|killed by the seccomp|Operation not permitted'; then
+    fail "no seccomp kills or EPERM in corrald's journal"
+    journalctl -u corrald.service --no-pager -o cat | grep -i -E 'SIGSYS|seccomp|not permitted' | head -n 5 | show
+else
+    ok "no seccomp kills or EPERM in corrald's journal"
+fi
+
+# --- D-Bus: read-only calls for everyone, mutating ones for root and
+# group corral only.
+bus=(org.corral.Manager1 /org/corral/Manager1 org.corral.Manager1)
+if [ -f /usr/share/dbus-1/system.d/org.corral.Manager1.conf ]; then
+    ok "D-Bus system-bus policy installed"
+else
+    fail "D-Bus system-bus policy installed (units/dbus/org.corral.Manager1.conf, issue 7)"
+fi
+check "busctl ListApps as root" busctl call --timeout=30 "${bus[@]}" ListApps
+check "busctl RestartApp as root" busctl call --timeout=30 "${bus[@]}" RestartApp s hello
+check "busctl ListApps as nobody (read-only: allowed)" \
+    setpriv --reuid=nobody --regid=nogroup --clear-groups busctl call --timeout=30 "${bus[@]}" ListApps
+denied=$(setpriv --reuid=nobody --regid=nogroup --clear-groups busctl call --timeout=30 "${bus[@]}" RestartApp s hello 2>&1)
+denied_rc=$?
+if [ "$denied_rc" -ne 0 ] && printf '%s' "$denied" | grep -q -i -E 'denied|not allowed|permission'; then
+    ok "busctl RestartApp as nobody is denied: $denied"
+else
+    fail "busctl RestartApp as nobody is denied (rc $denied_rc: $denied)"
+fi
+check "hello still served after the D-Bus calls" http_ok http://127.0.0.1:8080/
+
+# --- systemctl reload applies a changed policy: a new app that corrald
+# binds itself.
+cp /etc/corral/policy.toml /root/policy.good
+cat >>/etc/corral/policy.toml <<'EOF'
+
+[apps.hello2]
+module = "hello.wasm"
+kind = "http"
+listen = ["127.0.0.1:8090"]
+EOF
+pid_before=$(main_pid)
+check "systemctl reload corrald" systemctl reload corrald.service
+served=no
+for _ in $(seq 1 100); do
+    if http_ok http://127.0.0.1:8090/ 2>/dev/null; then served=yes; break; fi
+    sleep 0.1
+done
+check "the reloaded policy's new app is served" test "$served" = yes
+check "reload kept the same corrald process" test "$(main_pid)" = "$pid_before"
+
+# --- A broken policy: the old one keeps serving, and `systemctl status`
+# shows why.
+printf '\n[apps.broken]\nmodule = "hello.wasm"\nkind = "http"\nlisten = ["127.0.0.1:8091"]\npool = { maxx = 2 }\n' >>/etc/corral/policy.toml
+systemctl reload corrald.service
+sleep 1
+check "after a broken reload hello is still served" http_ok http://127.0.0.1:8080/
+check "after a broken reload hello2 is still served" http_ok http://127.0.0.1:8090/
+status=$(systemctl status --no-pager --lines=20 corrald.service 2>&1)
+if printf '%s' "$status" | grep -q 'apps.broken.pool.maxx'; then
+    ok "systemctl status corrald shows the error"
+    printf '%s\n' "$status" | grep 'maxx' | head -n 2 | sed 's/^/e2e: ..   /'
+else
+    fail "systemctl status corrald shows the error"; printf '%s\n' "$status" | show
+fi
+check "corrald still active after the broken reload" active corrald.service
+cp /root/policy.good /etc/corral/policy.toml
+systemctl reload corrald.service
+
+# --- kill -9: systemd restarts corrald; a client connecting meanwhile is
+# served, since systemd holds the socket.
+pid_before=$(main_pid)
+restarts_before=$(systemctl show -P NRestarts corrald.service)
+kill -9 "$pid_before"
+killed_at=$(date +%s.%N)
+if body=$(http_get http://127.0.0.1:8080/); then
+    ok "a client connecting right after kill -9 is served (after $(elapsed "$killed_at") s)"
+else
+    fail "a client connecting right after kill -9 is served"
+fi
+check "the echo app too" echo_roundtrip 8081
+for _ in $(seq 1 100); do active corrald.service && break; sleep 0.1; done
+check "systemd restarted corrald (NRestarts went up)" \
+    test "$(systemctl show -P NRestarts corrald.service)" -gt "$restarts_before"
+check "with a new process" test "$(main_pid)" != "$pid_before"
+
+# --- D-Bus activation: a call to org.corral.Manager1 starts a stopped corrald.
+systemctl stop corrald.service
+check "corrald stopped" test "$(systemctl is-active corrald.service)" = inactive
+check "busctl ListApps starts corrald by bus activation" busctl call --timeout=60 "${bus[@]}" ListApps
+check "corrald active after bus activation" active corrald.service
+
+# --- The exposure score recorded in the README.
+expected=$(cat /root/expected-exposure)
+score=$(systemd-analyze security --no-pager corrald.service 2>/dev/null | sed -n 's/.*Overall exposure level for corrald.service: \([0-9.]*\).*/\1/p')
+if [ "$score" = "$expected" ]; then
+    ok "systemd-analyze security corrald.service: $score (recorded: $expected)"
+else
+    fail "systemd-analyze security corrald.service: $score, recorded $expected"
+fi
+
+# --- Upgrade: reinstalling runs `corral compile --policy` before the restart.
+if DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall /root/corral.deb >/root/upgrade.log 2>&1 &&
+    grep -q 'corral compile --policy /etc/corral/policy.toml' /root/upgrade.log; then
+    ok "reinstall (upgrade path) rebuilt the artifacts"
+    grep -E 'corral compile|^(cached|compiled) ' /root/upgrade.log | cut -c1-100 | head -n 4 | sed 's/^/e2e: ..   /'
+else
+    fail "reinstall (upgrade path) rebuilt the artifacts"; show </root/upgrade.log
+fi
+check "hello served after the upgrade" http_ok http://127.0.0.1:8080/
+
+info "checks took $(elapsed "$t0") s"
