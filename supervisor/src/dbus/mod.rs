@@ -121,7 +121,9 @@ pub async fn spawn(manager: Manager, bus: Bus) -> Option<DbusService> {
             Some(service)
         }
         Ok(Err(e)) => {
-            tracing::error!("D-Bus: not serving {BUS_NAME} on the {bus} bus: {e:#}");
+            tracing::error!(
+                "D-Bus: not serving {BUS_NAME} on the {bus} bus: {e:#} (--bus none: go without)"
+            );
             None
         }
         Err(_) => {
@@ -135,7 +137,6 @@ pub async fn spawn(manager: Manager, bus: Bus) -> Option<DbusService> {
 }
 
 async fn connect(manager: Manager, bus: Bus) -> anyhow::Result<DbusService> {
-    use anyhow::Context as _;
     let resync = Arc::new(Notify::new());
     // Subscribe before the objects exist: no event falls between the first
     // sync and the loop.
@@ -153,12 +154,14 @@ async fn connect(manager: Manager, bus: Bus) -> anyhow::Result<DbusService> {
         .serve_at(MANAGER_PATH, fdo::ObjectManager)
         .build()
         .await
-        .context("connecting")?;
+        // Not .context(): zbus's message already ends with its source's.
+        .map_err(|e| anyhow::anyhow!("connecting: {e}"))?;
     let mut sync = Sync {
         connection: connection.clone(),
         manager,
         apps: BTreeMap::new(),
         daemon: AppDict::new(),
+        lost: false,
     };
     sync.all().await;
     let reply = connection
@@ -190,6 +193,8 @@ struct Sync {
     apps: BTreeMap<String, AppDict>,
     /// The emitting manager properties last announced.
     daemon: AppDict,
+    /// The connection to the bus broke (the bus went away).
+    lost: bool,
 }
 
 impl Sync {
@@ -214,23 +219,44 @@ impl Sync {
                 _ = resync.notified() => self.all().await,
                 _ = tick.tick() => self.all().await,
             }
+            if self.lost {
+                // One line, not one per event from now on.
+                return;
+            }
         }
     }
 
-    async fn signal(&self, event: &Event) {
-        let emitter = match SignalEmitter::new(&self.connection, MANAGER_PATH) {
-            Ok(emitter) => emitter,
-            Err(e) => return tracing::warn!("D-Bus: {e}"),
-        };
-        if let Err(e) = interfaces::emit_event(&emitter, event).await {
-            tracing::warn!("D-Bus: sending AppStateChanged for {}: {e}", event.app);
+    /// Log a failed send; a broken connection ends D-Bus for good.
+    fn failed(&mut self, what: &str, e: zbus::Error) {
+        if self.lost {
+            return;
+        }
+        if matches!(e, zbus::Error::InputOutput(_)) {
+            tracing::error!(
+                "D-Bus: lost the bus ({what}: {e}); corrald serves on without D-Bus until it restarts"
+            );
+            self.lost = true;
+        } else {
+            tracing::warn!("D-Bus: {what}: {e}");
+        }
+    }
+
+    async fn signal(&mut self, event: &Event) {
+        let sent = async {
+            let emitter = SignalEmitter::new(&self.connection, MANAGER_PATH)?;
+            interfaces::emit_event(&emitter, event).await
+        }
+        .await;
+        if let Err(e) = sent {
+            self.failed(&format!("sending AppStateChanged for {}", event.app), e);
         }
     }
 
     /// Add objects for new apps, remove those of gone apps, and announce
     /// what changed since last time.
     async fn all(&mut self) {
-        let server = self.connection.object_server();
+        let connection = self.connection.clone();
+        let server = connection.object_server();
         let apps = self.manager.list_apps();
         let live: BTreeSet<&str> = apps.iter().map(|a| a.name.as_str()).collect();
         let gone: Vec<String> = self
@@ -242,7 +268,7 @@ impl Sync {
         for name in gone {
             self.apps.remove(&name);
             if let Err(e) = server.remove::<AppObject, _>(app_path(&name)).await {
-                tracing::warn!("D-Bus: removing the object of {name}: {e}");
+                self.failed(&format!("removing the object of {name}"), e);
             }
         }
         for app in &apps {
@@ -251,20 +277,25 @@ impl Sync {
                 None => {
                     let object = AppObject::new(self.manager.clone(), app.name.clone());
                     if let Err(e) = server.at(app_path(&app.name), object).await {
-                        tracing::warn!("D-Bus: adding the object of {}: {e}", app.name);
+                        self.failed(&format!("adding the object of {}", app.name), e);
                         continue;
                     }
                 }
                 Some(before) => {
                     let path = app_path(&app.name);
-                    changed(&self.connection, path.as_str(), APP_INTERFACE, before, &now).await;
+                    let sent =
+                        changed(&self.connection, path.as_str(), APP_INTERFACE, before, &now).await;
+                    if let Err(e) = sent {
+                        self.failed(&format!("PropertiesChanged on {path}"), e);
+                        return;
+                    }
                 }
             }
             self.apps.insert(app.name.clone(), now);
         }
         let daemon = interfaces::manager_emitting(&self.manager.info());
         if !self.daemon.is_empty() {
-            changed(
+            let sent = changed(
                 &self.connection,
                 MANAGER_PATH,
                 MANAGER_INTERFACE,
@@ -272,6 +303,9 @@ impl Sync {
                 &daemon,
             )
             .await;
+            if let Err(e) = sent {
+                return self.failed(&format!("PropertiesChanged on {MANAGER_PATH}"), e);
+            }
         }
         self.daemon = emitting(daemon, MANAGER_PROPERTIES_EMITTING);
     }
@@ -283,27 +317,27 @@ fn emitting(mut props: AppDict, names: &[&str]) -> AppDict {
 }
 
 /// One `PropertiesChanged` with every property that differs, if any.
-async fn changed(conn: &Connection, path: &str, interface: &str, before: &AppDict, now: &AppDict) {
+async fn changed(
+    conn: &Connection,
+    path: &str,
+    interface: &str,
+    before: &AppDict,
+    now: &AppDict,
+) -> zbus::Result<()> {
     let diff: std::collections::HashMap<&str, Variant<'_>> = now
         .iter()
         .filter(|(k, v)| before.get(*k) != Some(*v))
         .map(|(k, v)| (*k, v.clone()))
         .collect();
     if diff.is_empty() {
-        return;
+        return Ok(());
     }
-    let result = async {
-        let emitter = SignalEmitter::new(conn, path)?;
-        fdo::Properties::properties_changed(
-            &emitter,
-            interface.try_into()?,
-            diff,
-            std::borrow::Cow::Borrowed(&[]),
-        )
-        .await
-    }
-    .await;
-    if let Err(e) = result {
-        tracing::warn!("D-Bus: PropertiesChanged on {path}: {e}");
-    }
+    let emitter = SignalEmitter::new(conn, path)?;
+    fdo::Properties::properties_changed(
+        &emitter,
+        interface.try_into()?,
+        diff,
+        std::borrow::Cow::Borrowed(&[]),
+    )
+    .await
 }
