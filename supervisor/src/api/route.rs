@@ -8,6 +8,22 @@
 /// The largest request body accepted (bytes); more is `413`.
 pub const MAX_BODY: usize = 64 * 1024;
 
+/// Every endpoint the API serves, as `(method, path template)`; the
+/// OpenAPI file (docs/openapi.json) documents exactly these (a test in
+/// supervisor/tests/api.rs checks both ways).
+pub const ENDPOINTS: [(&str, &str); 10] = [
+    ("GET", "/v1/apps"),
+    ("GET", "/v1/apps/{name}"),
+    ("POST", "/v1/apps/{name}/start"),
+    ("POST", "/v1/apps/{name}/stop"),
+    ("POST", "/v1/apps/{name}/restart"),
+    ("POST", "/v1/apps/{name}/recompile"),
+    ("POST", "/v1/reload"),
+    ("GET", "/v1/info"),
+    ("GET", "/v1/events"),
+    ("GET", "/metrics"),
+];
+
 /// What a request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -24,6 +40,24 @@ pub enum Route {
 }
 
 impl Route {
+    /// The entry of [`ENDPOINTS`] this route is (exhaustive: a new route
+    /// cannot be added without its endpoint).
+    pub fn endpoint(&self) -> (&'static str, &'static str) {
+        let i = match self {
+            Route::ListApps => 0,
+            Route::GetApp(_) => 1,
+            Route::Start(_) => 2,
+            Route::Stop(_) => 3,
+            Route::Restart(_) => 4,
+            Route::Recompile(_) => 5,
+            Route::Reload => 6,
+            Route::Info => 7,
+            Route::Events => 8,
+            Route::Metrics => 9,
+        };
+        ENDPOINTS[i]
+    }
+
     /// Whether the route changes something (then it needs uid 0 or
     /// `daemon.api-group`, checked by the Manager).
     pub fn mutates(&self) -> bool {
@@ -212,6 +246,14 @@ mod tests {
         ];
         for (method, path, want) in cases {
             assert_eq!(route(method, path), Ok(want), "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn every_endpoint_routes_to_itself() {
+        for (method, template) in ENDPOINTS {
+            let routed = route(method, &template.replace("{name}", "app")).unwrap();
+            assert_eq!(routed.endpoint(), (method, template));
         }
     }
 
