@@ -153,6 +153,7 @@ impl TaskPlan {
         bundle: &Path,
         spec: &Spec,
         cache_dir: &Path,
+        wasm_layer: &dyn Fn() -> anyhow::Result<Option<Vec<u8>>>,
     ) -> anyhow::Result<TaskPlan> {
         if spec.process.terminal {
             bail!("a terminal (ctr -t, kubectl -t) is not supported: Wasm guests get pipes");
@@ -180,15 +181,7 @@ impl TaskPlan {
         let mode = if spec.is_pod_sandbox() {
             Mode::Pause
         } else {
-            if entry.is_empty() {
-                bail!(
-                    "the container has no entrypoint: set the image's Entrypoint to its .wasm file"
-                );
-            }
-            let bytes = read_in_root(&rootfs, &spec.process.cwd, &entry)?;
-            if !bytes.starts_with(b"\0asm") {
-                bail!("{entry}: not a WebAssembly module or component");
-            }
+            let bytes = module_bytes(&rootfs, &spec.process.cwd, &entry, wasm_layer)?;
             write_private(&module, &bytes)?;
             Mode::Wasm
         };
@@ -216,6 +209,40 @@ impl TaskPlan {
         let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
     }
+}
+
+/// The module: the entrypoint file of the rootfs (an image whose layer
+/// holds the `.wasm`), else the image's Wasm layer (a Wasm OCI artifact,
+/// whose rootfs is empty).
+fn module_bytes(
+    rootfs: &Path,
+    cwd: &str,
+    entry: &str,
+    wasm_layer: &dyn Fn() -> anyhow::Result<Option<Vec<u8>>>,
+) -> anyhow::Result<Vec<u8>> {
+    let in_root = if entry.is_empty() {
+        Err(anyhow::anyhow!(
+            "the container has no entrypoint: set the image's Entrypoint to its .wasm file"
+        ))
+    } else {
+        read_in_root(rootfs, cwd, entry)
+    };
+    let bytes = match in_root {
+        Ok(bytes) => bytes,
+        Err(not_in_root) => match wasm_layer() {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Err(not_in_root),
+            Err(e) => {
+                return Err(
+                    not_in_root.context(format!("and reading the image's Wasm layer: {e:#}"))
+                );
+            }
+        },
+    };
+    if !bytes.starts_with(b"\0asm") {
+        bail!("{entry}: not a WebAssembly module or component");
+    }
+    Ok(bytes)
 }
 
 fn lookup(env: &[(String, String)], name: &str) -> Option<String> {

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::os::fd::AsRawFd as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -59,6 +59,8 @@ struct State {
 #[derive(Clone)]
 pub(crate) struct Service {
     namespace: String,
+    /// containerd's gRPC socket (for Wasm layers in its content store).
+    address: String,
     state: Arc<(Mutex<State>, Condvar)>,
     exit: Arc<ExitSignal>,
     publisher: Option<Arc<RemotePublisher>>,
@@ -180,7 +182,9 @@ impl Service {
         req: &api::CreateTaskRequest,
     ) -> anyhow::Result<(u32, File)> {
         let cache_dir = crate::cache_dir();
-        let plan = TaskPlan::from_spec(id, bundle, spec, &cache_dir)?;
+        let wasm_layer =
+            || corral_shim::content::wasm_layer_of_container(&self.address, &self.namespace, id);
+        let plan = TaskPlan::from_spec(id, bundle, spec, &cache_dir, &wasm_layer)?;
         if plan.mode == Mode::Wasm {
             precompile(id, &plan)?;
         }
@@ -221,7 +225,7 @@ impl Service {
         std::fs::write(bundle.join(PID_FILE), pid.to_string())?;
         drop(state);
         info!("{id}: task process {pid} created ({:?})", plan.mode);
-        Ok((pid, File::from(OwnedFd::from(start_w))))
+        Ok((pid, File::from(start_w)))
     }
 }
 
@@ -327,6 +331,7 @@ impl shim::Shim for Service {
     fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
         Service {
             namespace: args.namespace.clone(),
+            address: args.address.clone(),
             state: Arc::default(),
             exit: Arc::new(ExitSignal::default()),
             publisher: None,

@@ -228,9 +228,83 @@ fn tar(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
     out
 }
 
-/// An OCI image layout, as a tarball for `ctr images import`: one image
-/// whose single layer holds the guests, its entrypoint a `.wasm` file.
-fn image_tarball() -> Vec<u8> {
+/// An OCI image layout under construction: blobs and named images.
+#[derive(Default)]
+struct Layout {
+    blobs: Vec<(String, Vec<u8>)>,
+    images: Vec<serde_json::Value>,
+}
+
+impl Layout {
+    /// Adds a blob; its descriptor.
+    fn blob(&mut self, media_type: &str, bytes: Vec<u8>) -> serde_json::Value {
+        let digest = sha256(&bytes);
+        let desc = serde_json::json!({
+            "mediaType": media_type,
+            "digest": format!("sha256:{digest}"),
+            "size": bytes.len(),
+        });
+        self.blobs.push((digest, bytes));
+        desc
+    }
+
+    fn json(&mut self, media_type: &str, value: serde_json::Value) -> serde_json::Value {
+        self.blob(media_type, value.to_string().into_bytes())
+    }
+
+    /// An image manifest of `layers` with an image config of `config`.
+    fn manifest(
+        &mut self,
+        config: serde_json::Value,
+        layers: Vec<serde_json::Value>,
+    ) -> serde_json::Value {
+        let config = self.json("application/vnd.oci.image.config.v1+json", config);
+        self.json(
+            "application/vnd.oci.image.manifest.v1+json",
+            serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": config,
+                "layers": layers,
+            }),
+        )
+    }
+
+    fn name(&mut self, name: &str, mut target: serde_json::Value) {
+        target["annotations"] = serde_json::json!({ "io.containerd.image.name": name });
+        self.images.push(target);
+    }
+
+    /// The layout as a tarball for `ctr images import`.
+    fn tarball(&self) -> Vec<u8> {
+        let index = serde_json::json!({ "schemaVersion": 2, "manifests": self.images })
+            .to_string()
+            .into_bytes();
+        let names: Vec<String> = self
+            .blobs
+            .iter()
+            .map(|(d, _)| format!("blobs/sha256/{d}"))
+            .collect();
+        let mut files: Vec<(&str, u32, &[u8])> = vec![
+            ("oci-layout", 0o644, br#"{"imageLayoutVersion":"1.0.0"}"#),
+            ("index.json", 0o644, &index),
+        ];
+        for (name, (_, bytes)) in names.iter().zip(&self.blobs) {
+            files.push((name, 0o644, bytes));
+        }
+        tar(&files)
+    }
+}
+
+fn host_arch() -> String {
+    std::env::consts::ARCH
+        .replace("x86_64", "amd64")
+        .replace("aarch64", "arm64")
+}
+
+/// One image ([`IMAGE`]) whose single tar layer holds the guests, its
+/// entrypoint a `.wasm` file: what any image builder makes `FROM scratch`.
+fn guests_image(layout: &mut Layout) {
     let exit3 = std::fs::read(guest("exit3.wasm")).unwrap();
     let cli = std::fs::read(guest("cli-exit3.wasm")).unwrap();
     let hello = std::fs::read(guest("http-hello.wasm")).unwrap();
@@ -239,57 +313,45 @@ fn image_tarball() -> Vec<u8> {
         ("cli-exit3.wasm", 0o644, &cli),
         ("hello.wasm", 0o644, &hello),
     ]);
-    let layer_digest = sha256(&layer);
-    let config = serde_json::json!({
-        "architecture": std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64"),
-        "os": "linux",
-        "config": { "Entrypoint": ["/exit3.wasm"], "Env": ["GREETING=hi"], "WorkingDir": "/" },
-        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{layer_digest}")] },
-    })
-    .to_string()
-    .into_bytes();
-    let config_digest = sha256(&config);
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": format!("sha256:{config_digest}"),
-            "size": config.len(),
-        },
-        "layers": [{
-            "mediaType": "application/vnd.oci.image.layer.v1.tar",
-            "digest": format!("sha256:{layer_digest}"),
-            "size": layer.len(),
-        }],
-    })
-    .to_string()
-    .into_bytes();
-    let manifest_digest = sha256(&manifest);
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": format!("sha256:{manifest_digest}"),
-            "size": manifest.len(),
-            "annotations": { "io.containerd.image.name": IMAGE, "org.opencontainers.image.ref.name": "1" },
-        }],
-    })
-    .to_string()
-    .into_bytes();
-    let blob = |d: &str| format!("blobs/sha256/{d}");
-    let (lp, cp, mp) = (
-        blob(&layer_digest),
-        blob(&config_digest),
-        blob(&manifest_digest),
+    let diff_id = format!("sha256:{}", sha256(&layer));
+    let layer = layout.blob("application/vnd.oci.image.layer.v1.tar", layer);
+    let manifest = layout.manifest(
+        serde_json::json!({
+            "architecture": host_arch(),
+            "os": "linux",
+            "config": { "Entrypoint": ["/exit3.wasm"], "Env": ["GREETING=hi"], "WorkingDir": "/" },
+            "rootfs": { "type": "layers", "diff_ids": [diff_id] },
+        }),
+        vec![layer],
     );
-    tar(&[
-        ("oci-layout", 0o644, br#"{"imageLayoutVersion":"1.0.0"}"#),
-        ("index.json", 0o644, &index),
-        (&lp, 0o644, &layer),
-        (&cp, 0o644, &config),
-        (&mp, 0o644, &manifest),
-    ])
+    layout.name(IMAGE, manifest);
+}
+
+/// Wasm OCI artifacts: the module is the layer itself. `name` targets the
+/// manifest, `name-index` an index whose manifest is for wasip1/wasm.
+fn wasm_artifact_images(layout: &mut Layout, name: &str, module: Vec<u8>) {
+    let layer = layout.blob("application/vnd.wasm.content.layer.v1+wasm", module);
+    let manifest = layout.manifest(
+        serde_json::json!({
+            "architecture": "wasm",
+            "os": "wasip1",
+            "config": { "Entrypoint": ["/module.wasm"] },
+            "rootfs": { "type": "layers", "diff_ids": [] },
+        }),
+        vec![layer],
+    );
+    let mut for_wasm = manifest.clone();
+    for_wasm["platform"] = serde_json::json!({ "os": "wasip1", "architecture": "wasm" });
+    let index = layout.json(
+        "application/vnd.oci.image.index.v1+json",
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [for_wasm],
+        }),
+    );
+    layout.name(name, manifest);
+    layout.name(&format!("{name}-index"), index);
 }
 
 fn free_port() -> u16 {
@@ -319,7 +381,9 @@ fn wasm_images_run_under_containerd() {
     }
     let c = Containerd::start();
     let tarball = c.path().join("guests.tar");
-    std::fs::write(&tarball, image_tarball()).unwrap();
+    let mut layout = Layout::default();
+    guests_image(&mut layout);
+    std::fs::write(&tarball, layout.tarball()).unwrap();
     c.ok(&["images", "import", tarball.to_str().unwrap()]);
 
     // A preview1 command: its stdout reaches ctr through containerd's
@@ -458,4 +522,65 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// The shim's reader of containerd's content store, against the real
+/// containerd: Debian 12's containerd 1.6.20 cannot run a Wasm OCI
+/// artifact (it refuses to unpack the non-tar layer: "mismatched image
+/// rootfs and manifest layers"; 1.6.25+/1.7.7+ pass it through), but it
+/// imports one with `--no-unpack`, and the shim reads the module from its
+/// store the way it does at `create` on a newer containerd.
+#[test]
+fn wasm_layers_are_read_from_containerds_content_store() {
+    if !is_root() {
+        eprintln!(
+            "SKIPPED wasm_layers_are_read_from_containerds_content_store: needs root (containerd)"
+        );
+        return;
+    }
+    use corral_shim::content::{wasm_layer_of_container, wasm_layer_of_image};
+    let c = Containerd::start();
+    let module = std::fs::read(guest("http-hello.wasm")).unwrap();
+    let mut plain = Layout::default();
+    guests_image(&mut plain);
+    let mut artifacts = Layout::default();
+    wasm_artifact_images(&mut artifacts, "corral.test/artifact:1", module.clone());
+    let (p, a) = (c.path().join("plain.tar"), c.path().join("artifact.tar"));
+    std::fs::write(&p, plain.tarball()).unwrap();
+    std::fs::write(&a, artifacts.tarball()).unwrap();
+    c.ok(&["images", "import", p.to_str().unwrap()]);
+    c.ok(&[
+        "images",
+        "import",
+        "--no-unpack",
+        "--all-platforms",
+        a.to_str().unwrap(),
+    ]);
+
+    let sock = c.path().join("containerd.sock");
+    let sock = sock.to_str().unwrap();
+    let got = wasm_layer_of_image(sock, NS, "corral.test/artifact:1").unwrap();
+    assert!(
+        got.as_deref() == Some(module.as_slice()),
+        "the manifest's Wasm layer"
+    );
+    let got = wasm_layer_of_image(sock, NS, "corral.test/artifact:1-index").unwrap();
+    assert!(
+        got.as_deref() == Some(module.as_slice()),
+        "through the index"
+    );
+    // An image with only tar layers has none.
+    assert!(wasm_layer_of_image(sock, NS, IMAGE).unwrap().is_none());
+    let err = wasm_layer_of_image(sock, NS, "corral.test/absent:1").unwrap_err();
+    assert!(format!("{err:#}").contains("not found"), "{err:#}");
+
+    // From a container to its image (what the shim asks at create).
+    c.ok(&["containers", "create", "--runtime", RUNTIME, IMAGE, "plain"]);
+    assert!(
+        wasm_layer_of_container(sock, NS, "plain")
+            .unwrap()
+            .is_none()
+    );
+    assert!(wasm_layer_of_container(sock, NS, "absent").is_err());
+    c.ok(&["containers", "delete", "plain"]);
 }
