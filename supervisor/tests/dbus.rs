@@ -87,6 +87,8 @@ enum BusPolicy {
     /// Our file, then a mandatory rule that lets anyone call anything on
     /// org.corral.Manager1: only corrald's own check is left.
     OursOverridden,
+    /// Without our file: nobody may own org.corral.Manager1.
+    NotOurs,
 }
 
 /// A private system-like bus in a temporary directory.
@@ -102,13 +104,19 @@ impl Bus {
         // uid 65534 must reach the socket.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let socket = dir.path().join("system_bus_socket");
-        let overridden = match policy {
-            BusPolicy::Ours => "",
-            BusPolicy::OursOverridden => {
+        let ours = format!(
+            "<include>{}</include>",
+            our_bus_policy().canonicalize().unwrap().display()
+        );
+        let (ours, overridden) = match policy {
+            BusPolicy::Ours => (ours.as_str(), ""),
+            BusPolicy::OursOverridden => (
+                ours.as_str(),
                 "<policy context=\"mandatory\">\n\
                  <allow send_destination=\"org.corral.Manager1\"/>\n\
-                 </policy>"
-            }
+                 </policy>",
+            ),
+            BusPolicy::NotOurs => ("", ""),
         };
         // The default context of Debian's /usr/share/dbus-1/system.conf.
         let config = format!(
@@ -136,12 +144,11 @@ impl Bus {
   <policy user="root">
     <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Monitoring"/>
   </policy>
-  <include>{ours}</include>
+  {ours}
   {overridden}
 </busconfig>
 "#,
             socket = socket.display(),
-            ours = our_bus_policy().canonicalize().unwrap().display(),
         );
         let config_path = dir.path().join("system.conf");
         std::fs::write(&config_path, config).unwrap();
@@ -198,7 +205,24 @@ fn app_toml(name: &str, kind: &str, module: &str, min: u32) -> String {
 }
 
 impl Corrald {
+    /// corrald on `bus`, once it owns the name.
     fn start(bus: &Bus, api_group: &str) -> Corrald {
+        let corrald = Corrald::spawn(&bus.address, api_group);
+        wait_for(
+            "corrald to own the bus name",
+            Duration::from_secs(5),
+            || {
+                corrald
+                    .log()
+                    .contains("D-Bus: serving org.corral.Manager1")
+                    .then_some(())
+            },
+        );
+        corrald
+    }
+
+    /// corrald with the system bus at `bus_address`, once it is ready.
+    fn spawn(bus_address: &str, api_group: &str) -> Corrald {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let policy = format!(
@@ -225,7 +249,7 @@ impl Corrald {
         let mut child = Command::new(CORRALD)
             .arg("--policy")
             .arg(root.join("policy.toml"))
-            .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", bus_address)
             .env("NOTIFY_SOCKET", &notify_path)
             .env("CORRAL_LOG", "info")
             .env_remove("CORRAL_BUS")
@@ -266,16 +290,6 @@ impl Corrald {
                 .any(|n| n == "READY=1")
                 .then_some(())
         });
-        wait_for(
-            "corrald to own the bus name",
-            Duration::from_secs(5),
-            || {
-                corrald
-                    .log()
-                    .contains("D-Bus: serving org.corral.Manager1")
-                    .then_some(())
-            },
-        );
         corrald
     }
 
@@ -1091,4 +1105,51 @@ fn introspection_shows_every_method_property_and_signal() {
     ] {
         assert!(all.contains_key(member), "{member} in {all:?}");
     }
+}
+
+#[test]
+fn corrald_serves_on_without_the_bus() {
+    if !can_run("corrald_serves_on_without_the_bus") {
+        return;
+    }
+    let not_serving = "D-Bus: not serving org.corral.Manager1 on the system bus";
+    let serves = |corrald: &Corrald| {
+        let (status, apps) = http(&corrald.api_socket(), "GET", "/v1/apps");
+        assert_eq!(status, 200);
+        assert_eq!(apps.as_array().unwrap().len(), 2);
+    };
+
+    // No bus at that address.
+    let nowhere = tempfile::tempdir().unwrap();
+    let address = format!("unix:path={}", nowhere.path().join("nobody-here").display());
+    let corrald = Corrald::spawn(&address, "corral");
+    wait_for("the error line", Duration::from_secs(5), || {
+        corrald.log().contains(not_serving).then_some(())
+    });
+    serves(&corrald);
+    drop(corrald);
+
+    // A bus whose policy does not let corrald own the name.
+    let bus = Bus::start(BusPolicy::NotOurs);
+    let corrald = Corrald::spawn(&bus.address, "corral");
+    wait_for("the error line", Duration::from_secs(5), || {
+        let log = corrald.log();
+        (log.contains(not_serving) && log.contains("owning org.corral.Manager1")).then_some(())
+    });
+    serves(&corrald);
+    drop(corrald);
+
+    // The name taken by another corrald: the first keeps it.
+    let bus = Bus::start(BusPolicy::Ours);
+    let first = Corrald::start(&bus, "corral");
+    let second = Corrald::spawn(&bus.address, "corral");
+    wait_for("the error line", Duration::from_secs(5), || {
+        second
+            .log()
+            .contains("another connection owns org.corral.Manager1")
+            .then_some(())
+    });
+    serves(&second);
+    let pid = busctl(&bus, None, &["get-property", NAME, MANAGER, NAME, "Pid"]).unwrap();
+    assert_eq!(pid["data"], first.child.as_ref().unwrap().id());
 }
