@@ -38,7 +38,8 @@ struct Containerd {
 }
 
 impl Containerd {
-    fn start() -> Containerd {
+    /// `sandbox`: CORRAL_SHIM_SANDBOX for the shims (require/best-effort).
+    fn start(sandbox: &str) -> Containerd {
         let dir = tempfile::Builder::new()
             .prefix("corral-shim-test")
             .tempdir()
@@ -72,6 +73,7 @@ impl Containerd {
             .arg(d.join("config.toml"))
             .env("PATH", path)
             .env("CORRAL_SHIM_CACHE", d.join("cache"))
+            .env("CORRAL_SHIM_SANDBOX", sandbox)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -200,20 +202,32 @@ fn sha256(b: &[u8]) -> String {
 
 /// A ustar archive of regular files (name, mode, bytes).
 fn tar(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
+    tar_with_links(files, &[])
+}
+
+/// A ustar archive of regular files and then symlinks (name, target).
+fn tar_with_links(files: &[(&str, u32, &[u8])], links: &[(&str, &str)]) -> Vec<u8> {
+    let mut entries: Vec<(&str, u32, &[u8], Option<&str>)> =
+        files.iter().map(|&(n, m, d)| (n, m, d, None)).collect();
+    entries.extend(links.iter().map(|&(n, t)| (n, 0o777, &[][..], Some(t))));
     let mut out = Vec::new();
-    for (name, mode, data) in files {
+    for (name, mode, data, link) in entries {
         let mut h = [0u8; 512];
         h[..name.len()].copy_from_slice(name.as_bytes());
         let octal = |field: &mut [u8], value: u64| {
             let s = format!("{:0width$o}\0", value, width = field.len() - 1);
             field.copy_from_slice(s.as_bytes());
         };
-        octal(&mut h[100..108], u64::from(*mode));
+        octal(&mut h[100..108], u64::from(mode));
         octal(&mut h[108..116], 0);
         octal(&mut h[116..124], 0);
         octal(&mut h[124..136], data.len() as u64);
         octal(&mut h[136..148], 1_700_000_000);
         h[156] = b'0';
+        if let Some(target) = link {
+            h[156] = b'2';
+            h[157..157 + target.len()].copy_from_slice(target.as_bytes());
+        }
         h[257..263].copy_from_slice(b"ustar\0");
         h[263..265].copy_from_slice(b"00");
         h[148..156].copy_from_slice(b"        ");
@@ -308,11 +322,17 @@ fn guests_image(layout: &mut Layout) {
     let exit3 = std::fs::read(guest("exit3.wasm")).unwrap();
     let cli = std::fs::read(guest("cli-exit3.wasm")).unwrap();
     let hello = std::fs::read(guest("http-hello.wasm")).unwrap();
-    let layer = tar(&[
-        ("exit3.wasm", 0o644, &exit3),
-        ("cli-exit3.wasm", 0o644, &cli),
-        ("hello.wasm", 0o644, &hello),
-    ]);
+    let escape = std::fs::read(guest("escape.wasm")).unwrap();
+    let layer = tar_with_links(
+        &[
+            ("exit3.wasm", 0o644, &exit3),
+            ("cli-exit3.wasm", 0o644, &cli),
+            ("hello.wasm", 0o644, &hello),
+            ("escape.wasm", 0o644, &escape),
+            ("inside.txt", 0o644, b"in the image\n"),
+        ],
+        &[("link-out", "/etc/passwd")],
+    );
     let diff_id = format!("sha256:{}", sha256(&layer));
     let layer = layout.blob("application/vnd.oci.image.layer.v1.tar", layer);
     let manifest = layout.manifest(
@@ -379,7 +399,18 @@ fn wasm_images_run_under_containerd() {
         );
         return;
     }
-    let c = Containerd::start();
+    // With landlock and seccomp on this kernel, the shim must enter both
+    // (a guest it cannot sandbox does not start).
+    let kernel = corral_supervisor::sandbox::probe_kernel();
+    let has_all = kernel.landlock.abi().is_some_and(|abi| abi >= 4) && kernel.seccomp.available;
+    if !has_all {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI needs landlock (ABI 4+) and seccomp: {kernel:?}"
+        );
+        eprintln!("this kernel lacks landlock ABI 4 or seccomp: the sandbox is best-effort");
+    }
+    let c = Containerd::start(if has_all { "require" } else { "best-effort" });
     let tarball = c.path().join("guests.tar");
     let mut layout = Layout::default();
     guests_image(&mut layout);
@@ -436,6 +467,21 @@ fn wasm_images_run_under_containerd() {
     // wasi:cli/exit carries only ok/err: exit(3) through the adapter is 1.
     assert_eq!(out.status.code(), Some(1));
 
+    // The guest's `/` is the container's rootfs, and nothing else: not
+    // through `..`, an absolute path or the image's symlink to /etc/passwd.
+    let out = c.run("escape", &["/escape.wasm"]);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("inside.txt: opened"),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+    assert!(
+        !stdout.contains("passwd: opened") && !stdout.contains("link-out: opened"),
+        "{stdout}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+
     // A wasi:http component serves on the address its env names, on the
     // host network; kill stops it.
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -471,6 +517,17 @@ fn wasm_images_run_under_containerd() {
         response.contains("\r\n\r\n") && response.contains("Hello from corral!\n"),
         "{response}"
     );
+    // The serving process is sandboxed: no_new_privs and a seccomp filter.
+    let tasks = text(&c.ok(&["task", "ls"]).stdout);
+    let pid: u32 = tasks
+        .lines()
+        .find_map(|l| l.strip_prefix("http "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid for http in {tasks}"));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    assert!(status.contains("Seccomp:\t2"), "{status}");
 
     c.ok(&["task", "kill", "http"]);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -539,7 +596,7 @@ fn wasm_layers_are_read_from_containerds_content_store() {
         return;
     }
     use corral_shim::content::{wasm_layer_of_container, wasm_layer_of_image};
-    let c = Containerd::start();
+    let c = Containerd::start("best-effort");
     let module = std::fs::read(guest("http-hello.wasm")).unwrap();
     let mut plain = Layout::default();
     guests_image(&mut plain);
