@@ -630,6 +630,33 @@ fn every_method_answers_as_the_socket_api_does() {
         rows[1][7], "/org/corral/Manager1/app/hello_2dweb",
         "escaped like systemd"
     );
+    // GetManagedObjects: every app object with the same properties.
+    let managed = busctl(
+        &bus,
+        None,
+        &[
+            "call",
+            NAME,
+            MANAGER,
+            "org.freedesktop.DBus.ObjectManager",
+            "GetManagedObjects",
+        ],
+    )
+    .unwrap();
+    // (zbus lists the inner node /org/corral/Manager1/app too, with no
+    // interface.)
+    let managed: Map<String, Value> = managed["data"][0]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, interfaces)| interfaces != &&json!({}))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert_eq!(managed.len(), apps.len(), "{managed:?}");
+    for app in apps {
+        let path = app_path(app["name"].as_str().unwrap());
+        assert_eq!(&app_json(&managed[&path]["org.corral.App1"]), app, "{path}");
+    }
 
     // The daemon's properties are GET /v1/info.
     let (_, mut info) = http(&sock, "GET", "/v1/info");
