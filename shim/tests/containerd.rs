@@ -553,6 +553,57 @@ fn wasm_images_run_under_containerd() {
     c.ok(&["task", "delete", "http"]);
     c.ok(&["container", "delete", "http"]);
 
+    // A shim that dies (SIGKILL) takes its task with it: containerd runs
+    // the shim binary's `delete`, which kills the task's process and
+    // unmounts its rootfs.
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let listen = format!("CORRAL_HTTP_LISTEN={addr}");
+    c.ok(&[
+        "run",
+        "-d",
+        "--net-host",
+        "--runtime",
+        RUNTIME,
+        "--env",
+        &listen,
+        IMAGE,
+        "crash",
+        "/hello.wasm",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(addr).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{addr} never answered\n{}",
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let shims: Vec<String> = c
+        .leftover_processes()
+        .into_iter()
+        .filter(|p| p.contains("containerd-shim-corral-v1 -namespace") && p.contains("-id crash"))
+        .collect();
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    let shim_pid: i32 = shims[0].split(':').next().unwrap().parse().unwrap();
+    // SAFETY: kill takes plain integers; the pid was just read from /proc.
+    unsafe { libc::kill(shim_pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        || !c.mounts_below_state().is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the task outlived its shim: {:#?} {:#?}\n{}",
+            c.leftover_processes(),
+            c.mounts_below_state(),
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = c.ctr(&["task", "delete", "crash"]);
+    c.ok(&["container", "delete", "crash"]);
+
     // Nothing left behind: no task or shim process, no mount.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
