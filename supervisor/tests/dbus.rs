@@ -865,18 +865,19 @@ fn corrald_checks_the_caller_itself_when_the_bus_lets_everything_through() {
     settle(&corrald);
 }
 
-/// `busctl monitor` of corrald's signals, collected as JSON messages.
+/// `busctl monitor` of the bus's signals, collected as JSON messages.
 struct Monitor {
     child: Child,
     messages: Arc<Mutex<Vec<Value>>>,
 }
 
 impl Monitor {
+    /// Watch the signals on `bus`; returns once the monitor sees them (a
+    /// probe signal of the test's own came through).
     fn start(bus: &Bus) -> Monitor {
         let mut child = Command::new("busctl")
             .arg(format!("--address={}", bus.address))
-            .args(["monitor", "--json=short"])
-            .arg(format!("--match=type='signal',sender='{NAME}'"))
+            .args(["monitor", "--json=short", "--match=type='signal'"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -895,7 +896,24 @@ impl Monitor {
                 }
             });
         }
-        Monitor { child, messages }
+        let monitor = Monitor { child, messages };
+        wait_for("busctl monitor to listen", Duration::from_secs(20), || {
+            let probe = Command::new("busctl")
+                .arg(format!("--address={}", bus.address))
+                .args(["emit", "/probe", "org.corral.TestProbe", "Ready"])
+                .status()
+                .unwrap();
+            assert!(probe.success());
+            std::thread::sleep(Duration::from_millis(50));
+            monitor
+                .messages
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|m| m["member"] == "Ready")
+                .then_some(())
+        });
+        monitor
     }
 
     /// Wait for a message that `matches`.
@@ -956,9 +974,6 @@ fn state_changes_signal_like_the_event_stream() {
     let corrald = Corrald::start(&bus, "corral");
     settle(&corrald);
     let monitor = Monitor::start(&bus);
-    // busctl monitor is in place once it sees its own match's effect;
-    // give it a moment, then prove it with a first signal below.
-    std::thread::sleep(Duration::from_millis(300));
     let events = subscribe(&corrald.api_socket());
 
     let is = |member: &'static str, path: String| {
