@@ -90,6 +90,9 @@ fn run(plan_path: &Path) -> anyhow::Result<ExitCode> {
         caps.argv.push("main.wasm".to_string());
     }
     caps.env = plan.env.clone();
+    if let Some(limit) = plan.memory_limit {
+        caps.limits.memory = limit;
+    }
     caps.stdio = StdioMode::Inherit;
     if plan.rootfs.is_dir() {
         let root = DirGrant::new(plan.rootfs.clone(), "/", Access::ReadWrite)

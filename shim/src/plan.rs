@@ -46,6 +46,21 @@ pub(crate) struct Root {
 pub(crate) struct Linux {
     #[serde(default)]
     pub(crate) namespaces: Vec<Namespace>,
+    #[serde(default)]
+    pub(crate) resources: Option<Resources>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct Resources {
+    #[serde(default)]
+    pub(crate) memory: Option<Memory>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct Memory {
+    /// Bytes; absent, 0 or negative: no limit.
+    #[serde(default)]
+    pub(crate) limit: Option<i64>,
 }
 
 /// An OCI namespace entry: join `path` if given, else a new one.
@@ -138,6 +153,10 @@ pub(crate) struct TaskPlan {
     pub(crate) cache_dir: PathBuf,
     pub(crate) namespaces: Vec<Namespace>,
     pub(crate) hostname: Option<String>,
+    /// The container's memory limit, as the guest's `limits.memory`
+    /// (linear memory per instance); `None`: corral's default.
+    #[serde(default)]
+    pub(crate) memory_limit: Option<u64>,
 }
 
 /// The file name of the plan in the bundle.
@@ -196,6 +215,14 @@ impl TaskPlan {
             cache_dir: cache_dir.to_path_buf(),
             namespaces,
             hostname: spec.hostname.clone(),
+            memory_limit: spec
+                .linux
+                .as_ref()
+                .and_then(|l| l.resources.as_ref())
+                .and_then(|r| r.memory.as_ref())
+                .and_then(|m| m.limit)
+                .filter(|&l| l > 0)
+                .map(|l| l as u64),
         })
     }
 
@@ -340,13 +367,17 @@ mod tests {
         let spec: Spec = serde_json::from_str(
             r#"{"process":{"args":["/a.wasm","x"],"env":["A=1","B"],"cwd":"/"},
                 "root":{"path":"rootfs"},"annotations":{"io.kubernetes.cri.container-type":"sandbox"},
-                "linux":{"namespaces":[{"type":"network","path":"/proc/1/ns/net"},{"type":"mount"}]}}"#,
+                "linux":{"namespaces":[{"type":"network","path":"/proc/1/ns/net"},{"type":"mount"}],
+                         "resources":{"memory":{"limit":33554432}}}}"#,
         )
         .unwrap();
         assert!(spec.is_pod_sandbox());
         assert_eq!(spec.env(), [("A".to_string(), "1".to_string())]);
         assert_eq!(spec.rootfs(Path::new("/b")), Path::new("/b/rootfs"));
-        let ns = &spec.linux.unwrap().namespaces;
+        let linux = spec.linux.unwrap();
+        let memory = linux.resources.unwrap().memory.unwrap();
+        assert_eq!(memory.limit, Some(32 << 20));
+        let ns = &linux.namespaces;
         assert_eq!(ns[0].path.as_deref(), Some(Path::new("/proc/1/ns/net")));
     }
 }

@@ -323,12 +323,14 @@ fn guests_image(layout: &mut Layout) {
     let cli = std::fs::read(guest("cli-exit3.wasm")).unwrap();
     let hello = std::fs::read(guest("http-hello.wasm")).unwrap();
     let escape = std::fs::read(guest("escape.wasm")).unwrap();
+    let grow = std::fs::read(guest("grow.wasm")).unwrap();
     let layer = tar_with_links(
         &[
             ("exit3.wasm", 0o644, &exit3),
             ("cli-exit3.wasm", 0o644, &cli),
             ("hello.wasm", 0o644, &hello),
             ("escape.wasm", 0o644, &escape),
+            ("grow.wasm", 0o644, &grow),
             ("inside.txt", 0o644, b"in the image\n"),
         ],
         &[("link-out", "/etc/passwd")],
@@ -481,6 +483,25 @@ fn wasm_images_run_under_containerd() {
         "{stdout}"
     );
     assert_eq!(out.status.code(), Some(0), "{stdout}");
+
+    // The container's memory limit bounds the guest's linear memory.
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--memory-limit",
+        "33554432",
+        IMAGE,
+        "grow",
+        "/grow.wasm",
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(127), "{stderr}");
+    assert!(
+        stderr.contains("limits.memory (32 MiB) exceeded"),
+        "{stderr}"
+    );
 
     // A wasi:http component serves on the address its env names, on the
     // host network; kill stops it.
