@@ -73,6 +73,11 @@ impl Daemon {
     /// corrald with an http app `hello` (min 0) and a stdio app `echo`,
     /// the metrics listener on, and `api-group` = `group`.
     fn start(group: &str) -> Daemon {
+        Daemon::start_with_bus(group, None)
+    }
+
+    /// As [`Daemon::start`], serving D-Bus on the session bus at `bus`.
+    fn start_with_bus(group: &str, bus: Option<&str>) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         // uid 65534 must reach the socket inside.
         std::fs::set_permissions(
@@ -91,11 +96,16 @@ impl Daemon {
             g = g.display()
         );
         std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
-        let child = Command::new(CORRALD)
+        let mut cmd = Command::new(CORRALD);
+        match bus {
+            Some(address) => cmd
+                .args(["--bus", "session"])
+                .env("DBUS_SESSION_BUS_ADDRESS", address),
+            None => cmd.args(["--bus", "none"]),
+        };
+        let child = cmd
             .arg("--policy")
             .arg(dir.path().join("policy.toml"))
-            .arg("--bus")
-            .arg("none")
             .env("CORRAL_LOG", "info")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("LISTEN_FDS")
@@ -824,4 +834,117 @@ fn malformed_requests_get_4xx_and_the_daemon_serves_on() {
     let apps = daemon.get_json("/v1/apps");
     assert_eq!(apps.as_array().unwrap().len(), 2);
     assert!(daemon.hello().contains("Hello"));
+}
+
+/// A private session bus (dbus-daemon), killed on drop.
+struct Bus {
+    child: Child,
+    address: String,
+}
+
+impl Bus {
+    fn start() -> Option<Bus> {
+        let spawned = Command::new("dbus-daemon")
+            .args(["--session", "--nofork", "--print-address=1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "dbus-daemon: {e} (CI=true)"
+                );
+                eprintln!("SKIP corral --bus: no dbus-daemon ({e})");
+                return None;
+            }
+        };
+        let mut address = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut address)
+            .unwrap();
+        Some(Bus {
+            child,
+            address: address.trim().to_string(),
+        })
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn corral_over_dbus_prints_what_the_socket_gives() {
+    let Some(bus) = Bus::start() else { return };
+    let daemon = Daemon::start_with_bus("root", Some(&bus.address));
+    let corral = |args: &[&str]| -> Output {
+        Command::new(CORRAL)
+            .args(args)
+            .args(["--bus", "session"])
+            .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
+            .output()
+            .unwrap()
+    };
+    let json = |out: &Output| -> Value {
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // corrald owns its name on the bus shortly after it serves.
+    wait_for(
+        "org.corral.Manager1 on the bus",
+        Duration::from_secs(30),
+        || corral(&["apps", "--json"]).status.success().then_some(()),
+    );
+    assert_eq!(
+        json(&corral(&["apps", "--json"])),
+        daemon.get_json("/v1/apps")
+    );
+    assert_eq!(
+        json(&corral(&["status", "echo", "--json"])),
+        daemon.get_json("/v1/apps/echo")
+    );
+    let mut over_bus = json(&corral(&["status", "--json"]))["daemon"].clone();
+    let mut over_socket = daemon.get_json("/v1/info");
+    for info in [&mut over_bus, &mut over_socket] {
+        info.as_object_mut().unwrap().remove("uptime_seconds");
+    }
+    assert_eq!(over_bus, over_socket);
+    assert_eq!(corral(&["status", "nope"]).status.code(), Some(3));
+
+    let stopped = json(&corral(&["stop", "hello", "--json"]));
+    assert_eq!(stopped["state"], "stopped");
+    assert_eq!(stopped, daemon.get_json("/v1/apps/hello"));
+    json(&corral(&["start", "hello", "--json"]));
+
+    // Events over the bus: start and stop the app until the follower
+    // (subscribed at some point after it starts) has seen one.
+    let mut events = Command::new(CORRAL)
+        .args(["events", "--json", "--count", "1", "--bus", "session"])
+        .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("an event over D-Bus", Duration::from_secs(60), || {
+        json(&corral(&["stop", "hello", "--json"]));
+        json(&corral(&["start", "hello", "--json"]));
+        events.try_wait().unwrap().map(|_| ())
+    });
+    let out = events.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let event: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(event["app"], "hello", "{event}");
+    let problems = check(
+        &openapi(),
+        &openapi()["components"]["schemas"]["Event"],
+        &event,
+        "event",
+    );
+    assert!(problems.is_empty(), "{problems:#?}");
+    let report = json(&corral(&["reload", "--json"]));
+    assert_eq!(report["applied"], true, "{report}");
 }
