@@ -467,9 +467,10 @@ async fn dbus_events(which: Bus, each: &mut dyn FnMut(Value) -> bool) -> Result<
         .path(OBJECT)
         .build()
         .map_err(|e| CallError::failed(format!("D-Bus match rule: {e}")))?;
-    let mut stream = zbus::MessageStream::for_match_rule(rule, &conn, std::num::NonZeroUsize::new(64))
-        .await
-        .map_err(bus_error)?;
+    let mut stream =
+        zbus::MessageStream::for_match_rule(rule, &conn, std::num::NonZeroUsize::new(64))
+            .await
+            .map_err(bus_error)?;
     while let Some(message) = next(&mut stream).await {
         let Ok(message) = message else { continue };
         type Signal = (u64, u64, String, String, String, u32, String);
