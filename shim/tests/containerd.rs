@@ -451,6 +451,9 @@ fn wasm_images_run_under_containerd() {
         "second start hits the cache:\n{log}"
     );
     assert!(!line("exit3-b", "miss"), "{log}");
+    for l in log.lines().filter(|l| l.contains("artifact cache")) {
+        eprintln!("{l}");
+    }
     let cached: Vec<_> = walk(&c.path().join("cache"))
         .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
@@ -578,14 +581,15 @@ fn wasm_images_run_under_containerd() {
     // the shim binary's `delete`, which kills the task's process and
     // unmounts its rootfs.
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let listen = format!("CORRAL_HTTP_LISTEN={addr}");
+    // (The listen address from the annotation this time.)
+    let listen = format!("corral.http.listen={addr}");
     c.ok(&[
         "run",
         "-d",
         "--net-host",
         "--runtime",
         RUNTIME,
-        "--env",
+        "--annotation",
         &listen,
         IMAGE,
         "crash",
@@ -624,6 +628,34 @@ fn wasm_images_run_under_containerd() {
     }
     let _ = c.ctr(&["task", "delete", "crash"]);
     c.ok(&["container", "delete", "crash"]);
+
+    // A pod's sandbox ("pause") container only holds the namespaces: it
+    // runs until killed, whatever its image's entrypoint.
+    c.ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "io.kubernetes.cri.container-type=sandbox",
+        IMAGE,
+        "pause",
+    ]);
+    std::thread::sleep(Duration::from_millis(300));
+    let tasks = text(&c.ok(&["task", "ls"]).stdout);
+    assert!(
+        tasks
+            .lines()
+            .any(|l| l.starts_with("pause ") && l.contains("RUNNING")),
+        "{tasks}"
+    );
+    c.ok(&["task", "kill", "--signal", "SIGKILL", "pause"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !c.ctr(&["task", "delete", "pause"]).status.success() {
+        assert!(Instant::now() < deadline, "pause did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.ok(&["container", "delete", "pause"]);
 
     // Nothing left behind: no task or shim process, no mount.
     let deadline = Instant::now() + Duration::from_secs(10);
