@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value, json};
 
 const CORRALD: &str = env!("CARGO_BIN_EXE_corrald");
+const CORRAL: &str = env!("CARGO_BIN_EXE_corral");
 const NAME: &str = "org.corral.Manager1";
 const MANAGER: &str = "/org/corral/Manager1";
 const NOBODY: &str = "65534";
@@ -1194,4 +1195,134 @@ fn corrald_serves_on_without_the_bus() {
     serves(&second);
     let pid = busctl(&bus, None, &["get-property", NAME, MANAGER, NAME, "Pid"]).unwrap();
     assert_eq!(pid["data"], first.child.as_ref().unwrap().id());
+}
+
+/// `corral ARGS... --json` through the socket or the bus: (exit code,
+/// the JSON values it printed).
+fn corral(corrald: &Corrald, bus: Option<&Bus>, args: &[&str]) -> (i32, Vec<Value>) {
+    let mut cmd = Command::new(CORRAL);
+    cmd.args(args).arg("--json");
+    match bus {
+        Some(bus) => cmd
+            .args(["--bus", "system"])
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address),
+        None => cmd.arg("--socket").arg(corrald.api_socket()),
+    };
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    // One JSON value, or one per line (events); pretty or not.
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines = serde_json::Deserializer::from_str(&text)
+        .into_iter::<Value>()
+        .map(|v| v.unwrap_or_else(|e| panic!("corral {args:?}: {e}: {text}")))
+        .collect();
+    (out.status.code().unwrap_or(-1), lines)
+}
+
+#[test]
+fn the_corral_command_prints_the_same_over_dbus_and_the_socket() {
+    if !can_run("the_corral_command_prints_the_same_over_dbus_and_the_socket") {
+        return;
+    }
+    let bus = Bus::start(BusPolicy::Ours);
+    let corrald = Corrald::start(&bus, "corral");
+    settle(&corrald);
+
+    for args in [
+        &["apps"][..],
+        &["status", "echo"],
+        &["status", "hello-web"],
+        &["reload"],
+    ] {
+        let over_socket = corral(&corrald, None, args);
+        let over_dbus = corral(&corrald, Some(&bus), args);
+        assert_eq!(over_dbus, over_socket, "corral {args:?}");
+        assert_eq!(over_socket.0, 0, "corral {args:?}");
+    }
+    // corrald's own info: equal but for the uptime.
+    fn forget_uptime(v: &mut Value) {
+        match v {
+            Value::Object(map) => {
+                if let Some(u) = map.get_mut("uptime_seconds") {
+                    *u = Value::Null;
+                }
+                map.values_mut().for_each(forget_uptime);
+            }
+            Value::Array(items) => items.iter_mut().for_each(forget_uptime),
+            _ => {}
+        }
+    }
+    let without_uptime = |(code, mut lines): (i32, Vec<Value>)| {
+        lines.iter_mut().for_each(forget_uptime);
+        (code, lines)
+    };
+    assert_eq!(
+        without_uptime(corral(&corrald, Some(&bus), &["status"])),
+        without_uptime(corral(&corrald, None, &["status"]))
+    );
+    // The same exit code and message for an unknown app.
+    let over_socket = Command::new(CORRAL)
+        .args(["status", "nope", "--socket"])
+        .arg(corrald.api_socket())
+        .output()
+        .unwrap();
+    let over_dbus = Command::new(CORRAL)
+        .args(["status", "nope", "--bus", "system"])
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .output()
+        .unwrap();
+    assert_eq!(over_socket.status.code(), Some(3));
+    assert_eq!(over_dbus.status.code(), over_socket.status.code());
+    assert_eq!(over_dbus.stderr, over_socket.stderr);
+
+    // A stop through the bus, then through the socket (a no-op): the same
+    // app; uid 65534 is refused both ways with exit code 4.
+    let stopped = corral(&corrald, Some(&bus), &["stop", "echo"]);
+    assert_eq!(stopped.0, 0);
+    assert_eq!(stopped.1[0]["state"], "stopped");
+    assert_eq!(corral(&corrald, None, &["stop", "echo"]), stopped);
+    let as_nobody = |via_bus: bool| {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid",
+            NOBODY,
+            "--regid",
+            NOBODY,
+            "--clear-groups",
+            CORRAL,
+        ]);
+        cmd.args(["start", "echo"]);
+        if via_bus {
+            cmd.args(["--bus", "system"])
+                .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address);
+        } else {
+            cmd.arg("--socket").arg(corrald.api_socket());
+        }
+        cmd.output().unwrap().status.code()
+    };
+    assert_eq!((as_nobody(true), as_nobody(false)), (Some(4), Some(4)));
+
+    // Events: the same stream both ways.
+    let follow = |via_bus: bool| {
+        let mut cmd = Command::new(CORRAL);
+        cmd.args(["events", "--count", "2", "--json"]);
+        if via_bus {
+            cmd.args(["--bus", "system"])
+                .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address);
+        } else {
+            cmd.arg("--socket").arg(corrald.api_socket());
+        }
+        cmd.stdout(Stdio::piped()).spawn().unwrap()
+    };
+    let followers = [follow(true), follow(false)];
+    // Both are subscribed once they print nothing yet and are still alive;
+    // starting the app sends starting and running (2 events).
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(corral(&corrald, None, &["start", "echo"]).0, 0);
+    let [over_dbus, over_socket] = followers.map(|child| {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    });
+    assert_eq!(over_dbus, over_socket);
+    assert_eq!(over_dbus.lines().count(), 2, "{over_dbus}");
 }

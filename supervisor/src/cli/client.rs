@@ -270,8 +270,22 @@ async fn bus(bus: Bus) -> Result<zbus::Connection, CallError> {
 }
 
 fn bus_error(e: zbus::Error) -> CallError {
-    if let zbus::Error::MethodError(name, message, _) = &e {
-        let message = message.clone().unwrap_or_default();
+    // zbus 6 hands the replies named like a standard error
+    // (org.freedesktop.DBus.Error.AccessDenied, ServiceUnknown, ...) over as
+    // Error::FDO, and only the others as MethodError.
+    let named = match &e {
+        zbus::Error::MethodError(name, message, _) => {
+            Some((name.to_string(), message.clone().unwrap_or_default()))
+        }
+        zbus::Error::FDO(fdo) => Some((
+            zbus::DBusError::name(&**fdo).to_string(),
+            zbus::DBusError::description(&**fdo)
+                .unwrap_or_default()
+                .to_string(),
+        )),
+        _ => None,
+    };
+    if let Some((name, message)) = named {
         let code = match name.as_str() {
             "org.corral.Manager1.Error.NoSuchApp" => exit::NO_SUCH_APP,
             "org.freedesktop.DBus.Error.AccessDenied" => exit::ACCESS_DENIED,
@@ -282,11 +296,7 @@ fn bus_error(e: zbus::Error) -> CallError {
         };
         return CallError {
             code,
-            message: if message.is_empty() {
-                name.to_string()
-            } else {
-                message
-            },
+            message: if message.is_empty() { name } else { message },
         };
     }
     CallError::failed(format!("D-Bus: {e}"))
