@@ -1180,6 +1180,13 @@ fn corrald_serves_on_without_the_bus() {
         (log.contains(not_serving) && log.contains("owning org.corral.Manager1")).then_some(())
     });
     serves(&corrald);
+    // Nobody owns the name: `corral --bus` says corrald is not reachable.
+    let out = Command::new(CORRAL)
+        .args(["apps", "--bus", "system"])
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
     drop(corrald);
 
     // The name taken by another corrald: the first keeps it.
