@@ -54,6 +54,9 @@ struct Task {
 #[derive(Default)]
 struct State {
     tasks: HashMap<String, Task>,
+    /// Exits of task processes not recorded as tasks yet (a process that
+    /// died between its spawn and its entry in `tasks`): pid to status.
+    unclaimed: HashMap<i32, i32>,
 }
 
 #[derive(Clone)]
@@ -106,6 +109,7 @@ impl Service {
                     .iter_mut()
                     .find(|(_, t)| t.pid as i32 == pid && t.status != Status::Stopped)
                 else {
+                    state.unclaimed.insert(pid, event.exit_code);
                     continue;
                 };
                 task.status = Status::Stopped;
@@ -168,6 +172,15 @@ impl Service {
                 stderr: req.stderr.clone(),
             },
         );
+        if let Some(code) = state.unclaimed.remove(&(pid as i32))
+            && let Some(task) = state.tasks.get_mut(&req.id)
+        {
+            // Died before it was recorded: stopped already (start says so).
+            task.status = Status::Stopped;
+            task.exit_status = code as u32;
+            task.exited_at = Some(now());
+            task.start = None;
+        }
         drop(state);
         Ok(pid)
     }

@@ -487,6 +487,24 @@ fn wasm_images_run_under_containerd() {
     );
     assert_eq!(out.status.code(), Some(0), "{stdout}");
 
+    // An entrypoint that is missing, or not Wasm, fails the task's create
+    // with the reason (and leaves no mount: checked at the end).
+    let out = c.run("missing", &["/nope.wasm"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("/nope.wasm"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = c.run("not-wasm", &["/inside.txt"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not a WebAssembly module or component"),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = c.ctr(&["container", "delete", "missing", "not-wasm"]);
+
     // The container's memory limit bounds the guest's linear memory.
     let out = c.ctr(&[
         "run",
