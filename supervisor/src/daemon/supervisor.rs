@@ -1099,7 +1099,7 @@ impl Reported {
                     busy: 0,
                 });
                 app.record(|info| {
-                    info.sandbox = layers.split_whitespace().map(str::to_string).collect();
+                    info.sandbox = split_layers(&layers);
                     info.zygote_pid = Some(pid);
                 });
                 if let Some(r) = ready.take() {
@@ -1145,6 +1145,31 @@ impl Reported {
             FromZygote::Idle => self.idle = true,
         }
     }
+}
+
+/// The zygote's one-line layer summary (`landlock=abi7(files,tcp)
+/// seccomp=on(97 calls)`) as a list: split at spaces outside parentheses.
+fn split_layers(line: &str) -> Vec<String> {
+    let mut parts = Vec::new();
+    let (mut depth, mut current) = (0u32, String::new());
+    for c in line.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            ' ' if depth == 0 => {
+                if !current.is_empty() {
+                    parts.push(std::mem::take(&mut current));
+                }
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    if !current.is_empty() {
+        parts.push(current);
+    }
+    parts
 }
 
 /// For a worker killed by the seccomp filter: the report naming the system
@@ -1225,6 +1250,18 @@ mod tests {
         assert_eq!(
             how_to_reach("echo", AppKind::Stdio, &tcp),
             "echo: nc 127.0.0.1 8081"
+        );
+    }
+
+    #[test]
+    fn sandbox_layers_split_outside_parentheses() {
+        assert_eq!(
+            split_layers("landlock=abi7(files,tcp,scoping) seccomp=on(97 calls)"),
+            ["landlock=abi7(files,tcp,scoping)", "seccomp=on(97 calls)"]
+        );
+        assert_eq!(
+            split_layers("landlock=off seccomp=off"),
+            ["landlock=off", "seccomp=off"]
         );
     }
 
