@@ -64,6 +64,8 @@ pub(crate) struct Service {
     namespace: String,
     /// containerd's gRPC socket (for Wasm layers in its content store).
     address: String,
+    /// The id containerd started this shim for (`-id`).
+    id: String,
     state: Arc<(Mutex<State>, Condvar)>,
     exit: Arc<ExitSignal>,
     publisher: Option<Arc<RemotePublisher>>,
@@ -300,6 +302,15 @@ fn open_stdio(path: &str, write: bool) -> anyhow::Result<Stdio> {
     Ok(Stdio::from(f))
 }
 
+/// One shim per pod (the CRI sandbox id), else per container: what its
+/// socket is named after.
+fn grouping(bundle: &Path, id: &str) -> String {
+    Spec::read(bundle)
+        .ok()
+        .and_then(|s| s.annotations.get("io.kubernetes.cri.sandbox-id").cloned())
+        .unwrap_or_else(|| id.to_string())
+}
+
 fn unmount(rootfs: &Path) {
     if let Err(e) = try_unmount(rootfs) {
         warn!("unmounting {}: {e}", rootfs.display());
@@ -345,6 +356,7 @@ impl shim::Shim for Service {
         Service {
             namespace: args.namespace.clone(),
             address: args.address.clone(),
+            id: args.id.clone(),
             state: Arc::default(),
             exit: Arc::new(ExitSignal::default()),
             publisher: None,
@@ -352,11 +364,7 @@ impl shim::Shim for Service {
     }
 
     fn start_shim(&mut self, opts: shim::StartOpts) -> Result<String, shim::Error> {
-        // One shim per pod (the CRI sandbox id), else per container.
-        let grouping = Spec::read(Path::new("."))
-            .ok()
-            .and_then(|s| s.annotations.get("io.kubernetes.cri.sandbox-id").cloned())
-            .unwrap_or_else(|| opts.id.clone());
+        let grouping = grouping(Path::new("."), &opts.id);
         let (_pid, address) = shim::spawn(opts, &grouping, Vec::new())?;
         shim::util::write_address(&address)?;
         Ok(address)
@@ -380,6 +388,14 @@ impl shim::Shim for Service {
             let _ = try_unmount(&rootfs);
         }
         cleanup_bundle(&bundle);
+        // The dead shim's socket, unless a live shim (of the same pod)
+        // still answers on it.
+        let address =
+            shim::socket_address(&self.address, &self.namespace, &grouping(&bundle, &self.id));
+        let socket = address.strip_prefix("unix://").unwrap_or(&address);
+        if std::os::unix::net::UnixStream::connect(socket).is_err() {
+            let _ = std::fs::remove_file(socket);
+        }
         Ok(DeleteResponse {
             pid,
             exit_status: 128 + libc::SIGKILL as u32,

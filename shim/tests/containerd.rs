@@ -181,14 +181,31 @@ impl Drop for Containerd {
         // SAFETY: kill takes plain integers; the pid is our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
+        let mut stopped = false;
+        while Instant::now() < deadline && !stopped {
+            stopped = matches!(self.child.try_wait(), Ok(Some(_)));
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if !stopped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // After a failed assertion: no shim, task or mount of this test
+        // may outlive it (a passing run has none left by then).
+        for p in self.leftover_processes() {
+            if let Some(pid) = p.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+                // SAFETY: kill takes plain integers; the pid names a shim or
+                // task whose command line carries this test's directory.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        for line in self.mounts_below_state() {
+            if let Some(target) = line.split(' ').nth(4) {
+                let target = std::ffi::CString::new(target).unwrap();
+                // SAFETY: a NUL-terminated path; umount2 only reads it.
+                unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
     }
 }
 
@@ -629,15 +646,22 @@ fn wasm_images_run_under_containerd() {
         .collect();
     assert_eq!(shims.len(), 1, "{shims:?}");
     let shim_pid: i32 = shims[0].split(':').next().unwrap().parse().unwrap();
+    let socket = shims[0]
+        .split_whitespace()
+        .find_map(|a| a.strip_prefix("unix://"))
+        .map(PathBuf::from)
+        .expect("the shim's -socket");
+    assert!(socket.exists());
     // SAFETY: kill takes plain integers; the pid was just read from /proc.
     unsafe { libc::kill(shim_pid, libc::SIGKILL) };
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
         || !c.mounts_below_state().is_empty()
+        || socket.exists()
     {
         assert!(
             Instant::now() < deadline,
-            "the task outlived its shim: {:#?} {:#?}\n{}",
+            "the task, its rootfs or its shim's socket outlived the shim: {:#?} {:#?}\n{}",
             c.leftover_processes(),
             c.mounts_below_state(),
             c.log()
