@@ -110,9 +110,22 @@ impl Containerd {
         cmd.arg("--address")
             .arg(self.path().join("containerd.sock"))
             .arg("--namespace")
-            .arg(NS)
-            .args(args)
-            .stdin(Stdio::null());
+            .arg(NS);
+        match args.split_first() {
+            // ctr's fifos for the task's stdio in this test's directory
+            // (a run whose task containerd deletes itself, as after a
+            // dead shim, would leave them in /run/containerd/fifo).
+            Some((&"run", rest)) => {
+                cmd.arg("run")
+                    .arg("--fifo-dir")
+                    .arg(self.path().join("fifo"))
+                    .args(rest);
+            }
+            _ => {
+                cmd.args(args);
+            }
+        }
+        cmd.stdin(Stdio::null());
         cmd
     }
 
