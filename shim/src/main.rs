@@ -17,7 +17,10 @@ pub(crate) const GUEST_ARG: &str = "guest";
 /// Where the node's artifact cache is (default [`DEFAULT_CACHE`]); read
 /// from containerd's environment, which shims inherit.
 pub(crate) const CACHE_ENV: &str = "CORRAL_SHIM_CACHE";
-pub(crate) const DEFAULT_CACHE: &str = "/var/cache/corral/shim";
+/// The node's cache unless [`CACHE_ENV`] says otherwise. Not inside corrald's cache (`/var/cache/corral`): that one belongs to
+/// the `corral` user, and a root-only directory in it would stop
+/// `corral cache` and corrald's gc from walking it.
+pub(crate) const DEFAULT_CACHE: &str = "/var/cache/corral-shim";
 /// `require` or `best-effort` (default): what happens when the kernel
 /// lacks landlock or seccomp.
 pub(crate) const SANDBOX_ENV: &str = "CORRAL_SHIM_SANDBOX";
