@@ -78,6 +78,11 @@ impl Daemon {
 
     /// As [`Daemon::start`], serving D-Bus on the session bus at `bus`.
     fn start_with_bus(group: &str, bus: Option<&str>) -> Daemon {
+        Daemon::start_full(group, bus, "")
+    }
+
+    /// As [`Daemon::start_with_bus`], with more `[daemon]` keys.
+    fn start_full(group: &str, bus: Option<&str>, daemon_keys: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         // uid 65534 must reach the socket inside.
         std::fs::set_permissions(
@@ -89,10 +94,12 @@ impl Daemon {
         let g = guests();
         let policy = format!(
             "[daemon]\ncache-dir = \"cache\"\nstate-dir = \"state\"\napi-socket = \"run/api.sock\"\n\
-             api-group = \"{group}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\ndrain-timeout = \"5s\"\n\n\
+             api-group = \"{group}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\ndrain-timeout = \"5s\"\n{daemon_keys}\n\n\
              [defaults]\nsandbox = {{ landlock = \"best-effort\", seccomp = \"best-effort\" }}\n\n\
              [apps.hello]\nmodule = \"{g}/http-hello.wasm\"\nkind = \"http\"\nlisten = [\"127.0.0.1:{http_port}\"]\n\n\
-             [apps.echo]\nmodule = \"{g}/stdio-echo.wasm\"\nkind = \"stdio\"\nlisten = [\"127.0.0.1:{echo_port}\"]\n",
+             [apps.echo]\nmodule = \"{g}/stdio-echo.wasm\"\nkind = \"stdio\"\nlisten = [\"127.0.0.1:{echo_port}\"]\n\
+             pool = {{ min = {echo_min}, max = 1 }}\n",
+            echo_min = u8::from(daemon_keys.is_empty()),
             g = g.display()
         );
         std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
@@ -947,4 +954,94 @@ fn corral_over_dbus_prints_what_the_socket_gives() {
     assert!(problems.is_empty(), "{problems:#?}");
     let report = json(&corral(&["reload", "--json"]));
     assert_eq!(report["applied"], true, "{report}");
+}
+
+/// Processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so from the last ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_seccomp_kill_counts_as_a_sandbox_kill_and_an_error() {
+    let daemon = Daemon::start("root");
+    // echo keeps one worker (min = 1): corrald -> zygote -> worker.
+    let worker = wait_for("echo's worker", Duration::from_secs(30), || {
+        let echo = daemon.get_json("/v1/apps/echo");
+        let zygote = echo["zygote_pid"].as_u64()? as u32;
+        children_of(zygote).first().copied()
+    });
+    let value = |text: &str, start: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(start))
+            .unwrap_or_else(|| panic!("no {start} in\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = daemon.metrics(false);
+    assert_eq!(
+        value(&before, "corral_app_sandbox_kills_total{app=\"echo\"}"),
+        0
+    );
+    let errors = value(&before, "corral_app_errors_total{app=\"echo\"}");
+    // SIGSYS is how the filter kills (by hand, without an audit record).
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(worker as i32).unwrap(),
+        rustix::process::Signal::SYS,
+    )
+    .unwrap();
+    wait_for("the kill in /metrics", Duration::from_secs(30), || {
+        let text = daemon.metrics(true);
+        (value(&text, "corral_app_sandbox_kills_total{app=\"echo\"}") == 1).then_some(())
+    });
+    let after = daemon.metrics(false);
+    assert_eq!(
+        value(&after, "corral_app_errors_total{app=\"echo\"}"),
+        errors + 1
+    );
+    let echo = daemon.get_json("/v1/apps/echo");
+    assert!(
+        echo["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("seccomp"),
+        "{echo}"
+    );
+}
+
+#[test]
+fn an_open_api_connection_keeps_corrald_from_its_idle_exit() {
+    // Both apps at min = 0, idle-exit after 1 s.
+    let mut daemon = Daemon::start_full("root", None, "idle-exit = \"1s\"");
+    let mut follower = UnixStream::connect(&daemon.socket).unwrap();
+    follower
+        .write_all(b"GET /v1/events HTTP/1.1\r\nHost: corral\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "corrald stays while a client follows the events"
+    );
+    drop(follower);
+    let status = wait_for("corrald's idle exit", Duration::from_secs(30), || {
+        daemon.child.try_wait().unwrap()
+    });
+    assert!(status.success(), "{status:?}");
 }
