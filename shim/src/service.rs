@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::AsRawFd as _;
+use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -54,9 +54,6 @@ struct Task {
 #[derive(Default)]
 struct State {
     tasks: HashMap<String, Task>,
-    /// Exits of task processes not recorded as tasks yet (a process that
-    /// died between its spawn and its entry in `tasks`): pid to status.
-    unclaimed: HashMap<i32, i32>,
 }
 
 #[derive(Clone)]
@@ -111,12 +108,12 @@ impl Service {
                     .iter_mut()
                     .find(|(_, t)| t.pid as i32 == pid && t.status != Status::Stopped)
                 else {
-                    state.unclaimed.insert(pid, event.exit_code);
                     continue;
                 };
+                let exited_at = now();
                 task.status = Status::Stopped;
                 task.exit_status = event.exit_code as u32;
-                task.exited_at = Some(now());
+                task.exited_at = Some(exited_at.clone());
                 task.start = None;
                 info!("{id}: task process {pid} exited with {}", event.exit_code);
                 let exit = TaskExit {
@@ -124,7 +121,7 @@ impl Service {
                     id: id.clone(),
                     pid: pid as u32,
                     exit_status: event.exit_code as u32,
-                    exited_at: MessageField::some(now()),
+                    exited_at: MessageField::some(exited_at),
                     ..Default::default()
                 };
                 drop(state);
@@ -147,8 +144,8 @@ impl Service {
                 mounted = true;
             }
         }
-        let made = self.prepare(&req.id, &bundle, &spec, req);
-        let (pid, start) = match made {
+        let prepared = self.prepare(&req.id, &bundle, &spec, req);
+        let (mut cmd, start_r, start_w, mode) = match prepared {
             Ok(ok) => ok,
             Err(e) => {
                 if mounted {
@@ -157,7 +154,22 @@ impl Service {
                 return Err(e);
             }
         };
+        // Spawned and recorded under one hold of the state lock: the exit
+        // watcher cannot see this pid's exit before its task exists.
         let mut state = self.lock();
+        let child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                drop(state);
+                if mounted {
+                    unmount(&rootfs);
+                }
+                return Err(anyhow::Error::new(e).context("starting the task's process"));
+            }
+        };
+        let pid = child.id();
+        drop(child); // never waited for here: the framework's reaper does
+        drop(start_r);
         state.tasks.insert(
             req.id.clone(),
             Task {
@@ -168,34 +180,29 @@ impl Service {
                 status: Status::Created,
                 exit_status: 0,
                 exited_at: None,
-                start: Some(start),
+                start: Some(File::from(start_w)),
                 stdin: req.stdin.clone(),
                 stdout: req.stdout.clone(),
                 stderr: req.stderr.clone(),
             },
         );
-        if let Some(code) = state.unclaimed.remove(&(pid as i32))
-            && let Some(task) = state.tasks.get_mut(&req.id)
-        {
-            // Died before it was recorded: stopped already (start says so).
-            task.status = Status::Stopped;
-            task.exit_status = code as u32;
-            task.exited_at = Some(now());
-            task.start = None;
-        }
         drop(state);
+        if let Err(e) = std::fs::write(bundle.join(PID_FILE), pid.to_string()) {
+            warn!("{}: writing {PID_FILE}: {e}", req.id);
+        }
+        info!("{}: task process {pid} created ({mode:?})", req.id);
         Ok(pid)
     }
 
-    /// The plan, the artifact in the cache, and the task's process
-    /// (waiting for start).
+    /// The plan, the artifact in the cache, and the command of the task's
+    /// process (which waits for start on the pipe's read end).
     fn prepare(
         &self,
         id: &str,
         bundle: &Path,
         spec: &Spec,
         req: &api::CreateTaskRequest,
-    ) -> anyhow::Result<(u32, File)> {
+    ) -> anyhow::Result<(Command, OwnedFd, OwnedFd, Mode)> {
         let cache_dir = crate::cache_dir();
         let wasm_layer =
             || corral_shim::content::wasm_layer_of_container(&self.address, &self.namespace, id);
@@ -230,17 +237,7 @@ impl Service {
                 Ok(())
             });
         }
-        // Spawned under the state lock: the exit watcher cannot see this
-        // pid's exit before the task is recorded.
-        let state = self.lock();
-        let child = cmd.spawn()?;
-        let pid = child.id();
-        drop(child); // never waited here: the framework's reaper does
-        drop(start_r);
-        std::fs::write(bundle.join(PID_FILE), pid.to_string())?;
-        drop(state);
-        info!("{id}: task process {pid} created ({:?})", plan.mode);
-        Ok((pid, File::from(start_w)))
+        Ok((cmd, start_r, start_w, plan.mode))
     }
 }
 
