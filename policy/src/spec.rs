@@ -309,6 +309,10 @@ pub enum Enforcement {
     Require,
     /// Start it, and say in status and logs which layers are missing.
     BestEffort,
+    /// Leave the layer out even where the kernel has it (to measure what it
+    /// costs, or to debug); status and logs say it is missing. Never the
+    /// default.
+    Off,
 }
 
 impl fmt::Display for Enforcement {
@@ -316,6 +320,7 @@ impl fmt::Display for Enforcement {
         f.write_str(match self {
             Enforcement::Require => "require",
             Enforcement::BestEffort => "best-effort",
+            Enforcement::Off => "off",
         })
     }
 }

@@ -378,6 +378,7 @@ const KINDS: &[(&str, AppKind)] = &[
 const ENFORCEMENTS: &[(&str, Enforcement)] = &[
     ("require", Enforcement::Require),
     ("best-effort", Enforcement::BestEffort),
+    ("off", Enforcement::Off),
 ];
 const ACCESSES: &[(&str, Access)] = &[("ro", Access::ReadOnly), ("rw", Access::ReadWrite)];
 const RESTART_ONS: &[(&str, RestartOn)] = &[

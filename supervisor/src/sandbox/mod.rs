@@ -321,6 +321,9 @@ impl SandboxPlan {
         let landlock = if self.disabled.contains(&Layer::Landlock) {
             missing.push("landlock: left out by the probe".into());
             None
+        } else if self.landlock == Enforcement::Off {
+            missing.push("landlock: off by policy (sandbox.landlock = \"off\")".into());
+            None
         } else {
             match kernel.landlock {
                 LandlockSupport::Available { abi } => {
@@ -366,6 +369,9 @@ impl SandboxPlan {
         };
         let filter = if self.disabled.contains(&Layer::Seccomp) {
             missing.push("seccomp: left out by the probe".into());
+            None
+        } else if self.seccomp == Enforcement::Off {
+            missing.push("seccomp: off by policy (sandbox.seccomp = \"off\")".into());
             None
         } else {
             match (kernel.arch, kernel.seccomp.available) {
@@ -578,6 +584,25 @@ mod tests {
                 .to_string()
                 .starts_with("landlock=abi5(files,tcp) seccomp=on(")
         );
+    }
+
+    #[test]
+    fn off_leaves_a_layer_out_on_a_kernel_that_has_it() {
+        let p = plan(r#"{ landlock = "off", seccomp = "off" }"#);
+        let layers = p
+            .predict(&kernel(LandlockSupport::Available { abi: 7 }, true))
+            .unwrap();
+        assert_eq!((layers.landlock, layers.seccomp), (None, None));
+        assert_eq!(layers.to_string(), "landlock=off seccomp=off");
+        assert!(
+            layers.missing.iter().all(|m| m.contains("off by policy")),
+            "{:?}",
+            layers.missing
+        );
+        let only_seccomp = plan(r#"{ landlock = "off", seccomp = "require" }"#)
+            .predict(&kernel(LandlockSupport::Available { abi: 7 }, true))
+            .unwrap();
+        assert!(only_seccomp.landlock.is_none() && only_seccomp.seccomp.is_some());
     }
 
     #[test]
