@@ -1045,3 +1045,76 @@ fn an_open_api_connection_keeps_corrald_from_its_idle_exit() {
     });
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn the_api_socket_can_come_from_systemd() {
+    let Some(launcher) = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .find_map(|d| {
+            let p = Path::new(d).join("systemd-socket-activate");
+            p.is_file().then_some(p)
+        })
+    else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI needs systemd-socket-activate (package systemd)"
+        );
+        eprintln!("SKIP: no systemd-socket-activate on this machine");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let http_port = free_port();
+    let policy = format!(
+        "[daemon]\ncache-dir = \"cache\"\nstate-dir = \"state\"\napi-socket = \"run/api.sock\"\n\n\
+         [defaults]\nsandbox = {{ landlock = \"best-effort\", seccomp = \"best-effort\" }}\n\n\
+         [apps.hello]\nmodule = \"{}/http-hello.wasm\"\nkind = \"http\"\nlisten = [\"127.0.0.1:{http_port}\"]\n",
+        guests().display()
+    );
+    std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
+    // The unit's socket is elsewhere than the policy says and named `api`
+    // (FileDescriptorName=api): corrald takes it and binds nothing itself.
+    let activated = dir.path().join("activated.sock");
+    let mut child = Command::new(launcher)
+        .arg(format!("--listen={}", activated.display()))
+        .arg("--fdname=api")
+        .args([
+            "-E",
+            "CORRAL_LOG=info",
+            CORRALD,
+            "--bus",
+            "none",
+            "--policy",
+        ])
+        .arg(dir.path().join("policy.toml"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let guard = Kill(&mut child);
+    wait_for("the activation socket", Duration::from_secs(10), || {
+        activated.exists().then_some(())
+    });
+    // The first connection starts corrald; it waits in the backlog.
+    let mut s = UnixStream::connect(&activated).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(b"GET /v1/apps HTTP/1.1\r\nHost: corral\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let reply = Reply::parse(&raw);
+    assert_eq!(reply.status, 200, "{}", reply.body_text());
+    assert_eq!(reply.json().unwrap()[0]["name"], "hello");
+    assert!(
+        !dir.path().join("run/api.sock").exists(),
+        "corrald bound daemon.api-socket although systemd passed the API socket"
+    );
+    drop(guard);
+}
