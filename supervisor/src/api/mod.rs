@@ -71,7 +71,7 @@ pub(crate) fn spawn(
     let path = &daemon.api_socket;
     match open_api_socket(path, systemd) {
         Ok((listener, how)) => {
-            tracing::info!("API: serving on {} ({how})", path.display());
+            tracing::info!("API: serving on {how}");
             tokio::spawn(serve_unix(listener, manager.clone()));
         }
         Err(e) => tracing::error!(
@@ -98,7 +98,7 @@ pub(crate) fn spawn(
 fn open_api_socket(
     path: &Path,
     systemd: &SystemdSockets,
-) -> anyhow::Result<(tokio::net::UnixListener, &'static str)> {
+) -> anyhow::Result<(tokio::net::UnixListener, String)> {
     for (name, fd) in systemd.iter() {
         let bound_here = rustix::net::getsockname(fd)
             .ok()
@@ -111,13 +111,13 @@ fn open_api_socket(
             listener.set_nonblocking(true)?;
             return Ok((
                 tokio::net::UnixListener::from_std(listener)?,
-                "socket from systemd",
+                format!("the socket systemd passed as {name:?}"),
             ));
         }
     }
     Ok((
         tokio::net::UnixListener::from_std(bind(path)?)?,
-        "bound by corrald",
+        path.display().to_string(),
     ))
 }
 

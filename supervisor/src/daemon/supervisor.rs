@@ -243,17 +243,18 @@ async fn serve(
         retired: Vec::new(),
         policy,
     };
-    // Before the apps start: READY=1 comes only once the API serves.
-    crate::api::spawn(
-        daemon.manager.clone(),
-        &daemon.policy.daemon,
-        &daemon.systemd,
-    );
     let apps = daemon.policy.apps.clone();
     let mut readiness = Vec::new();
     for spec in apps.values() {
         daemon.registry.declare(spec);
     }
+    // After the apps are declared (the first request already lists them)
+    // and before they start: READY=1 comes only once the API serves.
+    crate::api::spawn(
+        daemon.manager.clone(),
+        &daemon.policy.daemon,
+        &daemon.systemd,
+    );
     // After the apps are declared (their objects exist when the name is
     // taken) and before they start (READY=1 waits for it). No bus, or a
     // name we may not own, is logged and corrald serves on without D-Bus.
