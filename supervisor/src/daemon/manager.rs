@@ -361,12 +361,7 @@ struct Shared {
     started: SystemTime,
     started_at: Instant,
     clients: AtomicUsize,
-    /// Renders `GET /metrics` (set by the metrics code; empty until then).
-    metrics: Mutex<Option<MetricsRenderer>>,
 }
-
-/// Renders the Prometheus text for the current registry.
-pub type MetricsRenderer = Box<dyn Fn(&[AppInfo]) -> String + Send + Sync>;
 
 /// The management service. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -411,7 +406,6 @@ impl Manager {
                 started: SystemTime::now(),
                 started_at: Instant::now(),
                 clients: AtomicUsize::new(0),
-                metrics: Mutex::new(None),
             }),
         };
         (manager, rx)
@@ -423,15 +417,6 @@ impl Manager {
             .policy_files
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = files;
-    }
-
-    /// Install the renderer of `GET /metrics`.
-    pub fn set_metrics_renderer(&self, render: MetricsRenderer) {
-        *self
-            .shared
-            .metrics
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(render);
     }
 
     /// Open API connections.
