@@ -474,15 +474,7 @@ impl Manager {
     /// The Prometheus text exposition of the current counters.
     pub fn metrics_text(&self) -> String {
         let apps = self.list_apps();
-        match &*self
-            .shared
-            .metrics
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-        {
-            Some(render) => render(&apps),
-            None => self.shared.registry.metrics.render(&apps),
-        }
+        self.shared.registry.metrics.render(&apps)
     }
 
     pub fn client_guard(&self) -> ClientGuard {
