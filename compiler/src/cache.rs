@@ -151,13 +151,58 @@ pub struct Handoff {
 impl Artifact {
     /// What to send along with a duplicate of [`Artifact::file`].
     pub fn handoff(&self) -> Handoff {
-        Handoff {
-            key: self.key.clone(),
-            kind: self.meta.kind,
-            size: self.meta.artifact_size,
-            sha256: self.meta.artifact_sha256.clone(),
-            blake3: self.meta.artifact_blake3.clone(),
+        handoff(&self.key, &self.meta)
+    }
+
+    /// Drops the loaded program (its mapping of the artifact and wasmtime's
+    /// metadata) and keeps the open file with its "in use" lock: for a
+    /// process that only hands the artifact on (corrald to its zygotes), so
+    /// that it does not keep a resident copy of every app's artifact.
+    pub fn into_pinned(self) -> PinnedArtifact {
+        PinnedArtifact {
+            key: self.key,
+            path: self.path,
+            cache_hit: self.cache_hit,
+            meta: self.meta,
+            compile_time: self.compile_time,
+            file: self.file,
         }
+    }
+}
+
+fn handoff(key: &ArtifactKey, meta: &EntryMeta) -> Handoff {
+    Handoff {
+        key: key.clone(),
+        kind: meta.kind,
+        size: meta.artifact_size,
+        sha256: meta.artifact_sha256.clone(),
+        blake3: meta.artifact_blake3.clone(),
+    }
+}
+
+/// An [`Artifact`] that was checked and loaded once, without its program:
+/// the open file (pinning the entry against gc) and what a zygote needs to
+/// check it again ([`PinnedArtifact::handoff`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct PinnedArtifact {
+    pub key: ArtifactKey,
+    pub path: PathBuf,
+    pub cache_hit: bool,
+    pub meta: EntryMeta,
+    pub compile_time: Option<Duration>,
+    file: File,
+}
+
+impl PinnedArtifact {
+    /// As [`Artifact::file`].
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// As [`Artifact::handoff`].
+    pub fn handoff(&self) -> Handoff {
+        handoff(&self.key, &self.meta)
     }
 }
 

@@ -18,8 +18,8 @@ mod source;
 mod sources;
 
 pub use cache::{
-    Artifact, ArtifactKey, Cache, CompiledEntry, Entry, EntryMeta, GcReport, Handoff, Program,
-    Verification, load_handed_over, write_atomic,
+    Artifact, ArtifactKey, Cache, CompiledEntry, Entry, EntryMeta, GcReport, Handoff,
+    PinnedArtifact, Program, Verification, load_handed_over, write_atomic,
 };
 pub use engine::{
     Allocation, BuiltEngine, CpuFeatures, EngineOptions, PoolingOptions, build_engine,

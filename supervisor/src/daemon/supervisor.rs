@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use corral_compiler::{Artifact, Cache, EngineOptions};
+use corral_compiler::{Cache, EngineOptions, PinnedArtifact};
 use corral_policy::{AppKind, AppSpec, Environment, ListenAddr, Policy, RestartOn};
 use rustix::net::RecvFlags;
 use sd_notify::NotifyState;
@@ -158,7 +158,7 @@ fn summarize(states: &[(String, AppState, u32, u32)]) -> String {
 struct App {
     spec: AppSpec,
     listeners: Vec<OwnedFd>,
-    artifact: Artifact,
+    artifact: PinnedArtifact,
     drain_timeout: Duration,
     registry: Arc<Registry>,
     /// `true` once this version is stopping (shutdown, or replaced or
@@ -376,7 +376,10 @@ impl Daemon {
     }
 
     /// Sockets and artifact of `spec`.
-    async fn prepare(&mut self, spec: &AppSpec) -> anyhow::Result<(Vec<OwnedFd>, Artifact)> {
+    async fn prepare(
+        &mut self,
+        spec: &AppSpec,
+    ) -> anyhow::Result<(Vec<OwnedFd>, PinnedArtifact)> {
         let mut sockets = Vec::new();
         for addr in &spec.listen {
             sockets.push(self.socket(addr)?);
@@ -408,7 +411,7 @@ impl Daemon {
         &mut self,
         spec: &AppSpec,
         listeners: Vec<OwnedFd>,
-        artifact: Artifact,
+        artifact: PinnedArtifact,
     ) -> oneshot::Receiver<()> {
         let (ready_tx, ready_rx) = oneshot::channel();
         let (stop, stop_rx) = watch::channel(false);
@@ -729,20 +732,25 @@ fn policy_files(policy: &Policy) -> Vec<String> {
         .collect()
 }
 
-/// An app's artifact (compiled on a blocking thread).
-async fn prepare(spec: &AppSpec, sockets: usize, cache: &Cache) -> anyhow::Result<Artifact> {
+/// An app's artifact (compiled on a blocking thread), checked and loaded
+/// once, then kept only as an open file: corrald never runs it, and a
+/// loaded copy per app kept every artifact resident (issue 9, density).
+async fn prepare(
+    spec: &AppSpec,
+    sockets: usize,
+    cache: &Cache,
+) -> anyhow::Result<PinnedArtifact> {
     if spec.kind != AppKind::Command && sockets == 0 {
         anyhow::bail!("a {} app needs at least one `listen` address", spec.kind);
     }
     let cache = cache.clone();
-    let options = EngineOptions::for_app(spec);
     let module = spec.module.clone();
-    let artifact = tokio::task::spawn_blocking(move || -> anyhow::Result<Artifact> {
-        let engine = corral_compiler::build_engine(&options, None)?.engine;
+    let artifact = tokio::task::spawn_blocking(move || -> anyhow::Result<PinnedArtifact> {
+        let engine = daemon_engine()?;
         let artifact = cache
             .load_or_compile(&engine, &module)
             .with_context(|| format!("compiling {}", module.display()))?;
-        Ok(artifact)
+        Ok(artifact.into_pinned())
     })
     .await??;
     if !artifact.cache_hit {
@@ -754,6 +762,22 @@ async fn prepare(spec: &AppSpec, sockets: usize, cache: &Cache) -> anyhow::Resul
         );
     }
     Ok(artifact)
+}
+
+/// The engine corrald compiles, checks and loads artifacts with: one for
+/// every app. Compiled code depends only on settings every app shares
+/// (`EngineOptions::for_app` differs in runtime-only limits and the pooling
+/// allocator; see `corral_compiler::engine`), so it finds the same cache
+/// entries as the zygotes' engines. An engine per app kept its pooling
+/// reservation (terabytes of address space) for as long as the app ran:
+/// about 30 apps exhausted the address space (issue 9, density).
+fn daemon_engine() -> anyhow::Result<wasmtime::Engine> {
+    static ENGINE: std::sync::OnceLock<wasmtime::Engine> = std::sync::OnceLock::new();
+    if let Some(engine) = ENGINE.get() {
+        return Ok(engine.clone());
+    }
+    let engine = corral_compiler::new_engine(&EngineOptions::default_for_cli())?;
+    Ok(ENGINE.get_or_init(|| engine).clone())
 }
 
 fn how_to_reach(name: &str, kind: AppKind, addr: &ListenAddr) -> String {
