@@ -113,6 +113,7 @@ impl Target {
 
     /// Make `call` and return corrald's JSON answer.
     pub fn call(&self, call: Call<'_>) -> Result<Value, CallError> {
+        check_app_name(&call)?;
         runtime()?.block_on(async {
             match self.bus {
                 Some(bus) => dbus_call(bus, call).await,
@@ -131,6 +132,33 @@ impl Target {
             }
         })
     }
+}
+
+/// An app name the policy could not contain (`a b`, `x?y`, `../reload`,
+/// empty) names no app: say so (exit 3) instead of building a request path
+/// from it, which could not be parsed or would name something else.
+fn check_app_name(call: &Call<'_>) -> Result<(), CallError> {
+    let name = match call {
+        Call::GetApp(n)
+        | Call::Start(n)
+        | Call::Stop(n)
+        | Call::Restart(n)
+        | Call::Recompile(n) => *n,
+        Call::ListApps | Call::Info | Call::Reload => return Ok(()),
+    };
+    let valid = (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if valid {
+        return Ok(());
+    }
+    Err(CallError {
+        code: exit::NO_SUCH_APP,
+        message: format!(
+            "no app named {name:?} in the policy (app names are 1 to 64 letters, digits, `-` or `_`)"
+        ),
+    })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CallError> {
@@ -513,6 +541,24 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_no_policy_can_hold_are_no_such_app_before_any_request() {
+        for name in [
+            "a b",
+            "hello?x",
+            "hello/../../reload",
+            "",
+            "\u{e9}",
+            &"a".repeat(65),
+        ] {
+            let e = check_app_name(&Call::Stop(name)).unwrap_err();
+            assert_eq!(e.code, exit::NO_SUCH_APP, "{name:?}");
+            assert!(e.message.contains("no app named"), "{}", e.message);
+        }
+        assert!(check_app_name(&Call::GetApp("hello-web_2")).is_ok());
+        assert!(check_app_name(&Call::Reload).is_ok());
+    }
 
     #[test]
     fn dbus_names_become_json_names() {

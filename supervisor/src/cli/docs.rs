@@ -28,8 +28,20 @@ impl CompletionsCommand {
             Some(dir) => {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
-                let path = clap_complete::generate_to(self.shell, &mut cmd, "corral", dir)
-                    .with_context(|| format!("writing into {}", dir.display()))?;
+                let path = match self.shell {
+                    // clap_complete names it corral.bash; bash-completion and
+                    // dh_bash-completion look for the command's own name.
+                    clap_complete::Shell::Bash => {
+                        let path = dir.join("corral");
+                        let mut script = Vec::new();
+                        clap_complete::generate(self.shell, &mut cmd, "corral", &mut script);
+                        std::fs::write(&path, script)
+                            .with_context(|| format!("writing {}", path.display()))?;
+                        path
+                    }
+                    shell => clap_complete::generate_to(shell, &mut cmd, "corral", dir)
+                        .with_context(|| format!("writing into {}", dir.display()))?,
+                };
                 println!("{}", path.display());
             }
             None => clap_complete::generate(self.shell, &mut cmd, "corral", &mut std::io::stdout()),

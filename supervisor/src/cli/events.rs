@@ -8,8 +8,8 @@ use super::client::Target;
 /// Follow app state changes (until interrupted, or corrald goes away).
 #[derive(Debug, clap::Args)]
 pub struct EventsCommand {
-    /// Stop after this many events.
-    #[arg(long, value_name = "N")]
+    /// Stop after this many events (at least 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
 
     #[command(flatten)]
