@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use crate::spec::{AppKind, Enforcement, Limits, PoolSpec, RestartOn, RestartSpec, SandboxSpec};
+use crate::spec::{
+    AppKind, Enforcement, Limits, PoolSpec, RestartOn, RestartSpec, SandboxSpec, ZygoteMode,
+};
 
 /// The main policy file.
 pub const POLICY_PATH: &str = "/etc/corral/policy.toml";
@@ -25,6 +27,7 @@ pub const POOL: PoolSpec = PoolSpec {
     idle_timeout: Duration::from_secs(60),
     concurrency: 16,
     max_requests: None,
+    zygote: ZygoteMode::OnDemand,
 };
 
 pub(crate) const WASM_PAGE: u64 = 64 * 1024;

@@ -269,6 +269,33 @@ pub struct PoolSpec {
     pub concurrency: u32,
     /// `None` is `"unlimited"`.
     pub max_requests: Option<u64>,
+    /// Whether an app at zero workers keeps its zygote.
+    #[serde(default)]
+    pub zygote: ZygoteMode,
+}
+
+/// What happens to an app's zygote when its last worker retires.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ZygoteMode {
+    /// It exits: an idle app (`pool.min = 0`) has no process at all, and the
+    /// next connection starts a new zygote (an exec, engine and artifact
+    /// load, sandbox entry) before a worker can be forked.
+    #[default]
+    OnDemand,
+    /// It stays, sandboxed and with the artifact loaded, and watches the
+    /// app's sockets itself: the next connection costs a fork. The price is
+    /// the zygote's memory while the app is idle.
+    Kept,
+}
+
+impl fmt::Display for ZygoteMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ZygoteMode::OnDemand => "on-demand",
+            ZygoteMode::Kept => "kept",
+        })
+    }
 }
 
 /// Resource limits per instance.

@@ -365,7 +365,18 @@ const APP_KEYS: &[&str] = &[
 ];
 const DIR_KEYS: &[&str] = &["host", "guest", "access"];
 const NETWORK_KEYS: &[&str] = &["connect"];
-const POOL_KEYS: &[&str] = &["min", "max", "idle-timeout", "concurrency", "max-requests"];
+const POOL_KEYS: &[&str] = &[
+    "min",
+    "max",
+    "idle-timeout",
+    "concurrency",
+    "max-requests",
+    "zygote",
+];
+const ZYGOTE_MODES: &[(&str, ZygoteMode)] = &[
+    ("on-demand", ZygoteMode::OnDemand),
+    ("kept", ZygoteMode::Kept),
+];
 const LIMIT_KEYS: &[&str] = &["memory", "timeout", "instances", "tables", "stdout"];
 const SANDBOX_KEYS: &[&str] = &["landlock", "seccomp"];
 const RESTART_KEYS: &[&str] = &["on", "backoff", "give-up"];
@@ -1176,6 +1187,11 @@ fn pool_spec(cx: &mut Checker<'_>, node: Option<&Node>, path: &str) -> Option<Po
                 }
             }
         }
+    }
+    if let Some(e) = t.get("zygote")
+        && let Some(v) = cx.one_of(&e.value, &join(path, "zygote"), ZYGOTE_MODES)
+    {
+        pool.zygote = v;
     }
     (cx.error_count() == before).then_some(pool)
 }

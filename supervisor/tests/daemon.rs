@@ -396,6 +396,39 @@ fn scales_from_zero_and_back_to_zero() {
 }
 
 #[test]
+fn kept_zygote_forks_for_a_connection_at_zero_workers_and_stays() {
+    let web = free_port();
+    let daemon = Daemon::start(&http_app(
+        "web",
+        web,
+        "{ min = 0, max = 2, idle-timeout = \"300ms\", zygote = \"kept\" }",
+    ));
+    // The zygote runs from the start, with no worker.
+    wait_for("the kept zygote", Duration::from_secs(10), || {
+        (daemon.descendants().len() == 1).then_some(())
+    });
+    let zygote = descendants_of(daemon.pid)[0];
+    assert_eq!(descendants_of(zygote), Vec::<i32>::new(), "no worker yet");
+    // The zygote forks a worker for the waiting connection.
+    let (status, body) = http_get(web).unwrap();
+    assert_eq!(status, 200, "{body}");
+    // The worker retires when idle; the same zygote stays and serves again.
+    wait_for("the worker to retire", Duration::from_secs(15), || {
+        (daemon.descendants() == vec![zygote]).then_some(())
+    });
+    assert_eq!(http_get(web).unwrap().0, 200);
+    assert!(
+        daemon.descendants().contains(&zygote),
+        "the same zygote serves again"
+    );
+    wait_for(
+        "the worker to retire again",
+        Duration::from_secs(15),
+        || (daemon.descendants() == vec![zygote]).then_some(()),
+    );
+}
+
+#[test]
 fn killed_worker_is_replaced_and_other_connections_complete() {
     let echo = free_port();
     let daemon = Daemon::start(&stdio_app(

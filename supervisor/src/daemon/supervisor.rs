@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use corral_compiler::{Cache, EngineOptions, PinnedArtifact};
-use corral_policy::{AppKind, AppSpec, Environment, ListenAddr, Policy, RestartOn};
+use corral_policy::{AppKind, AppSpec, Environment, ListenAddr, Policy, RestartOn, ZygoteMode};
 use rustix::net::RecvFlags;
 use sd_notify::NotifyState;
 use tokio::io::unix::AsyncFd;
@@ -376,10 +376,7 @@ impl Daemon {
     }
 
     /// Sockets and artifact of `spec`.
-    async fn prepare(
-        &mut self,
-        spec: &AppSpec,
-    ) -> anyhow::Result<(Vec<OwnedFd>, PinnedArtifact)> {
+    async fn prepare(&mut self, spec: &AppSpec) -> anyhow::Result<(Vec<OwnedFd>, PinnedArtifact)> {
         let mut sockets = Vec::new();
         for addr in &spec.listen {
             sockets.push(self.socket(addr)?);
@@ -735,11 +732,7 @@ fn policy_files(policy: &Policy) -> Vec<String> {
 /// An app's artifact (compiled on a blocking thread), checked and loaded
 /// once, then kept only as an open file: corrald never runs it, and a
 /// loaded copy per app kept every artifact resident (issue 9, density).
-async fn prepare(
-    spec: &AppSpec,
-    sockets: usize,
-    cache: &Cache,
-) -> anyhow::Result<PinnedArtifact> {
+async fn prepare(spec: &AppSpec, sockets: usize, cache: &Cache) -> anyhow::Result<PinnedArtifact> {
     if spec.kind != AppKind::Command && sockets == 0 {
         anyhow::bail!("a {} app needs at least one `listen` address", spec.kind);
     }
@@ -818,7 +811,10 @@ async fn supervise(app: App, ready: oneshot::Sender<()>, mut shutdown: watch::Re
         if *shutdown.borrow() {
             return;
         }
-        if app.spec.pool.min == 0 && app.spec.kind != AppKind::Command {
+        if app.spec.pool.min == 0
+            && app.spec.kind != AppKind::Command
+            && app.spec.pool.zygote == ZygoteMode::OnDemand
+        {
             app.set_state(Report::Idle);
             if let Some(r) = ready.take() {
                 let _ = r.send(());

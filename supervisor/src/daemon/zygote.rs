@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use corral_compiler::EngineOptions;
-use corral_policy::{AppKind, AppSpec};
+use corral_policy::{AppKind, AppSpec, ZygoteMode};
 use rustix::event::{PollFd, PollFlags};
 use rustix::net::RecvFlags;
 use rustix::process::{WaitOptions, WaitStatus};
@@ -295,9 +295,11 @@ impl Zygote {
 
     fn run(&mut self) -> anyhow::Result<()> {
         let pool = &self.app.pool;
-        // A zygote of a min = 0 app was started for a waiting connection.
+        // A zygote of a min = 0 app was started for a waiting connection,
+        // unless it is kept (started with corrald, it waits for one).
         let first = match self.app.kind {
             AppKind::Command => 1,
+            _ if self.kept() => pool.min,
             _ => pool.min.max(1),
         };
         for _ in 0..first.min(pool.max.max(1)) {
@@ -311,7 +313,7 @@ impl Zygote {
                 }
             } else {
                 self.scale()?;
-                if self.workers.is_empty() && self.replacements == 0 {
+                if self.workers.is_empty() && self.replacements == 0 && !self.kept() {
                     protocol::send(self.control(), &FromZygote::Idle, &[])?;
                     return Ok(());
                 }
@@ -319,6 +321,12 @@ impl Zygote {
             self.report()?;
             self.wait_for_events()?;
         }
+    }
+
+    /// `pool.zygote = "kept"`: at zero workers this zygote stays and
+    /// watches the app's sockets itself (see `wait_for_events`).
+    fn kept(&self) -> bool {
+        self.app.pool.zygote == ZygoteMode::Kept && self.app.kind != AppKind::Command
     }
 
     fn control(&self) -> &OwnedFd {
@@ -522,20 +530,37 @@ impl Zygote {
     }
 
     /// Sleep until a worker wakes us, corrald writes, or [`TICK`] passes.
+    /// A kept zygote with no workers (and none owed) also wakes for a
+    /// connection waiting on the app's sockets, forks a worker for it (which
+    /// accepts it), and otherwise sleeps without a timeout: an idle app
+    /// costs no wake-ups.
     fn wait_for_events(&mut self) -> anyhow::Result<()> {
-        let mut fds = [
+        let watch_sockets = self.kept()
+            && self.workers.is_empty()
+            && self.replacements == 0
+            && !self.draining
+            && self.hold_forks_until.is_none();
+        let mut fds = vec![
             PollFd::new(self.control(), PollFlags::IN),
             PollFd::new(self.wake_rx(), PollFlags::IN),
         ];
+        if watch_sockets {
+            fds.extend(self.listeners.iter().map(|l| PollFd::new(l, PollFlags::IN)));
+        }
         let tick = rustix::time::Timespec {
             tv_sec: 0,
             tv_nsec: TICK.as_nanos() as i64,
         };
-        match rustix::event::poll(&mut fds, Some(&tick)) {
+        match rustix::event::poll(&mut fds, (!watch_sockets).then_some(&tick)) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e).context("poll"),
         }
         let control_events = fds[0].revents();
+        let connection_waiting = fds[2..].iter().any(|fd| !fd.revents().is_empty());
+        drop(fds);
+        if connection_waiting {
+            self.fork_worker()?;
+        }
         // Empty the wake-up socket: `s` (saturated) only means "look",
         // `r` (retired after max-requests) asks for a replacement.
         let mut buf = [0u8; 16];
