@@ -836,6 +836,25 @@ fn malformed_requests_get_4xx_and_the_daemon_serves_on() {
         "slow clients are cut off (took {:?})",
         started.elapsed()
     );
+    // A body that is declared and never sent: a 408, then the connection
+    // is closed (it held its slot and corrald's idle exit for ever).
+    let started = Instant::now();
+    let mut late = UnixStream::connect(&daemon.socket).unwrap();
+    late.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    late.write_all(b"POST /v1/reload HTTP/1.1\r\nHost: corral\r\nContent-Length: 100\r\n\r\n{")
+        .unwrap();
+    let mut raw = Vec::new();
+    late.read_to_end(&mut raw)
+        .expect("closed by corrald, not by the read timeout");
+    let reply = Reply::parse(&raw);
+    reply.assert_error(408, "request_timeout");
+    check_reply(&openapi(), "/v1/reload", "POST", &reply);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "a late body is cut off (took {:?})",
+        started.elapsed()
+    );
 
     // The daemon is unaffected.
     let apps = daemon.get_json("/v1/apps");

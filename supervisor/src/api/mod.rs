@@ -7,11 +7,12 @@
 //! serialized as it is, so the D-Bus front end's JSON is the same.
 //! Authorization happens inside the Manager.
 //!
-//! Robustness: request heads must arrive within [`HEADER_TIMEOUT`] (a
-//! slow client is disconnected), heads are limited to [`MAX_HEAD`] bytes
-//! (431) and bodies to [`route::MAX_BODY`] (413), at most
-//! [`MAX_CONNECTIONS`] connections are served at once (more wait in the
-//! kernel's backlog), and a bad request gets a 4xx with a JSON message.
+//! Robustness: request heads, and then bodies, must each arrive within
+//! [`HEADER_TIMEOUT`] (a slow client is disconnected; a late body is a
+//! 408), heads are limited to [`MAX_HEAD`] bytes (431) and bodies to
+//! [`route::MAX_BODY`] (413), at most [`MAX_CONNECTIONS`] connections are
+//! served at once (more wait in the kernel's backlog), and a bad request
+//! gets a 4xx with a JSON message.
 //! Nothing a client sends reaches the daemon's state except through the
 //! Manager's methods.
 //!
@@ -281,17 +282,23 @@ async fn try_handle(req: Request<Incoming>, ctx: &Ctx) -> Result<Response<ApiBod
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(ApiError::too_large());
     }
-    let body = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                ApiError::too_large()
-            } else {
-                ApiError::bad_request(format!("reading the body: {e}"))
-            }
-        })?
-        .to_bytes();
+    // The head's timeout does not cover the body: a client that declares
+    // a body and never sends it would hold its connection (and a slot, and
+    // corrald's idle exit) for ever.
+    let body = tokio::time::timeout(
+        HEADER_TIMEOUT,
+        Limited::new(req.into_body(), MAX_BODY).collect(),
+    )
+    .await
+    .map_err(|_| ApiError::timeout())?
+    .map_err(|e| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            ApiError::too_large()
+        } else {
+            ApiError::bad_request(format!("reading the body: {e}"))
+        }
+    })?
+    .to_bytes();
     route::check_body(&body)?;
     let m = &ctx.manager;
     Ok(match route {
@@ -362,7 +369,7 @@ fn error_response(e: &ApiError) -> Response<ApiBody> {
     if let Some(allow) = e.allow {
         builder = builder.header(hyper::header::ALLOW, allow);
     }
-    if e.status == 413 {
+    if e.status == 413 || e.status == 408 {
         // The unread body makes the connection unusable.
         builder = builder.header(hyper::header::CONNECTION, "close");
     }

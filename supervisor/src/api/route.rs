@@ -105,6 +105,15 @@ impl ApiError {
         )
     }
 
+    /// A body that did not arrive in time (the connection is then closed).
+    pub fn timeout() -> ApiError {
+        ApiError::new(
+            408,
+            "request_timeout",
+            "the request body did not arrive within 5 s",
+        )
+    }
+
     fn not_found(path: &str) -> ApiError {
         ApiError::new(
             404,
