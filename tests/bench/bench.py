@@ -28,6 +28,8 @@ GUESTS = os.path.join(ROOT, "tests", "guests")
 OUT = os.path.join(ROOT, "target", "bench")
 CORRALD = os.path.join(ROOT, "target", "release", "corrald")
 CORRAL = os.path.join(ROOT, "target", "release", "corral")
+NATIVE_HELLO = os.path.join(ROOT, "target", "release", "examples", "native-hello")
+CACHE_BENCH = os.path.join(ROOT, "target", "release", "examples", "cache-bench")
 
 started = []  # Popen objects, stopped at exit
 
@@ -107,11 +109,11 @@ class Corrald:
     """corrald on a policy of `apps`, started like supervisor/tests/daemon.rs:
     a NOTIFY_SOCKET bound here, READY=1 awaited."""
 
-    def __init__(self, apps):
+    def __init__(self, apps, cache="cache"):
         self.dir = tempfile.mkdtemp(prefix="corral-bench-")
         policy = os.path.join(self.dir, "policy.toml")
         with open(policy, "w") as f:
-            f.write('[daemon]\ncache-dir = "cache"\nstate-dir = "state"\n'
+            f.write(f'[daemon]\ncache-dir = "{cache}"\nstate-dir = "state"\n'
                     'api-socket = "api.sock"\ndrain-timeout = "5s"\n\n'
                     '[defaults]\nsandbox = { landlock = "best-effort", seccomp = "best-effort" }\n\n'
                     + apps.replace("{guests}", GUESTS))
@@ -119,9 +121,9 @@ class Corrald:
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(notify_path)
         notify.settimeout(1)
-        env = dict(os.environ, NOTIFY_SOCKET=notify_path, CORRAL_LOG="warn")
+        env = dict(os.environ, NOTIFY_SOCKET=notify_path); env.setdefault("CORRAL_LOG", "warn")
         self.log = open(os.path.join(OUT, "corrald.log"), "a")
-        self.proc = spawn([CORRALD, "--policy", policy], env=env,
+        self.proc = spawn([CORRALD, "--policy", policy, "--bus", "none"], env=env,
                           stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 120
         while True:
@@ -176,40 +178,87 @@ def http_get_ok(port):
     assert data.startswith(b"HTTP/1.1 200"), data[:200]
 
 
-def scenario_http(args, results):
-    wasm = os.path.join(GUESTS, "http-hello.wasm")
-    port = free_port()
-    d = Corrald(f'[apps.hello]\nmodule = "{{guests}}/http-hello.wasm"\nkind = "http"\n'
-                f'listen = ["127.0.0.1:{port}"]\n'
-                'pool = { min = 2, max = 2, concurrency = 128 }\n')
-    http_get_ok(port)
-    ours = {}
+HELLO_APP = ('[apps.hello]\nmodule = "{{guests}}/http-hello.wasm"\nkind = "http"\n'
+             'listen = ["127.0.0.1:{port}"]\n'
+             'pool = {{ min = 2, max = 2, concurrency = 128 }}\n')
+
+
+def wrk_all(args, port):
+    out = {}
     for c in args.connections:
         wrk(port, c, 2)  # warm-up
-        ours[c] = wrk(port, c, args.seconds)
-    d.close()
+        out[c] = wrk(port, c, args.seconds)
+    return out
 
+
+def corral_http(args, sandbox=None):
+    """Scenario 1's corrald figures; `sandbox` adds an app-level
+    `sandbox = {...}` line (scenario 6)."""
     port = free_port()
-    peer = spawn([args.wasmtime, "serve", "-Scli", "--addr", f"127.0.0.1:{port}", wasm],
-                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    app = HELLO_APP.format(port=port)
+    if sandbox:
+        app += f"sandbox = {sandbox}\n"
+    d = Corrald(app)
+    http_get_ok(port)
+    ours = wrk_all(args, port)
+    d.close()
+    return ours
+
+
+def peer_http(args, cmd_for_port):
+    port = free_port()
+    peer = spawn(cmd_for_port(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port)
     http_get_ok(port)
-    theirs = {}
-    for c in args.connections:
-        wrk(port, c, 2)
-        theirs[c] = wrk(port, c, args.seconds)
+    theirs = wrk_all(args, port)
     stop(peer)
     started.remove(peer)
+    return theirs
 
-    for c in args.connections:
+
+def http_rows(results, label, ours, theirs, peer_name):
+    for c in sorted(ours):
         o, t = ours[c], theirs[c]
-        peer_name = "wasmtime serve -Scli"
-        results.append(row(f"HTTP hello, {c} connections", "requests/s", o["rps"], t["rps"],
+        results.append(row(f"{label}, {c} connections", "requests/s", o["rps"], t["rps"],
                            peer_name, higher_is_better=True, errors=[o["errors"], t["errors"]]))
-        results.append(row(f"HTTP hello, {c} connections", "p50 latency (ms)", o["p50_ms"],
+        results.append(row(f"{label}, {c} connections", "p50 latency (ms)", o["p50_ms"],
                            t["p50_ms"], peer_name))
-        results.append(row(f"HTTP hello, {c} connections", "p99 latency (ms)", o["p99_ms"],
+        results.append(row(f"{label}, {c} connections", "p99 latency (ms)", o["p99_ms"],
                            t["p99_ms"], peer_name))
+
+
+def scenario_http(args, results):
+    wasm = os.path.join(GUESTS, "http-hello.wasm")
+    ours = corral_http(args)
+    serve = peer_http(args, lambda port: [args.wasmtime, "serve", "-Scli", "--addr",
+                                          f"127.0.0.1:{port}", wasm])
+    native = peer_http(args, lambda port: [NATIVE_HELLO, f"127.0.0.1:{port}"])
+    http_rows(results, "HTTP hello", ours, serve, "wasmtime serve -Scli")
+    http_rows(results, "HTTP hello", ours, native,
+              "native hyper hello (the ceiling; supervisor/examples/native-hello.rs)")
+
+
+# ---------------------------------------------------------------- scenario 6
+
+def scenario_sandbox(args, results):
+    """Scenario 1's corrald with the sandbox on and off, interleaved (on,
+    off, on, off) so that load from elsewhere hits both alike; the better
+    run of each (by requests/s) counts."""
+    on, off = [], []
+    for _ in range(2):
+        on.append(corral_http(args))
+        off.append(corral_http(args, sandbox='{ landlock = "off", seccomp = "off" }'))
+    for c in args.connections:
+        o = max((r[c] for r in on), key=lambda r: r["rps"])
+        t = max((r[c] for r in off), key=lambda r: r["rps"])
+        results.append(row(f"sandbox cost, HTTP hello, {c} connections",
+                           "requests/s, landlock+seccomp on (peer: off)", o["rps"], t["rps"],
+                           "the same corrald, sandbox = { landlock = \"off\", seccomp = \"off\" }; "
+                           "better of 2 interleaved runs each",
+                           higher_is_better=True, errors=[o["errors"], t["errors"]]))
+        results.append(row(f"sandbox cost, HTTP hello, {c} connections",
+                           "p99 latency (ms), on (peer: off)", o["p99_ms"], t["p99_ms"],
+                           "the same corrald, sandbox off"))
 
 
 # ---------------------------------------------------------------- scenario 2
@@ -235,21 +284,66 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
-def scenario_cold(args, results):
+def http_first_byte_ms(port, t0=None, connect_timeout=10):
+    """Connect (retrying while nothing listens yet), send a GET, time until
+    the first byte of the answer; from `t0` when given (a peer started on
+    demand), else from the connect."""
+    deadline = time.monotonic() + connect_timeout
+    while True:
+        start = time.perf_counter()
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.0002)
+    with s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        b = s.recv(1)
+        t1 = time.perf_counter()
+        if not b:
+            raise RuntimeError("connection closed before the first byte")
+        while s.recv(65536):
+            pass
+    return (t1 - (t0 if t0 is not None else start)) * 1e3
+
+
+def wait_processes(d, n):
+    """Until corrald has `n` processes below it: 0 (no zygote, no worker)
+    before each cold start, 1 (the kept zygote, no worker) with
+    `pool.zygote = "kept"`."""
+    deadline = time.monotonic() + 15
+    while d.processes() != n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the app did not return to {n} processes in 15s")
+        time.sleep(0.01)
+
+
+def corral_cold(args, kind, kept=False):
     port = free_port()
-    d = Corrald(f'[apps.echo]\nmodule = "{{guests}}/stdio-echo.wasm"\nkind = "stdio"\n'
+    module = "stdio-echo.wasm" if kind == "stdio" else "http-hello.wasm"
+    zygote = ', zygote = "kept"' if kept else ""
+    d = Corrald(f'[apps.cold]\nmodule = "{{guests}}/{module}"\nkind = "{kind}"\n'
                 f'listen = ["127.0.0.1:{port}"]\n'
-                'pool = { min = 0, max = 2, idle-timeout = "200ms" }\n')
+                f'pool = {{ min = 0, max = 2, idle-timeout = "100ms"{zygote} }}\n')
+    probe = first_byte_ms if kind == "stdio" else http_first_byte_ms
     ours = []
     for _ in range(args.trials):
-        deadline = time.monotonic() + 15
-        while d.processes() != 0:  # zero workers and no zygote before each trial
-            if time.monotonic() > deadline:
-                raise RuntimeError("echo did not return to zero processes in 15s")
-            time.sleep(0.02)
-        ours.append(first_byte_ms(port))
+        wait_processes(d, 1 if kept else 0)
+        ours.append(probe(port))
+    if kept:  # what the kept zygote costs while the app is idle
+        wait_processes(d, 1)
+        zygote = descendants(d.proc.pid)[0]
+        args.kept_zygote_pss = kib(zygote, "Pss", "smaps_rollup") / 1024
+        args.kept_zygote_rss = kib(zygote, "Rss", "smaps_rollup") / 1024
     d.close()
+    return ours
 
+
+def scenario_cold(args, results):
+    ours = corral_cold(args, "stdio")
     cwasm = os.path.join(OUT, "stdio-echo.cwasm")
     subprocess.run([args.wasmtime, "compile", os.path.join(GUESTS, "stdio-echo.wasm"),
                     "-o", cwasm], check=True, timeout=120)
@@ -261,15 +355,146 @@ def scenario_cold(args, results):
     theirs = [first_byte_ms(port) for _ in range(args.trials)]
     stop(peer)
     started.remove(peer)
-
     peer_name = "systemd-socket-activate --inetd -a wasmtime run --allow-precompiled"
     for p in (50, 99):
         results.append(row(f"cold start, stdio echo, {args.trials} trials",
                            f"connect to first byte p{p} (ms)", pct(ours, p), pct(theirs, p),
                            peer_name))
+    kept = corral_cold(args, "stdio", kept=True)
+    for p in (50, 99):
+        results.append(row(f"cold start, stdio echo, pool.zygote = \"kept\", {args.trials} trials",
+                           f"connect to first byte p{p} (ms)", pct(kept, p), pct(theirs, p),
+                           peer_name))
+    results.append(row("idle app with pool.zygote = \"kept\" (stdio echo)",
+                       "PSS of the idle zygote (MiB)", args.kept_zygote_pss, 0,
+                       f"pool.zygote = \"on-demand\": no process (zygote RSS "
+                       f"{args.kept_zygote_rss:.1f} MiB)"))
+
+    # http: corrald at zero processes against `wasmtime serve` started on
+    # demand (spawned when the client wants it; the time runs from the
+    # spawn, through its bind, to the first byte of the answer).
+    ours = corral_cold(args, "http")
+    cwasm = os.path.join(OUT, "http-hello.cwasm")
+    subprocess.run([args.wasmtime, "compile", os.path.join(GUESTS, "http-hello.wasm"),
+                    "-o", cwasm], check=True, timeout=120)
+    theirs = []
+    for _ in range(args.http_cold_trials):
+        port = free_port()
+        t0 = time.perf_counter()
+        peer = spawn([args.wasmtime, "serve", "-Scli", "--allow-precompiled", "--addr",
+                      f"127.0.0.1:{port}", cwasm],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        theirs.append(http_first_byte_ms(port, t0=t0))
+        stop(peer)
+        started.remove(peer)
+    peer_name = "wasmtime serve -Scli --allow-precompiled, started on demand"
+    for p in (50, 99):
+        results.append(row(f"cold start, HTTP hello, {args.trials} trials "
+                           f"(peer {args.http_cold_trials})",
+                           f"connect to first byte p{p} (ms)", pct(ours, p), pct(theirs, p),
+                           peer_name))
+
+
+# ---------------------------------------------------------------- scenario 3
+
+CONNS_CLIENT = r"""
+import socket, sys, time
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+n, errors, end = 0, 0, time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"ping\n")
+            s.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+        if data == b"ping\n":
+            n += 1
+        else:
+            errors += 1
+    except OSError:
+        errors += 1
+print(n, errors)
+"""
+
+
+def conns_per_s(port, seconds, clients):
+    """`clients` processes, each a loop of connect, send, read the echo to
+    EOF, close; connections per second that got the whole echo."""
+    procs = [spawn([sys.executable, "-c", CONNS_CLIENT, str(port), str(seconds)],
+                   stdout=subprocess.PIPE, text=True) for _ in range(clients)]
+    n = errors = 0
+    for p in procs:
+        out, _ = p.communicate(timeout=seconds + 60)
+        started.remove(p)
+        a, b = out.split()
+        n, errors = n + int(a), errors + int(b)
+    return n / seconds, errors
+
+
+def scenario_stdio(args, results):
+    port = free_port()
+    d = Corrald(f'[apps.echo]\nmodule = "{{guests}}/stdio-echo.wasm"\nkind = "stdio"\n'
+                f'listen = ["127.0.0.1:{port}"]\n'
+                'pool = { min = 2, max = 2, concurrency = 16 }\n')
+    first_byte_ms(port)
+    conns_per_s(port, 1, args.clients)  # warm-up
+    ours, our_errors = conns_per_s(port, args.seconds, args.clients)
+    d.close()
+    cwasm = os.path.join(OUT, "stdio-echo.cwasm")
+    subprocess.run([args.wasmtime, "compile", os.path.join(GUESTS, "stdio-echo.wasm"),
+                    "-o", cwasm], check=True, timeout=120)
+    port = free_port()
+    peer = spawn(["systemd-socket-activate", "--inetd", "-a", "-l", f"127.0.0.1:{port}",
+                  args.wasmtime, "run", "--allow-precompiled", cwasm],
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    first_byte_ms(port)
+    theirs, their_errors = conns_per_s(port, args.seconds, args.clients)
+    stop(peer)
+    started.remove(peer)
+    results.append(row(f"stdio echo, {args.clients} clients in a connect-echo-close loop",
+                       "connections/s", ours, theirs,
+                       "systemd-socket-activate --inetd -a wasmtime run --allow-precompiled",
+                       higher_is_better=True,
+                       errors=[f"{our_errors} failed", f"{their_errors} failed"]
+                       if our_errors or their_errors else None))
 
 
 # ---------------------------------------------------------------- scenario 4
+
+def scenario_cache(args, results):
+    """In-process (supervisor/examples/cache-bench.rs): `Cache::load_or_compile`
+    into an empty cache against the same call on a hit, the call corrald
+    makes per app; plus the whole `corral compile` process on a hit."""
+    out = subprocess.run([CACHE_BENCH, "--small", os.path.join(GUESTS, "stdio-echo.wasm"),
+                          "--compiles", str(args.compiles)],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    for m in json.loads(out)["modules"]:
+        label = (f"artifact cache, {m['name']} ({size(m['module_bytes'])} module, "
+                 f"{size(m['artifact_bytes'])} artifact)")
+        results.append(row(label, f"cache hit, in process, median of {m['hits']} (ms)",
+                           m["hit_ms"], m["compile_ms"],
+                           f"compile into an empty cache, median of {m['compiles']}"))
+    for name in ("stdio-echo.wasm", "http-hello.wasm"):
+        cold, warm = [], []
+        for _ in range(3):
+            cache = tempfile.mkdtemp(prefix="corral-bench-cache-")
+            cmd = [CORRAL, "compile", os.path.join(GUESTS, name), "--cache", cache]
+            cold.append(timed(cmd))
+            warm.append(timed(cmd))
+            shutil.rmtree(cache)
+        results.append(row(f"artifact cache, {name} ({size(os.path.getsize(os.path.join(GUESTS, name)))}), "
+                           "whole process",
+                           "`corral compile`, cache hit, median of 3 (ms)",
+                           statistics.median(warm), statistics.median(cold),
+                           "`corral compile`, cold cache"))
+
+
+def size(n):
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n} B"
+
 
 def timed(cmd):
     t0 = time.perf_counter()
@@ -277,20 +502,79 @@ def timed(cmd):
     return (time.perf_counter() - t0) * 1e3
 
 
-def scenario_cache(args, results):
-    for name in ("stdio-echo.wasm", "http-hello.wasm"):
-        cold, warm = [], []
-        for _ in range(5):
-            cache = tempfile.mkdtemp(prefix="corral-bench-cache-")
-            cmd = [CORRAL, "compile", os.path.join(GUESTS, name), "--cache", cache]
-            cold.append(timed(cmd))
-            warm.append(timed(cmd))
-            shutil.rmtree(cache)
-        size = os.path.getsize(os.path.join(GUESTS, name))
-        results.append(row(f"artifact cache, {name} ({size // 1024 or size} {'KiB' if size >= 1024 else 'B'})",
-                           "`corral compile`, cache hit, median of 5 (ms)",
-                           statistics.median(warm), statistics.median(cold),
-                           "`corral compile`, cold cache"))
+# ---------------------------------------------------------------- scenario 5
+
+def kib(pid, field, path="status"):
+    with open(f"/proc/{pid}/{path}") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/{pid}/{path}")
+
+
+def many_apps(n, sockdir, pool):
+    apps = []
+    for i in range(n):
+        kind, module = (("stdio", "stdio-echo.wasm") if i % 2 == 0
+                        else ("http", "http-hello.wasm"))
+        apps.append(f'[apps.a{i}]\nmodule = "{{guests}}/{module}"\nkind = "{kind}"\n'
+                    f'listen = ["unix:{sockdir}/a{i}.sock"]\npool = {pool}\n')
+    return "\n".join(apps)
+
+
+def scenario_density(args, results):
+    sockdir = tempfile.mkdtemp(prefix="corral-bench-sock-")
+    n = args.apps
+    policy = many_apps(n, sockdir, "{ min = 0 }")
+    cache = tempfile.mkdtemp(prefix="corral-bench-cache-")
+    Corrald(policy, cache=cache).close()  # fills the cache
+    for p in os.listdir(sockdir):
+        os.unlink(os.path.join(sockdir, p))
+    t0 = time.perf_counter()
+    d = Corrald(policy, cache=cache)
+    startup = (time.perf_counter() - t0) * 1e3
+    time.sleep(1)
+    rss = kib(d.proc.pid, "VmRSS") / 1024
+    pss = kib(d.proc.pid, "Pss", "smaps_rollup") / 1024
+    d.close()
+    results.append(row(f"density, {n} apps at min = 0 (half stdio, half http), warm cache",
+                       "corrald start to READY=1 (ms)", startup, 2000, "goal: 2 s"))
+    results.append(row(f"density, {n} apps at min = 0", "corrald RSS after READY=1 (MiB)",
+                       rss, 64, f"goal: 64 MiB (corrald PSS {pss:.1f} MiB)"))
+    for p in os.listdir(sockdir):
+        os.unlink(os.path.join(sockdir, p))
+
+    m = args.idle_apps
+    d = Corrald(many_apps(m, sockdir, "{ min = 1, max = 1 }"), cache=cache)
+    deadline = time.monotonic() + 120
+    while True:
+        zygotes = [c for c in descendants(d.proc.pid) if ppid(c) == d.proc.pid]
+        workers = [c for c in descendants(d.proc.pid) if ppid(c) in zygotes]
+        if len(workers) >= m:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(workers)} of {m} workers after 120 s")
+        time.sleep(0.2)
+    time.sleep(1)
+    worker_pss = [kib(w, "Pss", "smaps_rollup") for w in workers]
+    zygote_pss = [kib(z, "Pss", "smaps_rollup") for z in zygotes]
+    worker_rss = [kib(w, "Rss", "smaps_rollup") for w in workers]
+    d.close()
+    shutil.rmtree(sockdir, ignore_errors=True)
+    shutil.rmtree(cache, ignore_errors=True)
+    results.append(row(f"density, {m} apps with one idle worker each",
+                       "PSS per idle worker, mean (MiB)", statistics.mean(worker_pss) / 1024, 4,
+                       f"goal: 4 MiB (RSS {statistics.mean(worker_rss) / 1024:.1f} MiB; "
+                       f"its zygote's PSS {statistics.mean(zygote_pss) / 1024:.1f} MiB)"))
+
+
+def ppid(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[1])
 
 
 # ---------------------------------------------------------------- report
@@ -299,7 +583,8 @@ def row(scenario, metric, ours, peer, peer_name, higher_is_better=False, errors=
     ratio = ours / peer if peer else None
     r = {"scenario": scenario, "metric": metric, "corral": round(ours, 3),
          "peer": round(peer, 3), "peer_name": peer_name,
-         "ratio": round(ratio, 3) if ratio is not None else None,
+         "ratio": (None if ratio is None else round(ratio, 3) if ratio >= 0.1
+                   else float(f"{ratio:.3g}")),
          "higher_is_better": higher_is_better}
     if errors and any(errors):
         r["errors"] = errors
@@ -324,19 +609,23 @@ def write_report(meta, results):
     lines = [f"corral benchmarks, {meta['date']}, {m['nproc']} CPUs ({m['cpu']}), "
              f"Linux {m['kernel']}, load average at start {m['loadavg_at_start'][0]:.2f}",
              "",
-             "| scenario | metric | corral | peer | corral / peer | peer |",
-             "|---|---|---:|---:|---:|---|"]
+             "| scenario | metric | corral | peer | corral / peer | peer | load |",
+             "|---|---|---:|---:|---:|---|---|"]
     for r in results:
+        load = f"{r['load_start']:.1f}→{r['load_end']:.1f}" if "load_end" in r else ""
+        ratio = ("–" if r["ratio"] is None else f"{r['ratio']:.2f}" if r["ratio"] >= 0.1
+                 else f"{r['ratio']:.2g}")
         lines.append(f"| {r['scenario']} | {r['metric']} | {r['corral']:.2f} | {r['peer']:.2f} | "
-                     f"{r['ratio']:.2f} | {r['peer_name']} |")
+                     f"{ratio} | {r['peer_name']} | {load} |")
         if r.get("errors"):
-            lines.append(f"| | errors (corral, peer) | {r['errors'][0]} | {r['errors'][1]} | | |")
+            lines.append(f"| | errors (corral, peer) | {r['errors'][0]} | {r['errors'][1]} | | | |")
     with open(os.path.join(OUT, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-SCENARIOS = {"http": scenario_http, "cold": scenario_cold, "cache": scenario_cache}
+SCENARIOS = {"http": scenario_http, "sandbox": scenario_sandbox, "cold": scenario_cold,
+             "stdio": scenario_stdio, "cache": scenario_cache, "density": scenario_density}
 
 
 def main():
@@ -345,6 +634,12 @@ def main():
     ap.add_argument("--trials", type=int, default=200, help="cold-start trials")
     ap.add_argument("--seconds", type=int, default=10, help="wrk duration per run")
     ap.add_argument("--connections", type=int, nargs="+", default=[16, 128])
+    ap.add_argument("--http-cold-trials", type=int, default=100,
+                    help="trials of `wasmtime serve` started on demand")
+    ap.add_argument("--clients", type=int, default=4, help="stdio echo client processes")
+    ap.add_argument("--compiles", type=int, default=3, help="compiles of the large module")
+    ap.add_argument("--apps", type=int, default=1000, help="apps at min = 0 (density)")
+    ap.add_argument("--idle-apps", type=int, default=100, help="apps with an idle worker")
     ap.add_argument("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
@@ -354,7 +649,11 @@ def main():
     results = []
     for name in args.only:
         print(f"== {name}", file=sys.stderr, flush=True)
+        before, load_start = len(results), os.getloadavg()[0]
         SCENARIOS[name](args, results)
+        load_end = os.getloadavg()[0]
+        for r in results[before:]:
+            r["load_start"], r["load_end"] = round(load_start, 2), round(load_end, 2)
         write_report(meta, results)  # partial results survive a later failure
 
 
