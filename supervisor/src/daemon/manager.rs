@@ -15,9 +15,9 @@
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -361,7 +361,15 @@ struct Shared {
     started: SystemTime,
     started_at: Instant,
     clients: AtomicUsize,
+    /// The cache's `(entries, bytes)` and when they were counted.
+    cache_stats: Mutex<Option<(Instant, u64, u64)>>,
+    /// A walk of the cache is under way (one at a time).
+    cache_walking: AtomicBool,
 }
+
+/// How long counted cache statistics are given out before the cache is
+/// walked again.
+const CACHE_STATS_FRESH: Duration = Duration::from_secs(2);
 
 /// The management service. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -406,6 +414,8 @@ impl Manager {
                 started: SystemTime::now(),
                 started_at: Instant::now(),
                 clients: AtomicUsize::new(0),
+                cache_stats: Mutex::new(None),
+                cache_walking: AtomicBool::new(false),
             }),
         };
         (manager, rx)
@@ -437,10 +447,7 @@ impl Manager {
 
     pub fn info(&self) -> DaemonInfo {
         let fixed = &self.shared.fixed;
-        let (entries, bytes) = match fixed.cache.entries() {
-            Ok(list) => (list.len() as u64, list.iter().map(|e| e.size).sum()),
-            Err(_) => (0, 0),
-        };
+        let (entries, bytes) = self.cache_stats();
         DaemonInfo {
             version: env!("CARGO_PKG_VERSION").to_string(),
             wasmtime_version: corral_compiler::WASMTIME_VERSION.to_string(),
@@ -464,6 +471,44 @@ impl Manager {
                 bytes,
             },
         }
+    }
+
+    /// The cache's entries and bytes, at most [`CACHE_STATS_FRESH`] old.
+    /// Counting opens, locks and reads every entry: done at every call, a
+    /// D-Bus `GetAll` (one call per property) walked the cache 14 times,
+    /// and any reader could keep the runtime's threads walking it. Now one
+    /// caller walks (on a multi-thread runtime, with `block_in_place` so
+    /// the thread's other tasks move on) while the others get the last
+    /// figures.
+    fn cache_stats(&self) -> (u64, u64) {
+        let shared = &self.shared;
+        let memo = *shared.cache_stats.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, entries, bytes)) = memo
+            && at.elapsed() < CACHE_STATS_FRESH
+        {
+            return (entries, bytes);
+        }
+        let walker = !shared.cache_walking.swap(true, Ordering::AcqRel);
+        if !walker && let Some((_, entries, bytes)) = memo {
+            return (entries, bytes);
+        }
+        let walk = || match shared.fixed.cache.entries() {
+            Ok(list) => (list.len() as u64, list.iter().map(|e| e.size).sum()),
+            Err(_) => (0, 0),
+        };
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let (entries, bytes) = if multi_thread {
+            tokio::task::block_in_place(walk)
+        } else {
+            walk()
+        };
+        *shared.cache_stats.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), entries, bytes));
+        if walker {
+            shared.cache_walking.store(false, Ordering::Release);
+        }
+        (entries, bytes)
     }
 
     /// App state changes from now on.
@@ -674,6 +719,46 @@ mod tests {
         let second = rx.try_recv().unwrap();
         assert_eq!((second.seq, second.workers), (2, 2));
         assert!(rx.try_recv().is_err(), "busy alone is not an event");
+    }
+
+    #[test]
+    fn info_counts_the_cache_on_either_kind_of_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = corral_compiler::Cache::open(dir.path()).unwrap();
+        let module = dir.path().join("m.wat");
+        std::fs::write(&module, "(module)").unwrap();
+        let engine =
+            corral_compiler::new_engine(&corral_compiler::EngineOptions::default_for_cli())
+                .unwrap();
+        cache.load_or_compile(&engine, &module).unwrap();
+        let (manager, _requests) = Manager::new(
+            Arc::new(Registry::new()),
+            Static {
+                policy_path: "/p.toml".into(),
+                api_socket: "/a.sock".into(),
+                api_group: "corral".into(),
+                cache,
+            },
+            vec![],
+        );
+        // corrald's runtime, where the walk leaves the worker thread...
+        let multi = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let m = manager.clone();
+        let first = multi
+            .block_on(multi.spawn(async move { m.info().cache }))
+            .unwrap();
+        assert_eq!(first.entries, 1, "{first:?}");
+        assert!(first.bytes > 0, "{first:?}");
+        // ...and a current-thread one (block_in_place would panic there).
+        *manager.shared.cache_stats.lock().unwrap() = None;
+        let single = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(single.block_on(async { manager.info().cache }), first);
+        assert_eq!(manager.info().cache, first, "outside any runtime");
     }
 
     #[test]
