@@ -132,10 +132,15 @@ check "reload kept the same corrald process" test "$(main_pid)" = "$pid_before"
 # shows why.
 printf '\n[apps.broken]\nmodule = "hello.wasm"\nkind = "http"\nlisten = ["127.0.0.1:8091"]\npool = { maxx = 2 }\n' >>/etc/corral/policy.toml
 systemctl reload corrald.service
-sleep 1
+# `systemctl reload` returns once kill(1) has signalled corrald; give it
+# time to read the policy and log.
+for _ in $(seq 1 100); do
+    status=$(systemctl status --no-pager --lines=20 corrald.service 2>&1)
+    printf '%s' "$status" | grep -q 'apps.broken.pool.maxx' && break
+    sleep 0.1
+done
 check "after a broken reload hello is still served" http_ok http://127.0.0.1:8080/
 check "after a broken reload hello2 is still served" http_ok http://127.0.0.1:8090/
-status=$(systemctl status --no-pager --lines=20 corrald.service 2>&1)
 if printf '%s' "$status" | grep -q 'apps.broken.pool.maxx'; then
     ok "systemctl status corrald shows the error"
     printf '%s\n' "$status" | grep 'maxx' | head -n 2 | sed 's/^/e2e: ..   /'
