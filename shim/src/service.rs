@@ -138,9 +138,17 @@ impl Service {
         let mut mounted = false;
         if !req.rootfs.is_empty() {
             std::fs::create_dir_all(&rootfs)?;
-            for m in &req.rootfs {
-                shim::mount::mount_rootfs(Some(&m.type_), Some(&m.source), &m.options, &rootfs)
-                    .map_err(|e| anyhow::anyhow!("mounting the rootfs ({}): {e}", m.type_))?;
+            for (done, m) in req.rootfs.iter().enumerate() {
+                let result =
+                    shim::mount::mount_rootfs(Some(&m.type_), Some(&m.source), &m.options, &rootfs);
+                if let Err(e) = result {
+                    // Those mounted already would stay: a task that was
+                    // not created is never deleted.
+                    for _ in 0..done {
+                        unmount(&rootfs);
+                    }
+                    anyhow::bail!("mounting the rootfs ({}): {e}", m.type_);
+                }
                 mounted = true;
             }
         }
@@ -314,6 +322,29 @@ fn unmount(rootfs: &Path) {
     }
 }
 
+/// Whether `pid` is the guest process of `bundle`: started as
+/// `<shim> guest <bundle>/corral-task.json` (the same file, however the
+/// path is spelled).
+fn is_task_process(pid: i32, bundle: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let mut args = cmdline.split(|b| *b == 0);
+    let (Some(_), Some(arg), Some(plan)) = (args.next(), args.next(), args.next()) else {
+        return false;
+    };
+    if arg != crate::GUEST_ARG.as_bytes() {
+        return false;
+    }
+    let plan = Path::new(std::ffi::OsStr::from_bytes(plan));
+    // Relative to the guest's working directory, which is the bundle.
+    let plan = std::fs::metadata(bundle.join(plan));
+    let ours = std::fs::metadata(bundle.join(PLAN_FILE));
+    matches!((plan, ours), (Ok(a), Ok(b)) if (a.dev(), a.ino()) == (b.dev(), b.ino()))
+}
+
 /// Lazily unmount `rootfs` (EINVAL: it was not mounted).
 fn try_unmount(rootfs: &Path) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt as _;
@@ -377,8 +408,13 @@ impl shim::Shim for Service {
             && p > 0
         {
             pid = p as u32;
-            // SAFETY: kill takes plain integers.
-            unsafe { libc::kill(p, libc::SIGKILL) };
+            // The task may have ended long ago (containerd runs this action
+            // for a dead shim's bundles at its own restart too) and its pid
+            // be another process's now: kill only this bundle's guest.
+            if is_task_process(p, &bundle) {
+                // SAFETY: kill takes plain integers.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
         }
         if let Ok(spec) = Spec::read(&bundle) {
             let rootfs = spec.rootfs(&bundle);
@@ -658,5 +694,45 @@ impl shim::Task for Service {
             self.exit.signal();
         }
         Ok(api::Empty::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `sh guest PLAN` in the bundle: a process whose command line is a
+    /// guest's (`guest` is a script there that sleeps).
+    fn fake_guest(bundle: &Path, plan_arg: &Path) -> std::process::Child {
+        std::fs::write(bundle.join(crate::GUEST_ARG), "sleep 60\n").unwrap();
+        Command::new("/bin/sh")
+            .arg(crate::GUEST_ARG)
+            .arg(plan_arg)
+            .current_dir(bundle)
+            .spawn()
+            .unwrap()
+    }
+
+    #[test]
+    fn only_the_bundles_own_guest_is_its_task_process() {
+        let bundle = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        for dir in [bundle.path(), other.path()] {
+            std::fs::write(dir.join(PLAN_FILE), "{}").unwrap();
+        }
+        let mut absolute = fake_guest(bundle.path(), &bundle.path().join(PLAN_FILE));
+        let mut relative = fake_guest(bundle.path(), Path::new(PLAN_FILE));
+        let mut elsewhere = fake_guest(other.path(), &other.path().join(PLAN_FILE));
+        let pid = |c: &std::process::Child| c.id() as i32;
+        assert!(is_task_process(pid(&absolute), bundle.path()));
+        assert!(is_task_process(pid(&relative), bundle.path()));
+        assert!(!is_task_process(pid(&elsewhere), bundle.path()));
+        // A pid reused by something else, and one that is gone.
+        assert!(!is_task_process(std::process::id() as i32, bundle.path()));
+        for child in [&mut absolute, &mut relative, &mut elsewhere] {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+        assert!(!is_task_process(pid(&absolute), bundle.path()));
     }
 }
