@@ -109,7 +109,7 @@ class Corrald:
     """corrald on a policy of `apps`, started like supervisor/tests/daemon.rs:
     a NOTIFY_SOCKET bound here, READY=1 awaited."""
 
-    def __init__(self, apps, cache="cache"):
+    def __init__(self, apps, cache="cache", log_filter=None):
         self.dir = tempfile.mkdtemp(prefix="corral-bench-")
         policy = os.path.join(self.dir, "policy.toml")
         with open(policy, "w") as f:
@@ -121,8 +121,10 @@ class Corrald:
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(notify_path)
         notify.settimeout(1)
-        env = dict(os.environ, NOTIFY_SOCKET=notify_path); env.setdefault("CORRAL_LOG", "warn")
+        env = dict(os.environ, NOTIFY_SOCKET=notify_path)
+        env["CORRAL_LOG"] = log_filter or os.environ.get("CORRAL_LOG", "warn")
         self.log = open(os.path.join(OUT, "corrald.log"), "a")
+        self.log_start = self.log.tell()
         self.proc = spawn([CORRALD, "--policy", policy, "--bus", "none"], env=env,
                           stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 120
@@ -321,13 +323,59 @@ def wait_processes(d, n):
         time.sleep(0.01)
 
 
-def corral_cold(args, kind, kept=False):
+COLD_LOG = "warn,corral_supervisor::daemon=debug"
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT[\d:.]+)Z")
+
+
+def log_ms(line):
+    stamp = LOG_TIME.match(line).group(1)
+    return datetime.datetime.fromisoformat(stamp).timestamp() * 1e3
+
+
+def dur_ms(text):
+    m = re.fullmatch(r"([\d.]+)(ns|µs|us|ms|s)", text)
+    return float(m.group(1)) * {"ns": 1e-6, "µs": 1e-3, "us": 1e-3, "ms": 1, "s": 1e3}[m.group(2)]
+
+
+def cold_breakdown(d):
+    """Medians over the trials of where corrald's cold start goes, from its
+    debug log: corrald's spawn of the zygote, the zygote's exec and start-up
+    until it begins to prepare, each phase of preparing, and the fork."""
+    phases = {k: [] for k in ("spawn", "exec and start-up", "engine", "artifact",
+                              "pre-instantiate", "pool and sandbox", "ready to worker forked")}
+    waiting = started = None
+    with open(d.log.name, encoding="utf-8", errors="replace") as f:
+        f.seek(d.log_start)
+        for line in f:
+            if not LOG_TIME.match(line):
+                continue
+            if "a connection is waiting" in line:
+                waiting = log_ms(line)
+            elif "zygote started" in line and waiting is not None:
+                started = log_ms(line)
+                phases["spawn"].append(started - waiting)
+            elif "zygote prepared in" in line and started is not None:
+                m = re.search(r"prepared in (\S+): engine (\S+), artifact (\S+), "
+                              r"pre-instantiate (\S+), pool and sandbox (\S+)", line)
+                total, *parts = (dur_ms(x.rstrip(",")) for x in m.groups())
+                phases["exec and start-up"].append(log_ms(line) - started - total)
+                for k, v in zip(("engine", "artifact", "pre-instantiate", "pool and sandbox"), parts):
+                    phases[k].append(v)
+                prepared = log_ms(line)
+            elif "worker started" in line and started is not None:
+                phases["ready to worker forked"].append(log_ms(line) - prepared)
+                waiting = started = None
+    return {k: statistics.median(v) for k, v in phases.items() if v}
+
+
+def corral_cold(args, kind, kept=False, breakdown=False):
     port = free_port()
     module = "stdio-echo.wasm" if kind == "stdio" else "http-hello.wasm"
     zygote = ', zygote = "kept"' if kept else ""
     d = Corrald(f'[apps.cold]\nmodule = "{{guests}}/{module}"\nkind = "{kind}"\n'
                 f'listen = ["127.0.0.1:{port}"]\n'
-                f'pool = {{ min = 0, max = 2, idle-timeout = "100ms"{zygote} }}\n')
+                f'pool = {{ min = 0, max = 2, idle-timeout = "100ms"{zygote} }}\n',
+                log_filter=COLD_LOG if breakdown else None)
     probe = first_byte_ms if kind == "stdio" else http_first_byte_ms
     ours = []
     for _ in range(args.trials):
@@ -338,12 +386,15 @@ def corral_cold(args, kind, kept=False):
         zygote = descendants(d.proc.pid)[0]
         args.kept_zygote_pss = kib(zygote, "Pss", "smaps_rollup") / 1024
         args.kept_zygote_rss = kib(zygote, "Rss", "smaps_rollup") / 1024
+    if breakdown:
+        args.cold_breakdown = cold_breakdown(d)
     d.close()
     return ours
 
 
 def scenario_cold(args, results):
-    ours = corral_cold(args, "stdio")
+    # Debug logging of the daemon's module: a few lines per cold start.
+    ours = corral_cold(args, "stdio", breakdown=True)
     cwasm = os.path.join(OUT, "stdio-echo.cwasm")
     subprocess.run([args.wasmtime, "compile", os.path.join(GUESTS, "stdio-echo.wasm"),
                     "-o", cwasm], check=True, timeout=120)
@@ -360,6 +411,9 @@ def scenario_cold(args, results):
         results.append(row(f"cold start, stdio echo, {args.trials} trials",
                            f"connect to first byte p{p} (ms)", pct(ours, p), pct(theirs, p),
                            peer_name))
+    for phase, ms in args.cold_breakdown.items():
+        results.append(row("cold start, stdio echo: where the time goes (median, from corrald's "
+                           "debug log)", f"{phase} (ms)", ms, 0, "–"))
     kept = corral_cold(args, "stdio", kept=True)
     for p in (50, 99):
         results.append(row(f"cold start, stdio echo, pool.zygote = \"kept\", {args.trials} trials",

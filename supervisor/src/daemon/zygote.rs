@@ -164,6 +164,8 @@ impl Zygote {
         control: &OwnedFd,
         inherited: &[RawFd],
     ) -> anyhow::Result<Zygote> {
+        // Where a cold start's time goes (logged at debug; docs/bench.md).
+        let t0 = Instant::now();
         let app = start.app;
         // Mapped now, before the sandbox; the fd is closed right away (the
         // workers inherit the mapping, not the file).
@@ -191,8 +193,10 @@ impl Zygote {
             tracing::warn!(app = app.name, "pooling allocator unavailable ({reason})");
         }
         let engine = built.engine;
+        let t_engine = t0.elapsed();
         let program = corral_compiler::load_handed_over(&engine, &artifact, &start.artifact)
             .context("loading the artifact")?;
+        let t_artifact = t0.elapsed();
         let mut caps = GuestCaps::for_app(&app, |n| std::env::var(n).ok());
         // stdio apps get their connection per connection, in the worker.
         caps.stdio = StdioMode::Log(host::log::GuestLog::new(&app.name, app.limits.stdout));
@@ -230,6 +234,7 @@ impl Zygote {
                 engine: engine.clone(),
             },
         };
+        let t_pre = t0.elapsed();
         let slots = app.pool.max.max(1) as usize;
         let pool = SharedPool::new(slots).context("mapping the pool's shared page")?;
         let (wake_rx, wake_tx) = rustix::net::socketpair(
@@ -260,6 +265,16 @@ impl Zygote {
         }
         // Before the first fork: every worker inherits it.
         let sandboxed = plan.enter().context("entering the sandbox")?;
+        tracing::debug!(
+            app = app.name,
+            "zygote prepared in {:?}: engine {:?}, artifact {:?}, pre-instantiate {:?}, \
+             pool and sandbox {:?}",
+            t0.elapsed(),
+            t_engine,
+            t_artifact - t_engine,
+            t_pre - t_artifact,
+            t0.elapsed() - t_pre,
+        );
         let layers = sandboxed.layers();
         for missing in &layers.missing {
             tracing::warn!(app = app.name, "sandbox (best-effort): {missing}");
