@@ -186,6 +186,18 @@ check "busctl ListApps starts corrald by bus activation" busctl call --timeout=6
 for _ in $(seq 1 100); do active corrald.service && break; sleep 0.1; done
 check "corrald active after bus activation" active corrald.service
 
+# --- A new app with a new socket on a running system (docs/policy.md):
+# daemon-reload runs the generator; with corrald stopped (systemd starts no
+# socket of a running service), sockets.target starts the socket, and
+# corrald gets it when it starts.
+printf '\n[sockets.late]\nlisten = "127.0.0.1:8095"\n\n[apps.late]\nmodule = "hello.wasm"\nkind = "http"\nlisten = ["systemd:late"]\n' >>/etc/corral/policy.toml
+systemctl daemon-reload
+systemctl stop corrald.service
+systemctl start sockets.target
+check "daemon-reload, stop corrald, start sockets.target: corral-late.socket listens" active corral-late.socket
+check "the new app is served on its socket (its connection starts corrald)" http_ok http://127.0.0.1:8095/
+check "and the old ones still" http_ok http://127.0.0.1:8080/
+
 # --- The exposure score recorded in the README.
 expected=$(cat /root/expected-exposure)
 score=$(systemd-analyze security --no-pager corrald.service 2>/dev/null | sed -n 's/.*Overall exposure level for corrald.service: \([0-9.]*\).*/\1/p')
@@ -203,6 +215,7 @@ if DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall /root/corral
 else
     fail "reinstall (upgrade path) rebuilt the artifacts"; show </root/upgrade.log
 fi
+check "corrald running again after the upgrade (it was before)" active corrald.service
 check "hello served after the upgrade" http_ok http://127.0.0.1:8080/
 
 info "checks took $(elapsed "$t0") s"
