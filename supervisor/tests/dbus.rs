@@ -1308,28 +1308,101 @@ fn the_corral_command_prints_the_same_over_dbus_and_the_socket() {
     };
     assert_eq!((as_nobody(true), as_nobody(false)), (Some(4), Some(4)));
 
-    // Events: the same stream both ways.
+    // Events: the same stream both ways. A follower is subscribed once it
+    // has printed an event (a fixed sleep lost the first events on a
+    // loaded machine, and then `--count` waited for ever); from then on
+    // both see every event, so those after the last one either had seen,
+    // up to a stop made then, are the same.
     let follow = |via_bus: bool| {
         let mut cmd = Command::new(CORRAL);
-        cmd.args(["events", "--count", "2", "--json"]);
+        cmd.args(["events", "--json"]);
         if via_bus {
             cmd.args(["--bus", "system"])
                 .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address);
         } else {
             cmd.arg("--socket").arg(corrald.api_socket());
         }
-        cmd.stdout(Stdio::piped()).spawn().unwrap()
+        let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::<Value>::new()));
+        let sink = seen.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let event = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("corral events printed {line:?}: {e}"));
+                sink.lock().unwrap().push(event);
+            }
+        });
+        (child, seen)
     };
-    let followers = [follow(true), follow(false)];
-    // Both are subscribed once they print nothing yet and are still alive;
-    // starting the app sends starting and running (2 events).
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(corral(&corrald, None, &["start", "echo"]).0, 0);
-    let [over_dbus, over_socket] = followers.map(|child| {
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success());
-        String::from_utf8(out.stdout).unwrap()
+    let mut followers = [follow(true), follow(false)];
+    let seqs = |seen: &Arc<Mutex<Vec<Value>>>| -> Vec<u64> {
+        let seen = seen.lock().unwrap();
+        seen.iter().map(|e| e["seq"].as_u64().unwrap()).collect()
+    };
+    wait_for(
+        "both followers to see an event",
+        Duration::from_secs(60),
+        || {
+            assert_eq!(corral(&corrald, None, &["start", "echo"]).0, 0);
+            assert_eq!(corral(&corrald, None, &["stop", "echo"]).0, 0);
+            followers
+                .iter()
+                .all(|(_, seen)| !seen.lock().unwrap().is_empty())
+                .then_some(())
+        },
+    );
+    let mark = followers
+        .iter()
+        .flat_map(|(_, seen)| seqs(seen))
+        .max()
+        .unwrap();
+    let started = corral(&corrald, None, &["start", "echo"]);
+    assert_eq!(started.0, 0);
+    assert_ne!(started.1[0]["state"], "stopped");
+    let (code, stopped) = corral(&corrald, None, &["stop", "echo"]);
+    assert_eq!(code, 0);
+    let stopped_at = stopped[0]["state_since"].as_u64().unwrap();
+    // Up to the event of that stop, on both.
+    let until = wait_for("the stop on both streams", Duration::from_secs(60), || {
+        let ends: Vec<u64> = followers
+            .iter()
+            .map(|(_, seen)| {
+                let seen = seen.lock().unwrap();
+                seen.iter().find_map(|e| {
+                    (e["app"] == "echo"
+                        && e["state"] == "stopped"
+                        && e["seq"].as_u64().unwrap() > mark
+                        && e["time"].as_u64().unwrap() >= stopped_at)
+                        .then(|| e["seq"].as_u64().unwrap())
+                })
+            })
+            .collect::<Option<_>>()?;
+        assert_eq!(ends[0], ends[1], "the same stop event");
+        Some(ends[0])
     });
+    let window = |seen: &Arc<Mutex<Vec<Value>>>| -> Vec<Value> {
+        let seen = seen.lock().unwrap();
+        seen.iter()
+            .filter(|e| (mark + 1..=until).contains(&e["seq"].as_u64().unwrap()))
+            .cloned()
+            .collect()
+    };
+    let over_dbus = window(&followers[0].1);
+    let over_socket = window(&followers[1].1);
     assert_eq!(over_dbus, over_socket);
-    assert_eq!(over_dbus.lines().count(), 2, "{over_dbus}");
+    let states: Vec<&str> = over_socket
+        .iter()
+        .filter(|e| e["app"] == "echo")
+        .filter_map(|e| e["state"].as_str())
+        .collect();
+    assert!(
+        states.contains(&"running") && states.last() == Some(&"stopped"),
+        "{states:?}"
+    );
+    for (child, _) in &mut followers {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 }
