@@ -644,6 +644,35 @@ fn cli_exit_codes_and_refused_reloads() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(5), "unreachable: {out:?}");
+    // Without --socket: the policy's daemon.api-socket, even from a policy
+    // that does not validate (here: for a missing module; for a user, one
+    // they may not read)...
+    let client_policy = daemon.dir.path().join("client.toml");
+    std::fs::write(
+        &client_policy,
+        "[daemon]\napi-socket = \"run/api.sock\"\n\n[apps.x]\nmodule = \"missing.wasm\"\n",
+    )
+    .unwrap();
+    let out = Command::new(CORRAL)
+        .args(["apps", "--json", "--policy"])
+        .arg(&client_policy)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // ...and a policy that cannot be read is named with the default socket.
+    let out = Command::new(CORRAL)
+        .args(["apps", "--policy"])
+        .arg(daemon.dir.path())
+        // (A default that no corrald on this machine can be serving.)
+        .env("RUNTIME_DIRECTORY", daemon.dir.path().join("none"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("could not be read") && err.contains(&daemon.dir.path().display().to_string()),
+        "{err}"
+    );
     let out = daemon.corral(None, &["status"]);
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);

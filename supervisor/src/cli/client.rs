@@ -79,6 +79,14 @@ impl CallError {
         }
     }
 
+    /// With where an unreachable socket's path came from, if that helps.
+    fn noting(mut self, note: Option<String>) -> CallError {
+        if let (exit::UNREACHABLE, Some(note)) = (self.code, note) {
+            self.message.push_str(&format!("; that socket is {note}"));
+        }
+        self
+    }
+
     /// Print the message and give the exit code.
     pub fn report(self) -> ExitCode {
         eprintln!("corral: {}", self.message);
@@ -100,14 +108,52 @@ pub enum Call<'a> {
 }
 
 impl Target {
-    /// The socket to use: `--socket`, else the policy's, else the default.
-    pub fn socket_path(&self) -> PathBuf {
+    /// The socket to use: `--socket`, else the policy's, else the default;
+    /// and, when the policy could not be read, why (for the message when
+    /// the socket cannot be reached either).
+    pub fn socket_path(&self) -> (PathBuf, Option<String>) {
         if let Some(path) = &self.socket {
-            return path.clone();
+            return (path.clone(), None);
         }
-        match corral_policy::load(&self.policy, &corral_policy::Environment::from_process()) {
-            Ok(policy) => policy.daemon.api_socket,
-            Err(_) => PathBuf::from(corral_policy::defaults::API_SOCKET),
+        let env = corral_policy::Environment::from_process();
+        if let Ok(policy) = corral_policy::load(&self.policy, &env) {
+            return (policy.daemon.api_socket, None);
+        }
+        // A policy that does not validate for this user (a module it may
+        // not read, say) still names the socket: read that key alone, from
+        // the file and its drop-ins in merge order.
+        let mut files = vec![self.policy.clone()];
+        files.extend(corral_policy::drop_in_files(&self.policy).unwrap_or_default());
+        let mut socket = None;
+        let mut unread = None;
+        for file in files {
+            let text = match std::fs::read_to_string(&file) {
+                Ok(text) => text,
+                Err(e) => {
+                    unread.get_or_insert(format!("{}: {e}", file.display()));
+                    continue;
+                }
+            };
+            let Ok(table) = text.parse::<toml::Table>() else {
+                continue;
+            };
+            if let Some(written) = table
+                .get("daemon")
+                .and_then(|d| d.get("api-socket"))
+                .and_then(|v| v.as_str())
+                .filter(|s| !s.is_empty())
+            {
+                socket = Some(file.parent().unwrap_or(Path::new(".")).join(written));
+            }
+        }
+        match socket {
+            Some(path) => (path, None),
+            None => (
+                env.runtime_directory
+                    .map(|d| d.join("api.sock"))
+                    .unwrap_or_else(|| PathBuf::from(corral_policy::defaults::API_SOCKET)),
+                unread.map(|why| format!("the default, as the policy could not be read ({why})")),
+            ),
         }
     }
 
@@ -117,7 +163,10 @@ impl Target {
         runtime()?.block_on(async {
             match self.bus {
                 Some(bus) => dbus_call(bus, call).await,
-                None => socket_call(&self.socket_path(), call).await,
+                None => {
+                    let (path, note) = self.socket_path();
+                    socket_call(&path, call).await.map_err(|e| e.noting(note))
+                }
             }
         })
     }
@@ -128,7 +177,10 @@ impl Target {
         runtime()?.block_on(async {
             match self.bus {
                 Some(bus) => dbus_events(bus, each).await,
-                None => socket_events(&self.socket_path(), each).await,
+                None => {
+                    let (path, note) = self.socket_path();
+                    socket_events(&path, each).await.map_err(|e| e.noting(note))
+                }
             }
         })
     }
