@@ -1231,6 +1231,13 @@ fn the_corral_command_prints_the_same_over_dbus_and_the_socket() {
         return;
     }
     let bus = Bus::start(BusPolicy::Ours);
+    // Following the events of nobody: exit code 5, as over a missing socket.
+    let mut orphan = Command::new(CORRAL)
+        .args(["events", "--bus", "system"])
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .spawn()
+        .unwrap();
+    assert_eq!(exit_within(&mut orphan, Duration::from_secs(30)), Some(5));
     let corrald = Corrald::start(&bus, "corral");
     settle(&corrald);
 
@@ -1358,6 +1365,16 @@ fn the_corral_command_prints_the_same_over_dbus_and_the_socket() {
         .flat_map(|(_, seen)| seqs(seen))
         .max()
         .unwrap();
+    // The same signal from another connection is not corrald's: the D-Bus
+    // follower must not print it (the streams would differ).
+    let spoof = Command::new("busctl")
+        .arg(format!("--address={}", bus.address))
+        .args(["emit", MANAGER, "org.corral.Manager1", "AppStateChanged"])
+        .args(["ttsssus", &(mark + 1).to_string(), "1", "spoofed"])
+        .args(["running", "running", "1", ""])
+        .status()
+        .unwrap();
+    assert!(spoof.success());
     let started = corral(&corrald, None, &["start", "echo"]);
     assert_eq!(started.0, 0);
     assert_ne!(started.1[0]["state"], "stopped");
@@ -1401,8 +1418,26 @@ fn the_corral_command_prints_the_same_over_dbus_and_the_socket() {
         states.contains(&"running") && states.last() == Some(&"stopped"),
         "{states:?}"
     );
+    // corrald going away ends both streams with exit code 5.
+    drop(corrald);
     for (child, _) in &mut followers {
-        child.kill().unwrap();
-        child.wait().unwrap();
+        assert_eq!(exit_within(child, Duration::from_secs(30)), Some(5));
+    }
+}
+
+/// `child`'s exit code once it exits, or `None` (and it is killed) if it
+/// runs on after `timeout`.
+fn exit_within(child: &mut Child, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(25));
     }
 }

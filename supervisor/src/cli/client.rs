@@ -550,18 +550,75 @@ fn variant_to_json(v: &zbus::Variant<'_>) -> Value {
 
 async fn dbus_events(which: Bus, each: &mut dyn FnMut(Value) -> bool) -> Result<(), CallError> {
     let conn = bus(which).await?;
+    let rule_error = |e: zbus::Error| CallError::failed(format!("D-Bus match rule: {e}"));
+    // From corrald only: the bus resolves the name to its owner, so no other
+    // client can slip an AppStateChanged of its own into the stream.
     let rule = zbus::MatchRule::builder()
         .msg_type(zbus::message::Type::Signal)
+        .sender(BUS_NAME)
         .interface(INTERFACE)
         .member("AppStateChanged")
         .path(OBJECT)
         .build()
-        .map_err(|e| CallError::failed(format!("D-Bus match rule: {e}")))?;
+        .map_err(rule_error)?;
     let mut stream =
         zbus::MessageStream::for_match_rule(rule, &conn, std::num::NonZeroUsize::new(64))
             .await
             .map_err(bus_error)?;
-    while let Some(message) = next(&mut stream).await {
+    // corrald leaving the bus ends the stream, as over the socket.
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .sender("org.freedesktop.DBus")
+        .interface("org.freedesktop.DBus")
+        .member("NameOwnerChanged")
+        .arg(0, BUS_NAME)
+        .build()
+        .map_err(rule_error)?;
+    let mut owners =
+        zbus::MessageStream::for_match_rule(rule, &conn, std::num::NonZeroUsize::new(8))
+            .await
+            .map_err(bus_error)?;
+    let gone = || {
+        CallError::unreachable(format!(
+            "nobody owns {BUS_NAME} on the {which:?} bus (corrald not running, or without D-Bus?)"
+        ))
+    };
+    // Subscribed first, then asked: corrald cannot leave unnoticed between.
+    let owned: bool = decode(
+        &conn
+            .call_method(
+                Some("org.freedesktop.DBus"),
+                "/org/freedesktop/DBus",
+                Some("org.freedesktop.DBus"),
+                "NameHasOwner",
+                &(BUS_NAME,),
+            )
+            .await
+            .map_err(bus_error)?,
+    )?;
+    if !owned {
+        return Err(gone());
+    }
+    loop {
+        let message = tokio::select! {
+            message = next(&mut stream) => message,
+            change = next(&mut owners) => {
+                let left = match change {
+                    Some(Ok(change)) => change
+                        .body()
+                        .deserialize::<(String, String, String)>()
+                        .is_ok_and(|(_, _, new_owner)| new_owner.is_empty()),
+                    _ => true,
+                };
+                if left {
+                    return Err(CallError::unreachable(format!(
+                        "corrald left the {which:?} bus (it stopped?)"
+                    )));
+                }
+                continue;
+            }
+        };
+        let Some(message) = message else { break };
         let Ok(message) = message else { continue };
         type Signal = (u64, u64, String, String, String, u32, String);
         let Ok((seq, time, app, old, state, workers, detail)) =
