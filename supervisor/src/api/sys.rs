@@ -8,14 +8,43 @@ use crate::daemon::manager::Caller;
 /// The peer of a connected Unix stream socket, as the kernel recorded it
 /// at `connect(2)`: its uid, gid and pid, and its supplementary groups.
 pub(crate) fn peer(fd: impl AsFd) -> std::io::Result<Caller> {
-    let cred = rustix::net::sockopt::socket_peercred(&fd)?;
+    let cred = peer_cred(fd.as_fd())?;
     Ok(Caller {
-        uid: cred.uid.as_raw(),
-        gid: cred.gid.as_raw(),
+        uid: cred.uid,
+        gid: cred.gid,
         groups: peer_groups(fd.as_fd())?,
-        pid: u32::try_from(cred.pid.as_raw_nonzero().get()).ok(),
+        // 0 for a peer outside this process's pid namespace.
+        pid: u32::try_from(cred.pid).ok().filter(|pid| *pid != 0),
         via: "socket",
     })
+}
+
+/// `SO_PEERCRED`, read as plain integers: the pid is 0 when the peer is in
+/// a pid namespace this process cannot see into (corrald in a container,
+/// its socket reached from the host), which rustix's `UCred` (a non-zero
+/// `Pid`) cannot hold.
+fn peer_cred(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<libc::ucred> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = libc::socklen_t::try_from(size_of::<libc::ucred>()).unwrap_or(0);
+    // SAFETY: `fd` is an open socket for the call; `cred` is a writable
+    // ucred and `len` its size; the kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred)
 }
 
 /// `SO_PEERGROUPS` (Linux 4.13+): the peer's supplementary groups.
