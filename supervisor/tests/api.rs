@@ -83,6 +83,17 @@ impl Daemon {
 
     /// As [`Daemon::start_with_bus`], with more `[daemon]` keys.
     fn start_full(group: &str, bus: Option<&str>, daemon_keys: &str) -> Daemon {
+        Daemon::start_wrapped(group, bus, daemon_keys, &[])
+    }
+
+    /// As [`Daemon::start_full`], corrald started by `wrapper` (a command
+    /// and its arguments, corrald's command line after them).
+    fn start_wrapped(
+        group: &str,
+        bus: Option<&str>,
+        daemon_keys: &str,
+        wrapper: &[&str],
+    ) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         // uid 65534 must reach the socket inside.
         std::fs::set_permissions(
@@ -103,7 +114,14 @@ impl Daemon {
             g = g.display()
         );
         std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
-        let mut cmd = Command::new(CORRALD);
+        let mut cmd = match wrapper {
+            [] => Command::new(CORRALD),
+            [program, args @ ..] => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(CORRALD);
+                cmd
+            }
+        };
         match bus {
             Some(address) => cmd
                 .args(["--bus", "session"])
@@ -633,6 +651,39 @@ fn reads_are_open_and_mutations_need_root_or_the_api_group() {
     assert!(out.status.success(), "{out:?}");
     let out = daemon.corral(None, &["start", "nope"]);
     assert_eq!(out.status.code(), Some(3), "no such app: {out:?}");
+}
+
+#[test]
+fn callers_outside_corralds_pid_namespace_are_served() {
+    if !need_root("a pid namespace (unshare)") {
+        return;
+    }
+    // corrald as pid 1 of a new pid namespace (as in a container): the
+    // kernel gives its callers' pid as 0, and they were refused.
+    let daemon = Daemon::start_wrapped(
+        "root",
+        None,
+        "",
+        &[
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--kill-child=SIGTERM",
+        ],
+    );
+    assert_eq!(daemon.get_json("/v1/apps").as_array().unwrap().len(), 2);
+    let out = daemon.corral(None, &["stop", "hello", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(daemon.get_json("/v1/apps/hello")["state"], "stopped");
+    // unshare does not pass SIGTERM on: stop corrald itself, and the
+    // namespace (and unshare) end with it.
+    for pid in children_of(daemon.child.id()) {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid as i32).unwrap(),
+            rustix::process::Signal::TERM,
+        );
+    }
 }
 
 #[test]
