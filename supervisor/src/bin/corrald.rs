@@ -41,6 +41,11 @@ fn main() -> ExitCode {
     });
     match args.command {
         Some(Command::Zygote) => corral_supervisor::daemon::zygote::main(),
-        None => corral_supervisor::daemon::run(&args.policy, args.bus),
+        // Absolute: `corral status` and a refused reload's errors name the
+        // file for clients in any directory.
+        None => corral_supervisor::daemon::run(
+            &std::path::absolute(&args.policy).unwrap_or(args.policy),
+            args.bus,
+        ),
     }
 }
