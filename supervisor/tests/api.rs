@@ -687,6 +687,89 @@ fn callers_outside_corralds_pid_namespace_are_served() {
 }
 
 #[test]
+fn one_user_cannot_take_every_api_connection() {
+    if !need_root("holding connections as uid 65534 (setpriv)") {
+        return;
+    }
+    let daemon = Daemon::start("root");
+    let as_nobody = ["--reuid", "65534", "--regid", "65534", "--clear-groups"];
+    // uid 65534 holds as many event streams as a user may (32); it held
+    // all 256 before, and every other caller, root too, waited.
+    let mut holder = Command::new("setpriv")
+        .args(as_nobody)
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "hold_api_connections",
+            "--nocapture",
+        ])
+        .env("CORRAL_TEST_HOLD", &daemon.socket)
+        .env("CORRAL_TEST_HOLD_N", "32")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(holder.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("holding 32") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "the holder ended");
+    }
+    // One more of that user: a 503 `busy`, exit code 5, saying why.
+    let refused = daemon.corral(Some(&as_nobody), &["apps"]);
+    assert_eq!(refused.status.code(), Some(5), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("32 API connections"),
+        "{refused:?}"
+    );
+    // Root and other users are served.
+    assert!(daemon.corral(None, &["apps"]).status.success());
+    let other = ["--reuid", "65533", "--regid", "65533", "--clear-groups"];
+    let out = daemon.corral(Some(&other), &["apps"]);
+    assert!(out.status.success(), "{out:?}");
+    // Once the holder lets go, the user is served again.
+    drop(holder.stdin.take());
+    assert!(holder.wait().unwrap().success());
+    wait_for("uid 65534 served again", Duration::from_secs(30), || {
+        daemon
+            .corral(Some(&as_nobody), &["apps"])
+            .status
+            .success()
+            .then_some(())
+    });
+}
+
+/// Not a test of its own: `one_user_cannot_take_every_api_connection` runs
+/// this (as uid 65534) to hold `CORRAL_TEST_HOLD_N` event streams on the
+/// socket `CORRAL_TEST_HOLD` until its stdin closes.
+#[test]
+#[ignore = "a helper process of one_user_cannot_take_every_api_connection"]
+fn hold_api_connections() {
+    let Some(socket) = std::env::var_os("CORRAL_TEST_HOLD") else {
+        return;
+    };
+    let n: usize = std::env::var("CORRAL_TEST_HOLD_N")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let mut s = UnixStream::connect(&socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: corral\r\n\r\n")
+            .unwrap();
+        // Served (not waiting in the backlog) once its first bytes come.
+        let mut first = [0u8; 1];
+        s.read_exact(&mut first).unwrap();
+        held.push(s);
+    }
+    println!("holding {n}");
+    std::io::stdout().flush().unwrap();
+    let _ = std::io::stdin().read(&mut [0u8; 1]);
+}
+
+#[test]
 fn cli_exit_codes_and_refused_reloads() {
     let daemon = Daemon::start("root");
     let out = Command::new(CORRAL)

@@ -10,9 +10,10 @@
 //! Robustness: request heads, and then bodies, must each arrive within
 //! [`HEADER_TIMEOUT`] (a slow client is disconnected; a late body is a
 //! 408), heads are limited to [`MAX_HEAD`] bytes (431) and bodies to
-//! [`route::MAX_BODY`] (413), at most [`MAX_CONNECTIONS`] connections are
-//! served at once (more wait in the kernel's backlog), and a bad request
-//! gets a 4xx with a JSON message.
+//! [`route::MAX_BODY`] (413), users other than root get at most
+//! [`MAX_PER_USER`] connections each and [`MAX_CONNECTIONS`] together (more
+//! are answered 503 `busy`), and a bad request gets a 4xx with a JSON
+//! message.
 //! Nothing a client sends reaches the daemon's state except through the
 //! Manager's methods.
 //!
@@ -24,6 +25,7 @@
 pub mod route;
 mod sys;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
@@ -50,8 +52,14 @@ pub use route::{ApiError, MAX_BODY, Route};
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest request head (request line and headers).
 pub const MAX_HEAD: usize = 16 * 1024;
-/// Connections served at once; more wait in the backlog.
+/// Connections of users other than root served at once; more are
+/// answered 503 `busy` (root's are always served).
 pub const MAX_CONNECTIONS: usize = 256;
+/// Connections one user other than root may have open at once.
+pub const MAX_PER_USER: usize = 32;
+/// Refused connections answered at once (each for at most a second); more
+/// are closed without an answer.
+const MAX_REFUSALS: usize = 64;
 /// An events stream sends a comment this often, so that proxies and
 /// clients see it is alive.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -163,10 +171,9 @@ fn bind(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
 
 async fn serve_unix(listener: tokio::net::UnixListener, manager: Manager) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_user = Arc::new(std::sync::Mutex::new(HashMap::<u32, usize>::new()));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
@@ -182,6 +189,32 @@ async fn serve_unix(listener: tokio::net::UnixListener, manager: Manager) {
                 continue;
             }
         };
+        // Root is always served. Anyone else shares MAX_CONNECTIONS, at
+        // most MAX_PER_USER each: one user holding event streams must not
+        // lock root, or the other users, out.
+        let slot = if caller.uid == 0 {
+            None
+        } else {
+            let user = UserSlot::take(&per_user, caller.uid);
+            match (user, slots.clone().try_acquire_owned()) {
+                (Some(user), Ok(slot)) => Some((user, slot)),
+                (user, _) => {
+                    let why = if user.is_none() {
+                        format!("uid {} has {MAX_PER_USER} API connections open", caller.uid)
+                    } else {
+                        format!("{MAX_CONNECTIONS} API connections are open")
+                    };
+                    tracing::warn!("API: {why}; refusing another");
+                    if let Ok(permit) = refusals.clone().try_acquire_owned() {
+                        tokio::spawn(async move {
+                            refuse_busy(stream, &why).await;
+                            drop(permit);
+                        });
+                    }
+                    continue;
+                }
+            }
+        };
         let guard = manager.client_guard();
         let manager = manager.clone();
         tokio::spawn(async move {
@@ -189,6 +222,69 @@ async fn serve_unix(listener: tokio::net::UnixListener, manager: Manager) {
             drop(slot);
         });
     }
+}
+
+/// One of a user's [`MAX_PER_USER`] connections, given back on drop.
+struct UserSlot {
+    counts: Arc<std::sync::Mutex<HashMap<u32, usize>>>,
+    uid: u32,
+}
+
+impl UserSlot {
+    fn take(counts: &Arc<std::sync::Mutex<HashMap<u32, usize>>>, uid: u32) -> Option<UserSlot> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(uid).or_default();
+        if *n >= MAX_PER_USER {
+            return None;
+        }
+        *n += 1;
+        Some(UserSlot {
+            counts: counts.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// Answer a connection that gets no slot with a 503 `busy` once its
+/// request head has arrived (an answer before the request confuses
+/// clients), then close it; a second at most.
+async fn refuse_busy(mut stream: tokio::net::UnixStream, why: &str) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let body = format!(
+        "{}\n",
+        serde_json::json!({"error": "busy", "message": format!("{why}; try again later")})
+    );
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
 }
 
 async fn serve_metrics(listener: tokio::net::TcpListener, manager: Manager) {

@@ -25,7 +25,8 @@ pub mod exit {
     pub const NO_SUCH_APP: u8 = 3;
     /// The caller may not do that (not root, not in `daemon.api-group`).
     pub const ACCESS_DENIED: u8 = 4;
-    /// corrald could not be reached (no socket, not running, no bus).
+    /// corrald could not be reached (no socket, not running, no bus, too
+    /// many connections of this user).
     pub const UNREACHABLE: u8 = 5;
 }
 
@@ -285,7 +286,7 @@ async fn socket_call(path: &Path, call: Call<'_>) -> Result<Value, CallError> {
         code: match value["error"].as_str() {
             Some("no_such_app") => exit::NO_SUCH_APP,
             Some("access_denied") => exit::ACCESS_DENIED,
-            Some("shutting_down") => exit::UNREACHABLE,
+            Some("shutting_down" | "busy") => exit::UNREACHABLE,
             _ => exit::FAILED,
         },
         message,
