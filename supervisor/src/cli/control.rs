@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use serde_json::Value;
 
 use super::client::{Call, Target, exit};
-use super::status::pretty;
+use super::status::{out, pretty};
 
 /// What to do with an app.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,16 +39,16 @@ impl AppCommand {
         };
         Ok(match self.target.call(call) {
             Ok(app) if self.target.json => {
-                println!("{}", pretty(&app));
+                out(&format!("{}\n", pretty(&app)));
                 ExitCode::SUCCESS
             }
             Ok(app) => {
-                println!(
-                    "{}: {} ({} workers)",
+                out(&format!(
+                    "{}: {} ({} workers)\n",
                     app["name"].as_str().unwrap_or(name),
                     app["state"].as_str().unwrap_or("?"),
                     app["workers"]
-                );
+                ));
                 ExitCode::SUCCESS
             }
             Err(e) => e.report(),
@@ -72,7 +72,7 @@ impl ReloadCommand {
         };
         let applied = report["applied"].as_bool().unwrap_or(false);
         if self.target.json {
-            println!("{}", pretty(&report));
+            out(&format!("{}\n", pretty(&report)));
         } else if applied {
             let list = |key: &str| -> String {
                 let names: Vec<&str> = report[key]
@@ -87,13 +87,13 @@ impl ReloadCommand {
                     names.join(", ")
                 }
             };
-            println!(
-                "reloaded: added {}; removed {}; changed {}; unchanged {}",
+            out(&format!(
+                "reloaded: added {}; removed {}; changed {}; unchanged {}\n",
                 list("added"),
                 list("removed"),
                 list("changed"),
                 list("unchanged")
-            );
+            ));
         } else {
             let errors = report["errors"].as_array().cloned().unwrap_or_default();
             for e in &errors {

@@ -25,22 +25,24 @@ impl StatusCommand {
         let result = match &self.app {
             Some(name) => t.call(Call::GetApp(name)).map(|app| {
                 if t.json {
-                    println!("{}", pretty(&app));
+                    out(&format!("{}\n", pretty(&app)));
                 } else {
-                    print!("{}", render_app(&app, now_ms()));
+                    out(&render_app(&app, now_ms()));
                 }
             }),
             None => t.call(Call::Info).and_then(|info| {
                 let apps = t.call(Call::ListApps)?;
                 if t.json {
-                    println!(
-                        "{}",
+                    out(&format!(
+                        "{}\n",
                         pretty(&serde_json::json!({ "daemon": info, "apps": apps }))
-                    );
+                    ));
                 } else {
-                    print!("{}", render_daemon(&info, now_ms()));
-                    println!();
-                    print!("{}", render_apps(&apps));
+                    out(&format!(
+                        "{}\n{}",
+                        render_daemon(&info, now_ms()),
+                        render_apps(&apps)
+                    ));
                 }
                 Ok(())
             }),
@@ -63,15 +65,29 @@ impl AppsCommand {
     pub fn execute(self) -> anyhow::Result<ExitCode> {
         Ok(match self.target.call(Call::ListApps) {
             Ok(apps) if self.target.json => {
-                println!("{}", pretty(&apps));
+                out(&format!("{}\n", pretty(&apps)));
                 ExitCode::SUCCESS
             }
             Ok(apps) => {
-                print!("{}", render_apps(&apps));
+                out(&render_apps(&apps));
                 ExitCode::SUCCESS
             }
             Err(e) => e.report(),
         })
+    }
+}
+
+/// Print `text`; a reader that went away (`corral apps | head -1`) ends
+/// the command quietly instead of a panic of `print!`.
+pub(crate) fn out(text: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .is_err()
+    {
+        std::process::exit(0);
     }
 }
 
