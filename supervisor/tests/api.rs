@@ -542,6 +542,44 @@ fn the_openapi_file_documents_exactly_what_the_server_serves() {
 }
 
 #[test]
+fn a_stopped_app_accepts_nothing_until_it_is_started() {
+    if !need_root("corrald binds its API socket and enters the sandbox") {
+        return;
+    }
+    let daemon = Daemon::start("root");
+    // Workers running, then stop: once the answer comes, no process of
+    // the app may accept.
+    assert!(daemon.hello().contains("200 OK"));
+    let out = daemon.corral(None, &["stop", "hello"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", daemon.http_port)).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut byte = [0u8; 1];
+    let waited = s.read(&mut byte);
+    assert!(
+        matches!(&waited, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a stopped app answered: {waited:?}"
+    );
+    // Started again, the connection that waited in the backlog is served.
+    let out = daemon.corral(None, &["start", "hello"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).unwrap();
+    assert!(rest.starts_with("HTTP/1.1 200"), "{rest}");
+}
+
+#[test]
 fn events_arrive_when_an_app_stops_and_starts() {
     let doc = openapi();
     let daemon = Daemon::start("root");

@@ -589,20 +589,52 @@ impl Daemon {
                 let _ = reply.send(report);
             }
             Request::Start(name, reply) => {
-                let result = self.start_request(&name, false).await;
-                let _ = reply.send(result);
+                let pending = self.start_request(&name, false).await;
+                self.answer_when_done(pending, reply);
             }
             Request::Restart(name, reply) => {
-                let result = self.start_request(&name, true).await;
-                let _ = reply.send(result);
+                let pending = self.start_request(&name, true).await;
+                self.answer_when_done(pending, reply);
             }
             Request::Stop(name, reply) => {
-                let result = self.stop_request(&name);
-                let _ = reply.send(result);
+                let pending = self.stop_request(&name);
+                self.answer_when_done(pending, reply);
             }
             Request::Recompile(name, reply) => {
-                let result = self.recompile_request(&name).await;
-                let _ = reply.send(result);
+                let pending = self.recompile_request(&name).await;
+                self.answer_when_done(pending, reply);
+            }
+        }
+    }
+
+    /// Answer a request once what it started is done, from a task of its
+    /// own: the daemon's loop goes on serving signals and other requests
+    /// while an app starts (up to 30 s) or drains (up to drain-timeout).
+    fn answer_when_done(
+        &mut self,
+        pending: Result<Pending, manager::ManagerError>,
+        reply: oneshot::Sender<Result<(), manager::ManagerError>>,
+    ) {
+        match pending {
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+            Ok(Pending::Done) => {
+                let _ = reply.send(Ok(()));
+            }
+            Ok(Pending::Ready(ready)) => {
+                tokio::spawn(async move {
+                    wait_ready(vec![ready]).await;
+                    let _ = reply.send(Ok(()));
+                });
+            }
+            Ok(Pending::Exit(task)) => {
+                // Kept with the retired apps, so that shutdown and
+                // idle-exit wait for the drain as before.
+                self.retired.push(tokio::spawn(async move {
+                    let _ = task.await;
+                    let _ = reply.send(Ok(()));
+                }));
             }
         }
     }
@@ -621,14 +653,14 @@ impl Daemon {
         &mut self,
         name: &str,
         always: bool,
-    ) -> Result<(), manager::ManagerError> {
+    ) -> Result<Pending, manager::ManagerError> {
         let spec = self.spec_of(name)?;
         let was_stopped = self.stopped.remove(name);
         let state = self.registry.get(name).map(|i| i.state);
         let serving = self.apps.contains_key(name)
             && !matches!(state, Some(AppState::Failed | AppState::Finished));
         if serving && !was_stopped && !always {
-            return Ok(());
+            return Ok(Pending::Done);
         }
         tracing::info!(
             app = name,
@@ -637,9 +669,7 @@ impl Daemon {
         );
         match self.prepare(&spec).await {
             Ok((listeners, artifact)) => {
-                let ready = self.spawn_app(&spec, listeners, artifact);
-                wait_ready(vec![ready]).await;
-                Ok(())
+                Ok(Pending::Ready(self.spawn_app(&spec, listeners, artifact)))
             }
             Err(e) => {
                 tracing::error!(app = name, "app failed: {e:#}");
@@ -653,16 +683,21 @@ impl Daemon {
         }
     }
 
-    /// Stop `name`: it drains in the background; its sockets stay bound,
-    /// so new connections wait in the backlog until it is started again.
-    fn stop_request(&mut self, name: &str) -> Result<(), manager::ManagerError> {
+    /// Stop `name`: its processes finish their requests and exit (up to
+    /// drain-timeout), and the answer waits for that, so that once it comes
+    /// no process of the app accepts; its sockets stay bound, so new
+    /// connections wait in the backlog until it is started again.
+    fn stop_request(&mut self, name: &str) -> Result<Pending, manager::ManagerError> {
         self.spec_of(name)?;
         self.stopped.insert(name.to_string());
-        if let Some(app) = self.apps.remove(name) {
-            tracing::info!(app = name, "stopping: draining it");
-            app.stop.send_replace(true);
-            self.retired.push(app.task);
-        }
+        let pending = match self.apps.remove(name) {
+            Some(app) => {
+                tracing::info!(app = name, "stopping: draining it");
+                app.stop.send_replace(true);
+                Pending::Exit(app.task)
+            }
+            None => Pending::Done,
+        };
         let changed = self.registry.update(name, |info| {
             info.state = AppState::Stopped;
             info.workers = 0;
@@ -672,12 +707,12 @@ impl Daemon {
         if changed {
             let _ = sd_notify::notify(&[NotifyState::Status(&self.summary())]);
         }
-        Ok(())
+        Ok(pending)
     }
 
     /// Compile `name`'s module again, ignoring the cache, and restart onto
     /// the new artifact (a stopped app stays stopped).
-    async fn recompile_request(&mut self, name: &str) -> Result<(), manager::ManagerError> {
+    async fn recompile_request(&mut self, name: &str) -> Result<Pending, manager::ManagerError> {
         let spec = self.spec_of(name)?;
         let cache = self.cache.clone();
         let options = EngineOptions::for_app(&spec);
@@ -704,10 +739,19 @@ impl Daemon {
             }
         }
         if self.stopped.contains(name) {
-            return Ok(());
+            return Ok(Pending::Done);
         }
         self.start_request(name, true).await
     }
+}
+
+/// What an API request waits for before it is answered.
+enum Pending {
+    Done,
+    /// The new version serves.
+    Ready(oneshot::Receiver<()>),
+    /// The stopped version's task ends (its processes have exited).
+    Exit(tokio::task::JoinHandle<()>),
 }
 
 /// Wait (at most 30 s) until every one of `started` serves.
