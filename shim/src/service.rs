@@ -464,6 +464,13 @@ impl shim::Task for Service {
                 "a terminal is not supported: Wasm guests get pipes",
             ));
         }
+        if self.lock().tasks.contains_key(&req.id) {
+            // Never replace a task: its process would be orphaned.
+            return Err(err(
+                Code::ALREADY_EXISTS,
+                format!("a task {:?} exists already in this shim", req.id),
+            ));
+        }
         let pid = self
             .create_task(&req)
             .map_err(|e| err(Code::FAILED_PRECONDITION, format!("{e:#}")))?;
