@@ -357,10 +357,14 @@ where
             let serving_ = serving.clone();
             // HTTP/2: the streams of this connection in flight.
             let streams = h2.then(|| Arc::new(AtomicU32::new(0)));
+            // Holds a permit once the connection's first request began.
+            let begun = Arc::new(tokio::sync::Notify::new());
+            let begun_ = begun.clone();
             let service = hyper::service::service_fn(move |req| {
                 let handler = handler.clone();
                 let serving = serving_.clone();
                 let streams = streams.clone();
+                begun_.notify_one();
                 async move {
                     let hold = match streams {
                         Some(streams) => Some(hold_stream(&serving, streams).await),
@@ -398,8 +402,23 @@ where
                             }
                             return;
                         }
-                        _ = stop.wait_for(|stopped| *stopped) => connection.as_mut().graceful_shutdown(),
+                        _ = stop.wait_for(|stopped| *stopped) => {}
                     }
+                    // Accepted before the stop, so its first request is
+                    // served: shut down before hyper has parsed it and the
+                    // client would get a closed connection and no answer
+                    // (seen in the reload test). A client that never sends
+                    // one meets the header read timeout.
+                    tokio::select! {
+                        result = connection.as_mut() => {
+                            if let Err(e) = result {
+                                tracing::debug!("connection ended: {e}");
+                            }
+                            return;
+                        }
+                        () = begun.notified() => {}
+                    }
+                    connection.as_mut().graceful_shutdown();
                     if let Err(e) = connection.await {
                         tracing::debug!("connection ended: {e}");
                     }
