@@ -711,7 +711,9 @@ mod tests {
     /// `sh guest PLAN` in the bundle: a process whose command line is a
     /// guest's (`guest` is a script there that sleeps).
     fn fake_guest(bundle: &Path, plan_arg: &Path) -> std::process::Child {
-        std::fs::write(bundle.join(crate::GUEST_ARG), "sleep 60\n").unwrap();
+        // Not `sleep` last: the shell would exec it and the process's
+        // command line would no longer be the guest's.
+        std::fs::write(bundle.join(crate::GUEST_ARG), "sleep 60\n:\n").unwrap();
         Command::new("/bin/sh")
             .arg(crate::GUEST_ARG)
             .arg(plan_arg)
@@ -731,8 +733,23 @@ mod tests {
         let mut relative = fake_guest(bundle.path(), Path::new(PLAN_FILE));
         let mut elsewhere = fake_guest(other.path(), &other.path().join(PLAN_FILE));
         let pid = |c: &std::process::Child| c.id() as i32;
-        assert!(is_task_process(pid(&absolute), bundle.path()));
-        assert!(is_task_process(pid(&relative), bundle.path()));
+        // Each is its bundle's guest once the shell runs (polled: the
+        // suite runs on a loaded 2-core machine, where it once failed
+        // without this).
+        let eventually = |pid: i32, dir: &Path| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !is_task_process(pid, dir) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "pid {pid} never looked like the guest of {}",
+                    dir.display()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        };
+        eventually(pid(&absolute), bundle.path());
+        eventually(pid(&relative), bundle.path());
+        eventually(pid(&elsewhere), other.path());
         assert!(!is_task_process(pid(&elsewhere), bundle.path()));
         // A pid reused by something else, and one that is gone.
         assert!(!is_task_process(std::process::id() as i32, bundle.path()));
