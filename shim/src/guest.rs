@@ -69,7 +69,7 @@ fn run(plan_path: &Path) -> anyhow::Result<ExitCode> {
         // The shim compiles at create, so this is rare (a cache wiped in
         // between). Compiling started threads, and the sandbox needs a
         // single-threaded process: start over, loading from the cache.
-        return Err(reexec_self());
+        return Err(corral_supervisor::sandbox::reexec_self(REEXEC_ENV));
     }
 
     let kind = match &artifact.program {
@@ -325,19 +325,6 @@ fn bring_loopback_up() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn reexec_self() -> anyhow::Error {
-    use std::os::unix::process::CommandExt as _;
-    let exe = match std::env::current_exe() {
-        Ok(exe) => exe,
-        Err(e) => return anyhow::Error::new(e).context("finding the shim's own executable"),
-    };
-    let err = std::process::Command::new(&exe)
-        .args(std::env::args_os().skip(1))
-        .env(REEXEC_ENV, "1")
-        .exec();
-    anyhow::Error::new(err).context(format!("re-executing {}", exe.display()))
 }
 
 fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {

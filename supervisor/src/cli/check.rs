@@ -98,19 +98,7 @@ pub(crate) fn render_table(policy: &Policy) -> String {
             layers,
         ]);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in &rows {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = super::table(&rows);
     let files = policy.sources.len();
     out.push_str(&format!(
         "{} app{} from {} file{}: policy is valid\n",

@@ -122,7 +122,7 @@ impl RunCommand {
             // Compiling started worker threads, and the sandbox can only be
             // entered by a single-threaded process: start over, now loading
             // from the cache.
-            return Err(reexec_self());
+            return Err(crate::sandbox::reexec_self(REEXEC_ENV));
         }
         // Bound before the sandbox, which allows no bind.
         let listener = match self.serve {
@@ -313,20 +313,6 @@ struct Grants {
 
 /// Set in the environment of `corral run` started again by itself.
 const REEXEC_ENV: &str = "CORRAL_RUN_REEXEC";
-
-/// Replace this process with `corral run` on the same arguments.
-fn reexec_self() -> anyhow::Error {
-    use std::os::unix::process::CommandExt as _;
-    let exe = match std::env::current_exe() {
-        Ok(exe) => exe,
-        Err(e) => return anyhow::Error::new(e).context("finding corral's own executable"),
-    };
-    let err = std::process::Command::new(&exe)
-        .args(std::env::args_os().skip(1))
-        .env(REEXEC_ENV, "1")
-        .exec();
-    anyhow::Error::new(err).context(format!("re-executing {}", exe.display()))
-}
 
 /// The app spec the sandbox of a policy-less `corral run` is planned from:
 /// the file, the kind, best-effort layers (what this kernel has); the

@@ -487,6 +487,24 @@ fn install_seccomp(filters: &[&[seccompiler::sock_filter]]) -> Result<(), Sandbo
     seccomp::install(filters).map_err(SandboxError::SeccompInstall)
 }
 
+/// Replace this process with the same program on the same arguments and
+/// `marker` set in its environment, for a process that must enter the
+/// sandbox but has started threads (a compile did): only a single-threaded
+/// process can. The new image finds `marker` set and does not do it again.
+/// Returns only on failure.
+pub fn reexec_self(marker: &str) -> anyhow::Error {
+    use std::os::unix::process::CommandExt as _;
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return anyhow::Error::new(e).context("finding our own executable"),
+    };
+    let err = std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .env(marker, "1")
+        .exec();
+    anyhow::Error::new(err).context(format!("re-executing {}", exe.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
