@@ -103,6 +103,16 @@ pub struct AppInfo {
     pub zygote_pid: Option<u32>,
 }
 
+impl AppInfo {
+    /// Enter a state in which no process of the app runs.
+    pub(crate) fn set_quiet(&mut self, state: AppState) {
+        self.state = state;
+        self.workers = 0;
+        self.busy = 0;
+        self.zygote_pid = None;
+    }
+}
+
 /// The artifact cache, in numbers.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CacheStats {

@@ -104,35 +104,19 @@ enum Report {
 fn set_state(registry: &Registry, app: &str, report: Report) {
     let changed = registry.update(app, |info| match report {
         Report::Starting => info.state = AppState::Starting,
-        Report::Idle => {
-            info.state = AppState::Idle;
-            info.workers = 0;
-            info.busy = 0;
-            info.zygote_pid = None;
-        }
+        Report::Idle => info.set_quiet(AppState::Idle),
         Report::Running { workers, busy } => {
             info.state = AppState::Running;
             info.workers = workers;
             info.busy = busy;
         }
         Report::Backoff(why) => {
-            info.state = AppState::Restarting;
-            info.workers = 0;
-            info.busy = 0;
-            info.zygote_pid = None;
+            info.set_quiet(AppState::Restarting);
             info.last_error = Some(why);
         }
-        Report::Finished => {
-            info.state = AppState::Finished;
-            info.workers = 0;
-            info.busy = 0;
-            info.zygote_pid = None;
-        }
+        Report::Finished => info.set_quiet(AppState::Finished),
         Report::Failed(why) => {
-            info.state = AppState::Failed;
-            info.workers = 0;
-            info.busy = 0;
-            info.zygote_pid = None;
+            info.set_quiet(AppState::Failed);
             info.last_error = Some(why);
         }
     });
@@ -698,12 +682,9 @@ impl Daemon {
             }
             None => Pending::Done,
         };
-        let changed = self.registry.update(name, |info| {
-            info.state = AppState::Stopped;
-            info.workers = 0;
-            info.busy = 0;
-            info.zygote_pid = None;
-        });
+        let changed = self
+            .registry
+            .update(name, |info| info.set_quiet(AppState::Stopped));
         if changed {
             let _ = sd_notify::notify(&[NotifyState::Status(&self.summary())]);
         }
