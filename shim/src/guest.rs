@@ -6,7 +6,7 @@
 
 use std::io::Read as _;
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -119,20 +119,10 @@ fn run(plan_path: &Path) -> anyhow::Result<ExitCode> {
     drop(current_thread_runtime()?);
 
     let mut sandbox = SandboxPlan::for_app(&app);
-    for dir in &caps.dirs {
-        match dir.access {
-            Access::ReadOnly => sandbox.allow_read(dir.host.clone()),
-            Access::ReadWrite => sandbox.allow_write(dir.host.clone()),
-        }
-    }
-    for fd in corral_supervisor::sandbox::open_fds() {
-        if fd > 2 && !inherited.contains(&fd) {
-            // SAFETY: `fd` was listed in /proc/self/fd just now and is only
-            // borrowed for this call, which reads its number; nothing in
-            // between closes fds.
-            sandbox.keep_fd(unsafe { BorrowedFd::borrow_raw(fd) });
-        }
-    }
+    sandbox.allow_dirs(&caps.dirs);
+    // Everything opened since start: the artifact (and wasmtime's
+    // mapping of it), the cache lock, the listener.
+    sandbox.keep_fds_opened_since(&inherited);
     // Before any thread (tokio, the epoch ticker) starts.
     let sandboxed = sandbox.enter().context("entering the sandbox")?;
     for missing in &sandboxed.layers().missing {

@@ -137,22 +137,10 @@ impl RunCommand {
                 None => cli_app_spec(&file, self.serve)?,
             };
             let mut plan = SandboxPlan::for_app(&app);
-            for dir in &caps.dirs {
-                match dir.access {
-                    Access::ReadOnly => plan.allow_read(dir.host.clone()),
-                    Access::ReadWrite => plan.allow_write(dir.host.clone()),
-                }
-            }
+            plan.allow_dirs(&caps.dirs);
             // Everything opened since start: the artifact (and wasmtime's
             // mapping of it), the cache lock, the listener.
-            for fd in crate::sandbox::open_fds() {
-                if fd > 2 && !inherited.contains(&fd) {
-                    // SAFETY: `fd` was listed in /proc/self/fd just now and is
-                    // only borrowed for the duration of this call, which
-                    // reads its number; nothing in between closes fds.
-                    plan.keep_fd(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
-                }
-            }
+            plan.keep_fds_opened_since(&inherited);
             // Before any thread (tokio, the epoch ticker) starts.
             let sandboxed = plan.enter().context("entering the sandbox")?;
             for missing in &sandboxed.layers().missing {

@@ -251,6 +251,27 @@ impl SandboxPlan {
         self.keep_fds.push(fd.as_fd().as_raw_fd());
     }
 
+    /// Grants each of `dirs` as its access says (the guest's preopens).
+    pub fn allow_dirs(&mut self, dirs: &[corral_policy::DirGrant]) {
+        for dir in dirs {
+            match dir.access {
+                Access::ReadOnly => self.allow_read(dir.host.clone()),
+                Access::ReadWrite => self.allow_write(dir.host.clone()),
+            }
+        }
+    }
+
+    /// Keeps every descriptor open now that was not in `inherited` (an
+    /// earlier [`open_fds`]), standard streams aside: what a process opened
+    /// for its guest since it started (artifact, cache lock, listener).
+    pub fn keep_fds_opened_since(&mut self, inherited: &[RawFd]) {
+        for fd in open_fds() {
+            if fd > 2 && !inherited.contains(&fd) {
+                self.keep_fds.push(fd);
+            }
+        }
+    }
+
     /// Grants read access below `path` (a directory) or to it (a file),
     /// e.g. the module that `corral run` reads.
     pub fn allow_read(&mut self, path: impl Into<PathBuf>) {
