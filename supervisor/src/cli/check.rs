@@ -8,7 +8,9 @@ use corral_policy::{Environment, Policy, PolicyError};
 /// Validate a policy file and its drop-ins (`policy.d/*.toml` beside it).
 ///
 /// Prints a table of the apps and exits 0, or prints every error as
-/// `file:line:col: key: problem` and exits 1.
+/// `file:line:col: key: problem` and exits 1. A valid policy that needs
+/// more open files than corrald would get here (the hard RLIMIT_NOFILE)
+/// gets a warning.
 #[derive(Debug, clap::Args)]
 pub struct CheckCommand {
     /// The main policy file; drop-ins are read from `policy.d/` beside it.
@@ -26,9 +28,11 @@ impl CheckCommand {
         match (result, self.json) {
             (Ok(policy), false) => {
                 print!("{}", render_table(&policy));
+                warn_about_open_files(&policy);
                 Ok(ExitCode::SUCCESS)
             }
             (Ok(policy), true) => {
+                warn_about_open_files(&policy);
                 let out = serde_json::json!({ "valid": true, "policy": policy });
                 println!("{}", serde_json::to_string_pretty(&out)?);
                 Ok(ExitCode::SUCCESS)
@@ -43,6 +47,15 @@ impl CheckCommand {
                 Ok(ExitCode::FAILURE)
             }
         }
+    }
+}
+
+/// A policy that needs more descriptors than corrald would get here is
+/// valid, but apps would fail to start: say so (stderr, exit code 0).
+fn warn_about_open_files(policy: &Policy) {
+    use crate::daemon::open_files;
+    if let Some(warning) = open_files::shortfall(policy, open_files::hard_limit()) {
+        eprintln!("warning: {warning}");
     }
 }
 

@@ -57,7 +57,10 @@ impl AppCommand {
 }
 
 /// Make corrald read its policy again (as SIGHUP does). A policy with
-/// errors is refused: every error is printed and the exit code is 1.
+/// errors is refused: every error is printed and the exit code is 1. An
+/// app whose new version could not be applied (its module does not
+/// compile, its new address is in use) is printed with the reason, and the
+/// exit code is 1 too.
 #[derive(Debug, clap::Args)]
 pub struct ReloadCommand {
     #[command(flatten)]
@@ -71,6 +74,7 @@ impl ReloadCommand {
             Err(e) => return Ok(e.report()),
         };
         let applied = report["applied"].as_bool().unwrap_or(false);
+        let refused = report["refused"].as_array().cloned().unwrap_or_default();
         if self.target.json {
             out(&format!("{}\n", pretty(&report)));
         } else if applied {
@@ -94,6 +98,20 @@ impl ReloadCommand {
                 list("changed"),
                 list("unchanged")
             ));
+            for r in &refused {
+                eprintln!(
+                    "refused {}: {}",
+                    r["app"].as_str().unwrap_or_default(),
+                    r["reason"].as_str().unwrap_or_default()
+                );
+            }
+            if !refused.is_empty() {
+                eprintln!(
+                    "reload incomplete: {} app{} refused (each serves its previous version, if it had one)",
+                    refused.len(),
+                    if refused.len() == 1 { "" } else { "s" }
+                );
+            }
         } else {
             let errors = report["errors"].as_array().cloned().unwrap_or_default();
             for e in &errors {
@@ -105,7 +123,7 @@ impl ReloadCommand {
                 if errors.len() == 1 { "" } else { "s" }
             );
         }
-        Ok(if applied {
+        Ok(if applied && refused.is_empty() {
             ExitCode::SUCCESS
         } else {
             ExitCode::from(exit::FAILED)

@@ -19,6 +19,7 @@ pub(crate) mod listeners;
 pub mod logging;
 pub mod manager;
 pub(crate) mod metrics;
+pub(crate) mod open_files;
 pub(crate) mod protocol;
 mod supervisor;
 mod sys;
