@@ -248,6 +248,8 @@ pub(crate) struct Registry {
     pub(crate) metrics: super::metrics::Blocks,
     events: broadcast::Sender<Event>,
     seq: AtomicU64,
+    /// Poked when an app's state changed: `STATUS=` is due (`status.rs`).
+    pub(crate) status_changed: tokio::sync::Notify,
 }
 
 impl Registry {
@@ -257,6 +259,7 @@ impl Registry {
             metrics: super::metrics::Blocks::default(),
             events: broadcast::channel(1024).0,
             seq: AtomicU64::new(0),
+            status_changed: tokio::sync::Notify::new(),
         }
     }
 

@@ -21,6 +21,7 @@ pub mod manager;
 pub(crate) mod metrics;
 pub(crate) mod open_files;
 pub(crate) mod protocol;
+mod status;
 mod supervisor;
 mod sys;
 pub(crate) mod worker;

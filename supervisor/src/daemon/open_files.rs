@@ -28,7 +28,7 @@ const PER_LISTEN_ADDRESS: u64 = 3;
 const PER_APP: u64 = 4;
 
 /// About how many descriptors corrald needs to serve `policy`.
-pub fn needed(policy: &Policy) -> u64 {
+pub(crate) fn needed(policy: &Policy) -> u64 {
     policy
         .apps
         .values()
@@ -39,14 +39,14 @@ pub fn needed(policy: &Policy) -> u64 {
 
 /// The limit corrald runs with: the hard `RLIMIT_NOFILE` (corrald raises
 /// its soft limit to it), `None` when unlimited.
-pub fn hard_limit() -> Option<u64> {
+pub(crate) fn hard_limit() -> Option<u64> {
     getrlimit(Resource::Nofile).maximum
 }
 
 /// Raise the soft `RLIMIT_NOFILE` to the hard limit. Returns the new soft
 /// limit (`None`: unlimited). The zygotes inherit it and set their own
 /// (the sandbox's `open_files`).
-pub fn raise_soft_limit() -> std::io::Result<Option<u64>> {
+pub(crate) fn raise_soft_limit() -> std::io::Result<Option<u64>> {
     let limit = getrlimit(Resource::Nofile);
     if limit.current == limit.maximum {
         return Ok(limit.current);
@@ -63,7 +63,7 @@ pub fn raise_soft_limit() -> std::io::Result<Option<u64>> {
 
 /// The warning for a policy that needs more descriptors than `limit`
 /// allows, or `None` when it fits.
-pub fn shortfall(policy: &Policy, limit: Option<u64>) -> Option<String> {
+pub(crate) fn shortfall(policy: &Policy, limit: Option<u64>) -> Option<String> {
     let limit = limit?;
     let needed = needed(policy);
     if needed <= limit {

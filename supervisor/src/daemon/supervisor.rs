@@ -33,6 +33,7 @@ use tokio::sync::{oneshot, watch};
 use super::listeners::{self, SystemdSockets};
 use super::manager::{self, AppState, Manager, Registry, ReloadReport, Request};
 use super::protocol::{self, FromZygote, Start, ToZygote};
+use super::status;
 use super::sys;
 
 /// Variables a zygote must not see: they are corrald's.
@@ -61,6 +62,16 @@ pub fn run(policy_path: &Path, bus: crate::dbus::Bus) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Thousands of apps need more than the usual soft limit of 1,024 (see
+    // open_files.rs); before any thread, so that every thread counts on it.
+    match super::open_files::raise_soft_limit() {
+        Ok(limit) => {
+            if let Some(warning) = super::open_files::shortfall(&policy, limit) {
+                tracing::warn!("{warning}");
+            }
+        }
+        Err(e) => tracing::warn!("raising the open files limit: {e}"),
+    }
     // Before any thread exists, so that every thread inherits the mask.
     if let Err(e) = sys::set_signals_blocked(true) {
         eprintln!("corrald: blocking signals: {e}");
@@ -76,7 +87,11 @@ pub fn run(policy_path: &Path, bus: crate::dbus::Bus) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(policy_path.to_path_buf(), policy, bus)) {
+    let served = rt.block_on(serve(policy_path.to_path_buf(), policy, bus));
+    // A compile still running on a blocking thread (a start-up cut short by
+    // SIGTERM) is not waited for.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -121,21 +136,8 @@ fn set_state(registry: &Registry, app: &str, report: Report) {
         }
     });
     if changed {
-        let _ = sd_notify::notify(&[NotifyState::Status(&summarize(&registry.states()))]);
+        registry.status_changed.notify_one();
     }
-}
-
-fn summarize(states: &[(String, AppState, u32, u32)]) -> String {
-    let parts: Vec<String> = states
-        .iter()
-        .map(|(name, state, workers, busy)| match state {
-            AppState::Running => format!("{name} {workers}w/{busy} busy"),
-            AppState::Restarting => format!("{name} restarting"),
-            AppState::Failed => format!("{name} FAILED"),
-            other => format!("{name} {other}"),
-        })
-        .collect();
-    format!("{} apps: {}", states.len(), parts.join(", "))
 }
 
 /// One app as its task holds it.
@@ -228,7 +230,6 @@ async fn serve(
         policy,
     };
     let apps = daemon.policy.apps.clone();
-    let mut readiness = Vec::new();
     for spec in apps.values() {
         daemon.registry.declare(spec);
     }
@@ -243,13 +244,51 @@ async fn serve(
     // taken) and before they start (READY=1 waits for it). No bus, or a
     // name we may not own, is logged and corrald serves on without D-Bus.
     let _dbus = crate::dbus::spawn(daemon.manager.clone(), bus).await;
-    for spec in apps.values() {
-        if let Some(ready) = daemon.start_app(spec).await {
-            readiness.push(ready);
+    tokio::spawn(status::follow(daemon.registry.clone()));
+    // Before the apps start: a SIGTERM during a long start-up (thousands of
+    // apps, cold caches) stops it, rather than waiting for every app.
+    let (sig_tx, mut signals) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::Builder::new()
+        .name("corrald-signals".into())
+        .spawn(move || {
+            while let Ok(sig) = sys::wait_for_signal() {
+                if sig_tx.send(sig).is_err() {
+                    return;
+                }
+            }
+        })?;
+    let mut reload_pending = false;
+    let mut stop_signal = None;
+    {
+        let start_all = async {
+            let mut readiness = Vec::new();
+            for spec in apps.values() {
+                if let Some(ready) = daemon.start_app(spec).await {
+                    readiness.push(ready);
+                }
+            }
+            for ready in readiness {
+                let _ = ready.await;
+            }
+        };
+        tokio::pin!(start_all);
+        loop {
+            tokio::select! {
+                () = &mut start_all => break,
+                sig = signals.recv() => match sig {
+                    Some(libc::SIGHUP) => reload_pending = true,
+                    sig => {
+                        stop_signal = Some(sig.unwrap_or(libc::SIGTERM));
+                        break;
+                    }
+                },
+            }
         }
     }
-    for ready in readiness {
-        let _ = ready.await;
+    if let Some(sig) = stop_signal {
+        tracing::info!("signal {sig} during start-up: not starting the remaining apps");
+        daemon.shutdown().await;
+        return Ok(());
     }
     let summary = daemon.summary();
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
@@ -274,16 +313,13 @@ async fn serve(
         });
     }
 
-    let (sig_tx, mut signals) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::Builder::new()
-        .name("corrald-signals".into())
-        .spawn(move || {
-            while let Ok(sig) = sys::wait_for_signal() {
-                if sig_tx.send(sig).is_err() {
-                    return;
-                }
-            }
-        })?;
+    if reload_pending {
+        tracing::info!(
+            "SIGHUP during start-up: reloading {}",
+            daemon.policy_path.display()
+        );
+        daemon.reload().await;
+    }
     let mut idle_check = tokio::time::interval(Duration::from_millis(250));
     let mut idle_since: Option<Instant> = None;
     loop {
@@ -313,26 +349,32 @@ async fn serve(
             }
         }
     }
-    tracing::info!("stopping: draining every app");
-    let _ = sd_notify::notify(&[NotifyState::Stopping]);
-    let deadline = daemon.policy.daemon.drain_timeout + Duration::from_secs(2);
-    let mut tasks = std::mem::take(&mut daemon.retired);
-    for (_, app) in std::mem::take(&mut daemon.apps) {
-        app.stop.send_replace(true);
-        tasks.push(app.task);
-    }
-    let _ = tokio::time::timeout(deadline, async {
-        for task in tasks {
-            let _ = task.await;
-        }
-    })
-    .await;
+    daemon.shutdown().await;
     Ok(())
 }
 
 impl Daemon {
+    /// SIGTERM, SIGINT or idle-exit: every app drains (up to
+    /// drain-timeout).
+    async fn shutdown(&mut self) {
+        tracing::info!("stopping: draining every app");
+        let _ = sd_notify::notify(&[NotifyState::Stopping]);
+        let deadline = self.policy.daemon.drain_timeout + Duration::from_secs(2);
+        let mut tasks = std::mem::take(&mut self.retired);
+        for (_, app) in std::mem::take(&mut self.apps) {
+            app.stop.send_replace(true);
+            tasks.push(app.task);
+        }
+        let _ = tokio::time::timeout(deadline, async {
+            for task in tasks {
+                let _ = task.await;
+            }
+        })
+        .await;
+    }
+
     fn summary(&self) -> String {
-        summarize(&self.registry.states())
+        status::summarize(&self.registry.states())
     }
 
     /// Every app has no process (idle, failed, stopped or finished), no
@@ -686,7 +728,7 @@ impl Daemon {
             .registry
             .update(name, |info| info.set_quiet(AppState::Stopped));
         if changed {
-            let _ = sd_notify::notify(&[NotifyState::Status(&self.summary())]);
+            self.registry.status_changed.notify_one();
         }
         Ok(pending)
     }
@@ -1308,20 +1350,6 @@ mod tests {
         assert_eq!(
             split_layers("landlock=off seccomp=off"),
             ["landlock=off", "seccomp=off"]
-        );
-    }
-
-    #[test]
-    fn status_is_one_line_per_daemon() {
-        let states = [
-            ("a".to_string(), AppState::Idle, 0, 0),
-            ("b".to_string(), AppState::Running, 2, 1),
-            ("c".to_string(), AppState::Failed, 0, 0),
-            ("d".to_string(), AppState::Stopped, 0, 0),
-        ];
-        assert_eq!(
-            summarize(&states),
-            "4 apps: a idle, b 2w/1 busy, c FAILED, d stopped"
         );
     }
 }
