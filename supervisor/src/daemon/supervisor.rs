@@ -193,6 +193,46 @@ struct Daemon {
     apps: BTreeMap<String, RunningApp>,
     /// Apps replaced or removed by a reload, still draining.
     retired: Vec<tokio::task::JoinHandle<()>>,
+    /// Apps that could not be started for a reason that passes (a port
+    /// still held by the processes of a killed corrald, no descriptor
+    /// left): started again when their time comes.
+    retries: BTreeMap<String, Retry>,
+}
+
+/// When to try starting an app again, and the wait after that.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    at: Instant,
+    next_backoff: Duration,
+}
+
+/// Whether starting an app failed for a reason that passes by itself, so
+/// that it is retried with backoff instead of marking the app failed
+/// until an operator acts: an address in use (the processes of a killed
+/// corrald finishing their connections, another service restarting), an
+/// address not (yet) configured, no descriptor or buffer left.
+fn is_transient(e: &anyhow::Error) -> bool {
+    const TRANSIENT: [i32; 8] = [
+        libc::EADDRINUSE,
+        libc::EADDRNOTAVAIL,
+        libc::EMFILE,
+        libc::ENFILE,
+        libc::ENOBUFS,
+        libc::ENOMEM,
+        libc::EAGAIN,
+        libc::EINTR,
+    ];
+    e.chain().any(|cause| {
+        let code = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .or_else(|| {
+                cause
+                    .downcast_ref::<rustix::io::Errno>()
+                    .map(|e| e.raw_os_error())
+            });
+        code.is_some_and(|c| TRANSIENT.contains(&c))
+    })
 }
 
 async fn serve(
@@ -227,6 +267,7 @@ async fn serve(
         sockets: BTreeMap::new(),
         apps: BTreeMap::new(),
         retired: Vec::new(),
+        retries: BTreeMap::new(),
         policy,
     };
     let apps = daemon.policy.apps.clone();
@@ -332,6 +373,9 @@ async fn serve(
                 _ => break, // SIGTERM, SIGINT
             },
             Some(request) = requests.recv() => daemon.handle(request).await,
+            () = sleep_until(daemon.next_retry()), if daemon.next_retry().is_some() => {
+                daemon.retry_due().await;
+            }
             _ = idle_check.tick(), if daemon.policy.daemon.idle_exit.is_some() => {
                 let limit = daemon.policy.daemon.idle_exit.unwrap_or_default();
                 if daemon.all_idle() {
@@ -423,10 +467,67 @@ impl Daemon {
         match self.prepare(spec).await {
             Ok((listeners, artifact)) => Some(self.spawn_app(spec, listeners, artifact)),
             Err(e) => {
-                tracing::error!(app = spec.name, "app failed: {e:#}");
-                set_state(&self.registry, &spec.name, Report::Failed(format!("{e:#}")));
+                self.not_started(spec, &e);
                 None
             }
+        }
+    }
+
+    /// `spec` could not be prepared: retried with backoff (`restart.backoff`)
+    /// when the reason passes by itself ([`is_transient`]), failed
+    /// otherwise.
+    fn not_started(&mut self, spec: &AppSpec, e: &anyhow::Error) {
+        let name = &spec.name;
+        if !is_transient(e) {
+            self.retries.remove(name);
+            tracing::error!(app = name, "app failed: {e:#}");
+            set_state(&self.registry, name, Report::Failed(format!("{e:#}")));
+            return;
+        }
+        let backoff = spec.restart;
+        let retry = self.retries.entry(name.clone()).or_insert(Retry {
+            at: Instant::now(),
+            next_backoff: backoff.backoff_min,
+        });
+        let wait = retry.next_backoff;
+        retry.at = Instant::now() + wait;
+        retry.next_backoff = (wait * 2).min(backoff.backoff_max);
+        let wait = humantime::format_duration(wait);
+        tracing::warn!(app = name, "cannot start yet: {e:#}; retrying in {wait}");
+        set_state(
+            &self.registry,
+            name,
+            Report::Backoff(format!("{e:#} (retrying in {wait})")),
+        );
+    }
+
+    /// When the next retry is due, if any.
+    fn next_retry(&self) -> Option<Instant> {
+        self.retries.values().map(|r| r.at).min()
+    }
+
+    /// Start the apps whose retry is due (see [`Daemon::not_started`]).
+    async fn retry_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .retries
+            .iter()
+            .filter(|(_, r)| r.at <= now)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in due {
+            let spec = match self.policy.apps.get(&name) {
+                Some(spec) if !self.stopped.contains(&name) && !self.apps.contains_key(&name) => {
+                    spec.clone()
+                }
+                _ => {
+                    self.retries.remove(&name);
+                    continue;
+                }
+            };
+            tracing::info!(app = name, "trying to start it again");
+            // Its readiness is not waited for: READY=1 was sent.
+            let _ = self.start_app(&spec).await;
         }
     }
 
@@ -436,6 +537,7 @@ impl Daemon {
         listeners: Vec<OwnedFd>,
         artifact: PinnedArtifact,
     ) -> oneshot::Receiver<()> {
+        self.retries.remove(&spec.name);
         let (ready_tx, ready_rx) = oneshot::channel();
         let (stop, stop_rx) = watch::channel(false);
         let key = artifact.key.clone();
@@ -535,6 +637,7 @@ impl Daemon {
                 self.retired.push(app.task);
             }
             self.stopped.remove(&name);
+            self.retries.remove(&name);
             self.registry.forget(&name);
             report.removed.push(name);
         }
@@ -698,11 +801,13 @@ impl Daemon {
                 Ok(Pending::Ready(self.spawn_app(&spec, listeners, artifact)))
             }
             Err(e) => {
-                tracing::error!(app = name, "app failed: {e:#}");
                 let why = format!("{e:#}");
-                // A running version keeps serving; otherwise it failed.
-                if !serving {
-                    set_state(&self.registry, name, Report::Failed(why.clone()));
+                // A running version keeps serving; otherwise it failed (or
+                // is retried, for a reason that passes).
+                if serving {
+                    tracing::error!(app = name, "cannot start a new version: {why}");
+                } else {
+                    self.not_started(&spec, &e);
                 }
                 Err(manager::ManagerError::Failed(why))
             }
@@ -716,6 +821,7 @@ impl Daemon {
     fn stop_request(&mut self, name: &str) -> Result<Pending, manager::ManagerError> {
         self.spec_of(name)?;
         self.stopped.insert(name.to_string());
+        self.retries.remove(name);
         let pending = match self.apps.remove(name) {
             Some(app) => {
                 tracing::info!(app = name, "stopping: draining it");
@@ -765,6 +871,14 @@ impl Daemon {
             return Ok(Pending::Done);
         }
         self.start_request(name, true).await
+    }
+}
+
+/// Sleep until `at` (for ever if `None`).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -213,3 +213,15 @@ pub(crate) fn wait_for_signal() -> std::io::Result<i32> {
         Err(std::io::Error::from_raw_os_error(rc))
     }
 }
+
+/// Register `fd` with the current tokio runtime's reactor, for reading.
+pub(crate) fn register_readable(
+    fd: std::os::fd::OwnedFd,
+) -> std::io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // SAFETY: the AsyncFd takes ownership of `fd`, so the descriptor stays
+    // open and names the same file description until the AsyncFd is dropped,
+    // and an OwnedFd's `as_raw_fd` always returns that same number.
+    Ok(unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }?)
+}

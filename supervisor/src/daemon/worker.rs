@@ -76,7 +76,12 @@ impl Guest {
 /// What a freshly forked worker gets from its zygote.
 pub(crate) struct WorkerCtx<'a> {
     pub(crate) app: &'a AppSpec,
-    pub(crate) listeners: &'a [OwnedFd],
+    /// The app's listening sockets, this worker's own copies: closed when
+    /// it stops accepting.
+    pub(crate) listeners: Vec<OwnedFd>,
+    /// The read end of the zygote's stop pipe (non-blocking): end-of-file
+    /// once the zygote drains or is gone. Taken by the worker's runtime.
+    pub(crate) stop: Option<OwnedFd>,
     pub(crate) pool: SharedPool,
     pub(crate) slot: usize,
     /// The app's metrics page: requests, errors, latency.
@@ -86,17 +91,21 @@ pub(crate) struct WorkerCtx<'a> {
 }
 
 /// The worker's life; returns its exit code.
-pub(crate) fn main(ctx: WorkerCtx<'_>, guest: &Guest) -> i32 {
-    match run(&ctx, guest) {
+pub(crate) fn main(mut ctx: WorkerCtx<'_>, guest: &Guest) -> i32 {
+    let app = ctx.app;
+    match run(&mut ctx, guest) {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!(app = ctx.app.name, "worker: {e:#}");
+            tracing::error!(app = app.name, "worker: {e:#}");
             70
         }
     }
 }
 
-fn run(ctx: &WorkerCtx<'_>, guest: &Guest) -> anyhow::Result<i32> {
+fn run(ctx: &mut WorkerCtx<'_>, guest: &Guest) -> anyhow::Result<i32> {
+    let stop = ctx.stop.take().context("no stop pipe")?;
+    let listeners = std::mem::take(&mut ctx.listeners);
+    let ctx = &*ctx;
     // Threads only now, after the fork.
     let _ticker = EpochTicker::start(guest.engine()).context("starting the epoch ticker")?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -104,15 +113,42 @@ fn run(ctx: &WorkerCtx<'_>, guest: &Guest) -> anyhow::Result<i32> {
         .build()
         .context("building the worker's runtime")?;
     rt.block_on(async {
+        let stop = super::sys::register_readable(stop).context("watching the stop pipe")?;
         match guest {
             Guest::Command {
                 engine,
                 program,
                 caps,
-            } => run_command(engine, program, caps, ctx.counters).await,
-            _ => serve(ctx, guest).await.map(|()| 0),
+            } => {
+                tokio::select! {
+                    code = run_command(engine, program, caps, ctx.counters) => code,
+                    // corrald is gone (a command is never drained
+                    // otherwise): nothing would restart or stop it.
+                    () = told_to_stop(&stop) => {
+                        tracing::warn!(app = ctx.app.name, "the zygote is gone: stopping the command");
+                        Ok(0)
+                    }
+                }
+            }
+            _ => serve(ctx, listeners, &stop, guest).await.map(|()| 0),
         }
     })
+}
+
+/// Wait until the zygote's stop pipe says stop: end-of-file (the zygote
+/// drains, or is gone). A byte would mean the same; none is ever written.
+async fn told_to_stop(stop: &tokio::io::unix::AsyncFd<OwnedFd>) {
+    loop {
+        let Ok(mut guard) = stop.readable().await else {
+            return;
+        };
+        let mut byte = [0u8; 1];
+        match rustix::io::read(stop.get_ref(), &mut byte) {
+            Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
+            // End-of-file, a byte, or an error: stop.
+            _ => return,
+        }
+    }
 }
 
 async fn run_command(
@@ -146,8 +182,7 @@ enum Listener {
 }
 
 impl Listener {
-    fn new(fd: &OwnedFd) -> anyhow::Result<Listener> {
-        let fd = fd.try_clone()?;
+    fn new(fd: OwnedFd) -> anyhow::Result<Listener> {
         let family = rustix::net::getsockname(&fd)?.address_family();
         Ok(if family == rustix::net::AddressFamily::UNIX {
             Listener::Unix(tokio::net::UnixListener::from_std(
@@ -185,7 +220,12 @@ impl Serving {
     }
 }
 
-async fn serve(ctx: &WorkerCtx<'_>, guest: &Guest) -> anyhow::Result<()> {
+async fn serve(
+    ctx: &WorkerCtx<'_>,
+    listeners: Vec<OwnedFd>,
+    stop: &tokio::io::unix::AsyncFd<OwnedFd>,
+    guest: &Guest,
+) -> anyhow::Result<()> {
     let app = ctx.app;
     let header = ctx.pool.header();
     let slot = &ctx.pool.slots()[ctx.slot];
@@ -219,7 +259,9 @@ async fn serve(ctx: &WorkerCtx<'_>, guest: &Guest) -> anyhow::Result<()> {
         Guest::Command { .. } => anyhow::bail!("a command app does not accept connections"),
     });
     let mut accept_tasks = Vec::new();
-    for fd in ctx.listeners {
+    // Each accept loop owns its socket: aborted when the worker stops
+    // accepting, it closes it.
+    for fd in listeners {
         let listener = Listener::new(fd)?;
         accept_tasks.push(tokio::spawn(accept_loop(
             listener,
@@ -231,8 +273,14 @@ async fn serve(ctx: &WorkerCtx<'_>, guest: &Guest) -> anyhow::Result<()> {
     let mut idle_since = Instant::now();
     let mut stopping = false;
     let mut ticks = tokio::time::interval(TICK);
+    let told_to_stop = told_to_stop(stop);
+    tokio::pin!(told_to_stop);
+    let mut told = false;
     loop {
-        ticks.tick().await;
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = &mut told_to_stop, if !told => told = true,
+        }
         let in_flight = slot.in_flight.load(Ordering::SeqCst);
         if stopping {
             if in_flight == 0 {
@@ -240,7 +288,7 @@ async fn serve(ctx: &WorkerCtx<'_>, guest: &Guest) -> anyhow::Result<()> {
             }
             continue;
         }
-        let zygote_gone = rustix::process::getppid() != ctx.zygote;
+        let zygote_gone = told || rustix::process::getppid() != ctx.zygote;
         let retired = slot.retiring.load(Ordering::SeqCst) != 0; // max-requests
         if header.draining.load(Ordering::SeqCst) != 0 || zygote_gone || retired {
             stopping = true;

@@ -148,6 +148,12 @@ struct Zygote {
     /// Replacements owed (crashed or max-requests workers).
     replacements: u32,
     draining: bool,
+    /// The write end of the "stop accepting" pipe: closed when the zygote
+    /// drains or dies, which its workers see at once as end-of-file on
+    /// `stop_rx` (`None` once closed, and in a freshly forked worker).
+    stop_tx: Option<OwnedFd>,
+    /// The read end, which each worker takes.
+    stop_rx: Option<OwnedFd>,
     /// Kept open: wasmtime maps it, and it pins the cache entry.
     _artifact: File,
     last_report: (u32, u32),
@@ -244,6 +250,11 @@ impl Zygote {
             None,
         )
         .context("creating the wake-up socketpair")?;
+        // Before the sandbox (which refuses pipe2).
+        let (stop_rx, stop_tx) = rustix::pipe::pipe_with(
+            rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+        )
+        .context("creating the stop pipe")?;
 
         let mut plan = SandboxPlan::for_app(&app);
         for fd in &listeners {
@@ -253,6 +264,8 @@ impl Zygote {
         plan.keep_fd(control);
         plan.keep_fd(&wake_rx);
         plan.keep_fd(&wake_tx);
+        plan.keep_fd(&stop_rx);
+        plan.keep_fd(&stop_tx);
         // wasmtime keeps the component's artifact open by a path of its own
         // (/proc/self/fd/N) for its copy-on-write memory images.
         for fd in crate::sandbox::open_fds() {
@@ -302,6 +315,8 @@ impl Zygote {
             hold_forks_until: None,
             replacements: 0,
             draining: false,
+            stop_tx: Some(stop_tx),
+            stop_rx: Some(stop_rx),
             _artifact: artifact,
             last_report: (u32::MAX, u32::MAX),
             finished: false,
@@ -422,9 +437,20 @@ impl Zygote {
                 // read end of the wake-ups.
                 drop(self.control.take());
                 drop(self.wake_rx.take());
+                // Only the zygote holds the write end: its exit (or its
+                // drain) is end-of-file for every worker.
+                drop(self.stop_tx.take());
+                let Some(stop) = self.stop_rx.take() else {
+                    std::process::exit(70);
+                };
                 let ctx = WorkerCtx {
                     app: &self.app,
-                    listeners: &self.listeners,
+                    // Owned by the worker, which closes them as soon as it
+                    // stops accepting: a port is free once every process
+                    // has stopped accepting, not once the last connection
+                    // is done.
+                    listeners: std::mem::take(&mut self.listeners),
+                    stop: Some(stop),
                     pool: self.pool,
                     slot,
                     counters: self.counters,
@@ -602,12 +628,18 @@ impl Zygote {
         Ok(())
     }
 
+    /// Stop accepting, everywhere at once: the workers see the stop pipe
+    /// close, and the zygote closes its own copies of the listening
+    /// sockets (it forks no worker from here on). Connections in flight
+    /// are finished.
     fn start_draining(&mut self) {
         if !self.draining {
             tracing::debug!(app = self.app.name, "draining");
             self.draining = true;
             self.replacements = 0;
             self.pool.header().draining.store(1, Ordering::SeqCst);
+            drop(self.stop_tx.take());
+            self.listeners.clear();
         }
     }
 }
