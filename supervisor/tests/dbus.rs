@@ -528,8 +528,14 @@ fn reload_json(data: &Value) -> Value {
                    "message": p[4], "text": p[5]})
         })
         .collect();
+    let refused: Vec<Value> = d[6]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| json!({"app": r[0], "reason": r[1]}))
+        .collect();
     json!({"applied": d[0], "errors": errors, "added": d[2], "removed": d[3],
-           "changed": d[4], "unchanged": d[5]})
+           "changed": d[4], "unchanged": d[5], "refused": refused})
 }
 
 /// systemd's bus_label_escape, written out again.
@@ -717,7 +723,7 @@ fn every_method_answers_as_the_socket_api_does() {
 
     // Reload: the same report over both.
     let over_dbus = call(&bus, None, "Reload", &[]).unwrap();
-    assert_eq!(over_dbus["type"], "ba(suusss)asasasas", "separate out args");
+    assert_eq!(over_dbus["type"], "ba(suusss)asasasasa(ss)", "separate out args");
     let (status, over_socket) = http(&sock, "POST", "/v1/reload");
     assert_eq!(status, 200);
     assert_eq!(reload_json(&over_dbus["data"]), over_socket);

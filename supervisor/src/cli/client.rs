@@ -444,9 +444,14 @@ async fn dbus_call(which: Bus, call: Call<'_>) -> Result<Value, CallError> {
                 Vec<String>,
                 Vec<String>,
                 Vec<String>,
+                Vec<(String, String)>,
             );
-            let (applied, errors, added, removed, changed, unchanged): Report =
+            let (applied, errors, added, removed, changed, unchanged, refused): Report =
                 decode(&method(&conn, "Reload", &()).await?)?;
+            let refused: Vec<Value> = refused
+                .into_iter()
+                .map(|(app, reason)| serde_json::json!({"app": app, "reason": reason}))
+                .collect();
             let errors: Vec<Value> = errors
                 .into_iter()
                 .map(|(file, line, column, key, message, text)| {
@@ -456,7 +461,8 @@ async fn dbus_call(which: Bus, call: Call<'_>) -> Result<Value, CallError> {
                 .collect();
             Ok(
                 serde_json::json!({"applied": applied, "errors": errors, "added": added,
-                "removed": removed, "changed": changed, "unchanged": unchanged}),
+                "removed": removed, "changed": changed, "unchanged": unchanged,
+                "refused": refused}),
             )
         }
         Call::Info => {

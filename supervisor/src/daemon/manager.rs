@@ -167,7 +167,10 @@ impl From<&corral_policy::Diagnostic> for PolicyProblem {
 }
 
 /// What a reload did. A policy with errors is a report with
-/// `applied: false`, not an error: the errors are the answer.
+/// `applied: false`, not an error: the errors are the answer. A valid
+/// policy is applied app by app: an app whose new version could not be
+/// prepared is in `refused` (and in no other list), and serves its
+/// previous version if it had one.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ReloadReport {
     pub applied: bool,
@@ -176,6 +179,14 @@ pub struct ReloadReport {
     pub removed: Vec<String>,
     pub changed: Vec<String>,
     pub unchanged: Vec<String>,
+    pub refused: Vec<RefusedApp>,
+}
+
+/// An app whose new version a reload did not apply, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RefusedApp {
+    pub app: String,
+    pub reason: String,
 }
 
 /// A change of an app's state or worker count.

@@ -644,8 +644,8 @@ impl Daemon {
         let mut started = Vec::new();
         for (name, spec) in &policy.apps {
             let known = self.policy.apps.contains_key(name);
-            self.registry.declare(spec);
             if self.stopped.contains(name) {
+                self.registry.declare(spec);
                 // Stays stopped; a start uses the new spec.
                 match self.policy.apps.get(name) {
                     Some(old) if old == spec => report.unchanged.push(name.clone()),
@@ -657,24 +657,30 @@ impl Daemon {
             let prepared = match self.prepare(spec).await {
                 Ok(prepared) => prepared,
                 Err(e) => {
+                    let reason = format!("{e:#}");
                     if self.apps.contains_key(name) {
+                        // Its record stays that of the version that serves
+                        // (listen, artifact); the next reload tries again.
                         tracing::error!(
                             app = name,
-                            "reload: cannot prepare the new version ({e:#}); keeping the running one"
+                            "reload: cannot prepare the new version ({reason}); keeping the running one"
                         );
-                        report.unchanged.push(name.clone());
+                        self.registry.update(name, |info| {
+                            info.last_error =
+                                Some(format!("reload: new version refused: {reason}"));
+                        });
                     } else {
-                        tracing::error!(app = name, "app failed: {e:#}");
-                        set_state(&self.registry, name, Report::Failed(format!("{e:#}")));
-                        if known {
-                            report.changed.push(name.clone());
-                        } else {
-                            report.added.push(name.clone());
-                        }
+                        self.registry.declare(spec);
+                        self.not_started(spec, &e);
                     }
+                    report.refused.push(manager::RefusedApp {
+                        app: name.clone(),
+                        reason,
+                    });
                     continue;
                 }
             };
+            self.registry.declare(spec);
             match self.apps.get(name) {
                 Some(running) if running.spec == *spec && running.artifact == prepared.1.key => {
                     report.unchanged.push(name.clone());
@@ -695,10 +701,12 @@ impl Daemon {
                 }
             }
         }
-        // Sockets no app listens on any more.
+        // Sockets no app listens on any more (nor a version that serves on
+        // because its new one was refused).
         let used: std::collections::BTreeSet<String> = policy
             .apps
             .values()
+            .chain(self.apps.values().map(|a| &a.spec))
             .flat_map(|a| a.listen.iter().map(ToString::to_string))
             .collect();
         self.sockets.retain(|addr, _| used.contains(addr));

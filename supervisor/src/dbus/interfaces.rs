@@ -51,8 +51,11 @@ pub type AppRow = (String, String, String, u32, u32, u64, u64, OwnedObjectPath);
 /// One problem of `Reload`: file, line, column, key, message, the whole line.
 pub type ProblemRow = (String, u32, u32, String, String, String);
 
-/// `Reload`'s answer: applied, errors, added, removed, changed, unchanged
-/// (written out in `reload`'s signature: `#[interface]` makes separate out
+/// One app a reload refused: the app, why.
+pub type RefusedRow = (String, String);
+
+/// `Reload`'s answer: applied, errors, added, removed, changed, unchanged,
+/// refused (written out in `reload`'s signature: `#[interface]` makes separate out
 /// arguments only of a tuple it can see).
 pub type ReloadRow = (
     bool,
@@ -61,6 +64,7 @@ pub type ReloadRow = (
     Vec<String>,
     Vec<String>,
     Vec<String>,
+    Vec<RefusedRow>,
 );
 
 /// The properties of `org.corral.App1`, in the order of [`AppInfo`]'s
@@ -145,6 +149,7 @@ fn reload_row(r: ReloadReport) -> ReloadRow {
         r.removed,
         r.changed,
         r.unchanged,
+        r.refused.into_iter().map(|a| (a.app, a.reason)).collect(),
     )
 }
 
@@ -320,9 +325,18 @@ impl ManagerObject {
     }
 
     /// Read the policy again, as SIGHUP does. A policy with errors is not
-    /// applied: applied is false and errors lists them (root or
+    /// applied: applied is false and errors lists them; refused lists the
+    /// apps whose new version was not applied, and why (root or
     /// daemon.api-group only).
-    #[zbus(out_args("applied", "errors", "added", "removed", "changed", "unchanged"))]
+    #[zbus(out_args(
+        "applied",
+        "errors",
+        "added",
+        "removed",
+        "changed",
+        "unchanged",
+        "refused"
+    ))]
     async fn reload(
         &self,
         #[zbus(connection)] conn: &Connection,
@@ -335,6 +349,7 @@ impl ManagerObject {
             Vec<String>,
             Vec<String>,
             Vec<String>,
+            Vec<RefusedRow>,
         ),
         Error,
     > {
