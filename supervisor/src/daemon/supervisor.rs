@@ -852,10 +852,12 @@ impl Daemon {
     async fn recompile_request(&mut self, name: &str) -> Result<Pending, manager::ManagerError> {
         let spec = self.spec_of(name)?;
         let cache = self.cache.clone();
-        let options = EngineOptions::for_app(&spec);
         let module = spec.module.clone();
         let compiled = tokio::task::spawn_blocking(move || -> anyhow::Result<Duration> {
-            let engine = corral_compiler::build_engine(&options, None)?.engine;
+            // The daemon's one engine, as for every other compile: an engine
+            // per call (with the app's pooling reservation) cost about 2 MiB
+            // and a thousand mappings that were never given back.
+            let engine = daemon_engine()?;
             let artifact = cache
                 .recompile(&engine, &module)
                 .with_context(|| format!("compiling {}", module.display()))?;
