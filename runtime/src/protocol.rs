@@ -63,6 +63,11 @@ pub enum FromZygote {
     },
     /// It could not start; it exits right after.
     Failed { error: String },
+    /// The artifact it was handed failed its size or digest check, or did
+    /// not load (damaged on disk after corrald checked it): corrald
+    /// rebuilds the cache entry and starts a zygote on the new one. A
+    /// `Failed` follows, and the exit.
+    ArtifactDamaged { error: String },
     /// The pool changed.
     Workers { live: u32, busy: u32 },
     /// A worker ended; `how` is ready to log. `status` is the raw wait

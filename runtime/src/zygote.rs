@@ -203,8 +203,21 @@ impl Zygote {
         }
         let engine = built.engine;
         let t_engine = t0.elapsed();
-        let program = corral_compiler::load_handed_over(&engine, &artifact, &start.artifact)
-            .context("loading the artifact")?;
+        let program = match corral_compiler::load_handed_over(&engine, &artifact, &start.artifact) {
+            Ok(program) => program,
+            Err(e) => {
+                // Not this zygote's to repair: corrald rebuilds the entry.
+                let error = format!("loading the artifact: {e}");
+                let _ = protocol::send(
+                    control,
+                    &FromZygote::ArtifactDamaged {
+                        error: error.clone(),
+                    },
+                    &[],
+                );
+                bail!(error);
+            }
+        };
         let t_artifact = t0.elapsed();
         let mut caps = GuestCaps::for_app(&app, |n| std::env::var(n).ok());
         // stdio apps get their connection per connection, in the worker.

@@ -723,7 +723,10 @@ fn every_method_answers_as_the_socket_api_does() {
 
     // Reload: the same report over both.
     let over_dbus = call(&bus, None, "Reload", &[]).unwrap();
-    assert_eq!(over_dbus["type"], "ba(suusss)asasasasa(ss)", "separate out args");
+    assert_eq!(
+        over_dbus["type"], "ba(suusss)asasasasa(ss)",
+        "separate out args"
+    );
     let (status, over_socket) = http(&sock, "POST", "/v1/reload");
     assert_eq!(status, 200);
     assert_eq!(reload_json(&over_dbus["data"]), over_socket);

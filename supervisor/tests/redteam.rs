@@ -821,3 +821,62 @@ fn sigterm_during_a_long_start_up_is_honoured() {
     );
     assert!(compiled < APPS, "every app was started after SIGTERM");
 }
+
+// ---------------------------------------------------------------------------
+// Item 4: an artifact damaged under a running app is rebuilt.
+
+/// The app's `.cwasm` is truncated in place while it serves, and its
+/// zygote dies: the next zygote finds the artifact damaged, corrald
+/// rebuilds the cache entry and the app serves again, with no operator.
+#[test]
+fn an_artifact_damaged_under_a_running_app_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    write_policy(
+        dir.path(),
+        "",
+        &stdio_app("echo", port, "{ min = 1, max = 1 }"),
+    );
+    let mut corrald = Corrald::spawn(dir.path(), &[]);
+    corrald.wait_ready(Duration::from_secs(60));
+    assert_eq!(stdio_roundtrip(port).unwrap(), b"ping\n");
+    let artifacts: Vec<PathBuf> = walk(&dir.path().join("cache"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
+    assert_eq!(artifacts.len(), 1, "{artifacts:?}");
+    // Truncated in place: corrald's open file is the same inode.
+    std::fs::File::create(&artifacts[0]).unwrap();
+    let zygote = corrald.app("echo")["zygote_pid"].as_i64().unwrap() as i32;
+    kill_all(&[zygote]);
+    wait_for(
+        "echo to serve again on a rebuilt artifact",
+        Duration::from_secs(60),
+        || {
+            let info = corrald.app("echo");
+            let new_zygote = info["zygote_pid"].as_i64()? as i32;
+            (info["state"] == "running" && new_zygote != zygote).then_some(())
+        },
+    );
+    assert_eq!(stdio_roundtrip(port).unwrap(), b"ping\n");
+    let size = std::fs::metadata(&artifacts[0]).unwrap().len();
+    assert!(size > 0, "the entry was rebuilt");
+    assert!(
+        corrald.stderr().contains("rebuilding the artifact"),
+        "{}",
+        corrald.stderr()
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}

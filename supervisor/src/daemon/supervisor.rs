@@ -33,8 +33,8 @@ use tokio::sync::{oneshot, watch};
 use super::listeners::{self, SystemdSockets};
 use super::manager::{self, AppState, Manager, Registry, ReloadReport, Request};
 use super::status;
-use corral_runtime::protocol::{self, FromZygote, Start, ToZygote};
 use super::sys;
+use corral_runtime::protocol::{self, FromZygote, Start, ToZygote};
 
 /// Variables a zygote must not see: they are corrald's.
 const PRIVATE_ENV: &[&str] = &[
@@ -145,6 +145,8 @@ struct App {
     spec: AppSpec,
     listeners: Vec<OwnedFd>,
     artifact: PinnedArtifact,
+    /// To rebuild a damaged artifact.
+    cache: Cache,
     drain_timeout: Duration,
     registry: Arc<Registry>,
     /// `true` once this version is stopping (shutdown, or replaced or
@@ -549,6 +551,7 @@ impl Daemon {
             spec: spec.clone(),
             listeners,
             artifact,
+            cache: self.cache.clone(),
             drain_timeout: self.policy.daemon.drain_timeout,
             registry: self.registry.clone(),
             stopping: stop_rx.clone(),
@@ -989,10 +992,12 @@ enum ZygoteEnd {
     /// corrald is stopping and the zygote drained.
     Shutdown,
     Crashed(String),
+    /// The artifact failed its check in the zygote.
+    ArtifactDamaged(String),
 }
 
 /// One app, for as long as corrald runs.
-async fn supervise(app: App, ready: oneshot::Sender<()>, mut shutdown: watch::Receiver<bool>) {
+async fn supervise(mut app: App, ready: oneshot::Sender<()>, mut shutdown: watch::Receiver<bool>) {
     let name = app.spec.name.clone();
     let restart = app.spec.restart;
     let mut ready = Some(ready);
@@ -1071,6 +1076,35 @@ async fn supervise(app: App, ready: oneshot::Sender<()>, mut shutdown: watch::Re
                 .await
                 {
                     return end;
+                }
+            }
+            ZygoteEnd::ArtifactDamaged(why) => {
+                // Rebuilt from the module (the damaged entry is discarded)
+                // and started again at once; a rebuild that fails counts
+                // as a crash, with backoff and give-up.
+                tracing::warn!(app = name, "{why}: rebuilding the artifact");
+                let rebuilt = prepare(&app.spec, app.listeners.len(), &app.cache).await;
+                match rebuilt {
+                    Ok(artifact) => {
+                        tracing::info!(app = name, "artifact rebuilt: starting again");
+                        app.artifact = artifact;
+                        continue;
+                    }
+                    Err(e) => {
+                        if let Some(end) = crashed(
+                            &app,
+                            &mut crashes,
+                            &mut backoff,
+                            started,
+                            &mut ready,
+                            &mut shutdown,
+                            format!("{why}; rebuilding it failed: {e:#}"),
+                        )
+                        .await
+                        {
+                            return end;
+                        }
+                    }
                 }
             }
             ZygoteEnd::Crashed(why) => {
@@ -1259,6 +1293,9 @@ async fn run_zygote(
                 if let Some((how, success)) = seen.finished {
                     return Ok(ZygoteEnd::Finished { how, success });
                 }
+                if let Some(why) = seen.artifact_damaged {
+                    return Ok(ZygoteEnd::ArtifactDamaged(why));
+                }
                 if seen.idle && status.success() {
                     return Ok(ZygoteEnd::Idle);
                 }
@@ -1292,6 +1329,7 @@ struct Reported {
     idle: bool,
     finished: Option<(String, bool)>,
     failed: Option<String>,
+    artifact_damaged: Option<String>,
 }
 
 impl Reported {
@@ -1322,6 +1360,7 @@ impl Reported {
                 tracing::error!(app = name, "zygote failed: {error}");
                 self.failed = Some(error);
             }
+            FromZygote::ArtifactDamaged { error } => self.artifact_damaged = Some(error),
             FromZygote::Workers { live, busy } => {
                 app.set_state(Report::Running {
                     workers: live,
