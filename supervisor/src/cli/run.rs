@@ -177,7 +177,11 @@ impl RunCommand {
         let guest = Guest::prepare(&engine, artifact.program, kind, caps, &what)?;
         // Before any thread (tokio, the epoch ticker) starts.
         let guest = guest.enter_standalone(plan)?;
-        for missing in guest.layers().map(|l| l.missing.as_slice()).unwrap_or_default() {
+        for missing in guest
+            .layers()
+            .map(|l| l.missing.as_slice())
+            .unwrap_or_default()
+        {
             eprintln!("corral: sandbox (best-effort): {missing}");
         }
         match listener {
