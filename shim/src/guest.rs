@@ -120,7 +120,11 @@ fn run(plan_path: &Path) -> anyhow::Result<ExitCode> {
     let guest = Guest::prepare(&engine, artifact.program, app.kind, caps, &what)?;
     // Before any thread (tokio, the epoch ticker) starts.
     let guest = guest.enter_standalone(Some(sandbox))?;
-    for missing in guest.layers().map(|l| l.missing.as_slice()).unwrap_or_default() {
+    for missing in guest
+        .layers()
+        .map(|l| l.missing.as_slice())
+        .unwrap_or_default()
+    {
         eprintln!("corral-shim: sandbox (best-effort): {missing}");
     }
     match listener {
@@ -288,4 +292,3 @@ fn bring_loopback_up() -> anyhow::Result<()> {
     }
     Ok(())
 }
-
