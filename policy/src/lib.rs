@@ -11,8 +11,10 @@
 
 #![forbid(unsafe_code)]
 
+mod addr;
 pub mod defaults;
 mod error;
+mod parse;
 mod source;
 mod spec;
 mod validate;
