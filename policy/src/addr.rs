@@ -101,33 +101,45 @@ impl<'de> Deserialize<'de> for ConnectTarget {
 }
 
 pub(crate) fn parse_listen(text: &str) -> Result<ListenAddr, String> {
-    if let Some(path) = text.strip_prefix("unix:") {
-        if !path.starts_with('/') {
-            return Err(format!(
-                "`{text}`: a unix socket path must be absolute, e.g. \"unix:/run/app.sock\""
-            ));
+    let addr = if let Some(path) = text.strip_prefix("unix:") {
+        ListenAddr::Unix(PathBuf::from(path))
+    } else if let Some(name) = text.strip_prefix("systemd:") {
+        ListenAddr::Systemd(name.to_string())
+    } else {
+        match text.parse::<SocketAddr>() {
+            Ok(addr) => ListenAddr::Tcp(addr),
+            Err(_) => {
+                return Err(format!(
+                    "`{text}` is not a listen address: use \"IP:PORT\", \"[IPv6]:PORT\", \"unix:/path\" or \"systemd:NAME\""
+                ));
+            }
         }
-        return Ok(ListenAddr::Unix(PathBuf::from(path)));
-    }
-    if let Some(name) = text.strip_prefix("systemd:") {
-        let ok = !name.is_empty()
-            && name.len() <= 255
-            && name.chars().all(|c| c.is_ascii_graphic() && c != ':');
-        if !ok {
-            return Err(format!(
-                "`{text}`: a systemd socket name is 1 to 255 printable characters without `:` (the unit's FileDescriptorName=)"
-            ));
+    };
+    check_listen(&addr, text)?;
+    Ok(addr)
+}
+
+/// What a listen address must be beyond its form (`written` is how it was
+/// written, for the message): a named port, an absolute unix path, a
+/// systemd name that can be a `FileDescriptorName=`.
+pub(crate) fn check_listen(addr: &ListenAddr, written: &str) -> Result<(), String> {
+    match addr {
+        ListenAddr::Unix(path) if !path.is_absolute() => Err(format!(
+            "`{written}`: a unix socket path must be absolute, e.g. \"unix:/run/app.sock\""
+        )),
+        ListenAddr::Systemd(name)
+            if name.is_empty()
+                || name.len() > 255
+                || !name.chars().all(|c| c.is_ascii_graphic() && c != ':') =>
+        {
+            Err(format!(
+                "`{written}`: a systemd socket name is 1 to 255 printable characters without `:` (the unit's FileDescriptorName=)"
+            ))
         }
-        return Ok(ListenAddr::Systemd(name.to_string()));
-    }
-    match text.parse::<SocketAddr>() {
-        Ok(addr) if addr.port() == 0 => Err(format!(
-            "`{text}`: port 0 is not allowed: name the port to listen on"
+        ListenAddr::Tcp(addr) if addr.port() == 0 => Err(format!(
+            "`{written}`: port 0 is not allowed: name the port to listen on"
         )),
-        Ok(addr) => Ok(ListenAddr::Tcp(addr)),
-        Err(_) => Err(format!(
-            "`{text}` is not a listen address: use \"IP:PORT\", \"[IPv6]:PORT\", \"unix:/path\" or \"systemd:NAME\""
-        )),
+        _ => Ok(()),
     }
 }
 

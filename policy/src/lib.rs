@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod addr;
+mod builder;
 pub mod defaults;
 mod error;
 mod parse;
@@ -21,6 +22,7 @@ mod validate;
 
 use std::path::{Path, PathBuf};
 
+pub use builder::{AppSpecBuilder, AppSpecError, FieldError};
 pub use error::{Diagnostic, PolicyError};
 pub use spec::*;
 

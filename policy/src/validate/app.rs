@@ -2,6 +2,7 @@
 //! dirs, network; the sub-tables are in [`super::tables`].
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use super::checker::{Checker, join};
 use super::tables::{limits_spec, pool_spec, restart_spec, sandbox_spec};
@@ -34,7 +35,7 @@ pub(super) const KINDS: &[(&str, AppKind)] = &[
 pub(super) const ACCESSES: &[(&str, Access)] =
     &[("ro", Access::ReadOnly), ("rw", Access::ReadWrite)];
 
-pub(super) fn check_app_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_app_name(name: &str) -> Result<(), String> {
     let ok_chars = name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
@@ -78,23 +79,12 @@ pub(super) fn app_spec(
     let module = match t.get("module") {
         Some(e) => cx.string(&e.value, &key("module")).and_then(|m| {
             let resolved = cx.resolve(e.value.at, m);
-            if m.is_empty() {
-                cx.error(e.value.at, &key("module"), "must not be empty");
-                None
-            } else if !resolved.is_file() {
-                let why = if resolved.exists() {
-                    "is not a file"
-                } else {
-                    "does not exist"
-                };
-                cx.error(
-                    e.value.at,
-                    &key("module"),
-                    format!("`{m}` {why} (looked at {})", resolved.display()),
-                );
-                None
-            } else {
-                Some(resolved)
+            match check_module(m, resolved) {
+                Ok(module) => Some(module),
+                Err(why) => {
+                    cx.error(e.value.at, &key("module"), why);
+                    None
+                }
             }
         }),
         None => {
@@ -120,18 +110,14 @@ pub(super) fn app_spec(
         None => Some(Vec::new()),
     };
     if partial == Partial::No
-        && let (Some(kind @ (AppKind::Http | AppKind::Stdio)), Some(list)) = (kind, &listen)
-        && list.is_empty()
+        && let (Some(kind), Some(list)) = (kind, &listen)
+        && let Err(why) = check_listen_for_kind(kind, list)
     {
         let at = t
             .get("listen")
             .map(|e| e.value.at)
             .or_else(|| t.get("kind").map(|e| e.value.at));
-        cx.error(
-            at.unwrap_or(header),
-            &key("listen"),
-            format!("an {kind} app needs at least one listen address, e.g. listen = [\"127.0.0.1:8080\"]"),
-        );
+        cx.error(at.unwrap_or(header), &key("listen"), why);
     }
 
     let args = t
@@ -142,16 +128,12 @@ pub(super) fn app_spec(
     });
     let inherit_env = t.get("inherit-env").map_or(Some(Vec::new()), |e| {
         let names = cx.strings(&e.value, &key("inherit-env"))?;
-        let bad: Vec<_> = names.iter().filter(|n| !is_env_name(n)).collect();
-        if bad.is_empty() {
-            Some(names)
-        } else {
-            cx.error(
-                e.value.at,
-                &key("inherit-env"),
-                format!("{bad:?}: not valid environment variable names"),
-            );
-            None
+        match check_inherit_env(&names) {
+            Ok(()) => Some(names),
+            Err(why) => {
+                cx.error(e.value.at, &key("inherit-env"), why);
+                None
+            }
         }
     });
     let dirs = t
@@ -197,7 +179,7 @@ fn listen_addrs(cx: &mut Checker<'_>, node: &Node, path: &str) -> Option<Vec<Lis
         };
         match parse_listen(text) {
             Ok(addr) if out.contains(&addr) => {
-                cx.error(item.at, &item_path, format!("`{text}` is listed twice"));
+                cx.error(item.at, &item_path, listed_twice(text));
                 ok = false;
             }
             Ok(addr) => out.push(addr),
@@ -214,29 +196,95 @@ fn is_env_name(name: &str) -> bool {
     !name.is_empty() && !name.contains('=') && !name.contains('\0')
 }
 
+/// A module path as written (`written`) and resolved: not empty, a file.
+pub(crate) fn check_module(written: &str, resolved: PathBuf) -> Result<PathBuf, String> {
+    if written.is_empty() {
+        return Err("must not be empty".to_string());
+    }
+    if !resolved.is_file() {
+        let why = if resolved.exists() {
+            "is not a file"
+        } else {
+            "does not exist"
+        };
+        return Err(format!(
+            "`{written}` {why} (looked at {})",
+            resolved.display()
+        ));
+    }
+    Ok(resolved)
+}
+
+/// An http or stdio app is reached through its listen addresses, so it
+/// needs at least one.
+pub(crate) fn check_listen_for_kind(kind: AppKind, listen: &[ListenAddr]) -> Result<(), String> {
+    match kind {
+        AppKind::Http | AppKind::Stdio if listen.is_empty() => Err(format!(
+            "an {kind} app needs at least one listen address, e.g. listen = [\"127.0.0.1:8080\"]"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The message for an address given twice in one app's `listen`.
+pub(crate) fn listed_twice(written: &str) -> String {
+    format!("`{written}` is listed twice")
+}
+
+/// The name of an `env` entry.
+pub(crate) fn check_env_name(name: &str) -> Result<(), String> {
+    if is_env_name(name) {
+        Ok(())
+    } else {
+        Err("not a valid environment variable name (empty, or contains `=`)".to_string())
+    }
+}
+
+/// The value of an `env` entry.
+pub(crate) fn check_env_value(value: &str) -> Result<(), String> {
+    if value.contains('\0') {
+        Err("an environment value may not contain NUL".to_string())
+    } else {
+        Ok(())
+    }
+}
+
+/// `inherit-env`: names of host variables.
+pub(crate) fn check_inherit_env(names: &[String]) -> Result<(), String> {
+    let bad: Vec<_> = names.iter().filter(|n| !is_env_name(n)).collect();
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{bad:?}: not valid environment variable names"))
+    }
+}
+
+/// The message for a guest path granted twice in one app's `dirs`.
+pub(crate) fn granted_twice(guest: &str) -> String {
+    format!("`{guest}` is granted twice")
+}
+
 fn env_table(cx: &mut Checker<'_>, node: &Node, path: &str) -> Option<BTreeMap<String, String>> {
     let t = cx.table(node, path)?;
     let mut out = BTreeMap::new();
     let mut ok = true;
     for e in &t.entries {
         let p = join(path, &e.key);
-        if !is_env_name(&e.key) {
-            cx.error(
-                e.key_at,
-                &p,
-                "not a valid environment variable name (empty, or contains `=`)",
-            );
+        if let Err(why) = check_env_name(&e.key) {
+            cx.error(e.key_at, &p, why);
             ok = false;
             continue;
         }
         match &e.value.kind {
-            NodeKind::Str(s) if s.contains('\0') => {
-                cx.error(e.value.at, &p, "an environment value may not contain NUL");
-                ok = false;
-            }
-            NodeKind::Str(s) => {
-                out.insert(e.key.clone(), s.clone());
-            }
+            NodeKind::Str(s) => match check_env_value(s) {
+                Ok(()) => {
+                    out.insert(e.key.clone(), s.clone());
+                }
+                Err(why) => {
+                    cx.error(e.value.at, &p, why);
+                    ok = false;
+                }
+            },
             other => {
                 cx.error(
                     e.value.at,
@@ -319,7 +367,7 @@ fn dir_grants(cx: &mut Checker<'_>, node: &Node, path: &str) -> Option<Vec<DirGr
         if let Some((g, at)) = &guest
             && out.iter().any(|d| &d.guest == g)
         {
-            cx.error(*at, &join(&p, "guest"), format!("`{g}` is granted twice"));
+            cx.error(*at, &join(&p, "guest"), granted_twice(g));
         }
         match (host, guest, access) {
             (Some(host), Some((guest, _)), Some(access)) if cx.error_count() == before => {

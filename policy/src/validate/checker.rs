@@ -146,23 +146,13 @@ impl<'s> Checker<'s> {
 
     pub(super) fn integer(&mut self, node: &Node, path: &str, min: i64, max: i64) -> Option<i64> {
         match &node.kind {
-            NodeKind::Int(n) if (min..=max).contains(n) => Some(*n),
-            NodeKind::Int(n) if *n < min => {
-                self.error(
-                    node.at,
-                    path,
-                    format!("{n} is too small: must be at least {min}"),
-                );
-                None
-            }
-            NodeKind::Int(n) => {
-                self.error(
-                    node.at,
-                    path,
-                    format!("{n} is too large: must be at most {max}"),
-                );
-                None
-            }
+            NodeKind::Int(n) => match check_range(*n, min, max) {
+                Ok(n) => Some(n),
+                Err(why) => {
+                    self.error(node.at, path, why);
+                    None
+                }
+            },
             other => {
                 self.error(
                     node.at,
@@ -245,6 +235,17 @@ impl<'s> Checker<'s> {
                 None
             }
         }
+    }
+}
+
+/// An integer within `min..=max`.
+pub(crate) fn check_range(n: i64, min: i64, max: i64) -> Result<i64, String> {
+    if n < min {
+        Err(format!("{n} is too small: must be at least {min}"))
+    } else if n > max {
+        Err(format!("{n} is too large: must be at most {max}"))
+    } else {
+        Ok(n)
     }
 }
 

@@ -116,6 +116,45 @@ pub(super) fn pool_spec(cx: &mut Checker<'_>, node: Option<&Node>, path: &str) -
     (cx.error_count() == before).then_some(pool)
 }
 
+/// The largest `limits.instances` and `limits.tables` (the least is 1).
+pub(crate) const LIMIT_COUNT_MAX: i64 = 1_000_000;
+
+/// `limits.memory`: at least one Wasm page.
+pub(crate) fn check_memory(bytes: u64) -> Result<u64, String> {
+    if bytes < defaults::WASM_PAGE {
+        Err(format!("{bytes} bytes is less than one Wasm page (64KiB)"))
+    } else {
+        Ok(bytes)
+    }
+}
+
+/// `limits.timeout`: positive, or off (`None`).
+pub(crate) fn check_timeout(timeout: Option<Duration>) -> Result<(), String> {
+    if timeout == Some(Duration::ZERO) {
+        Err("0s would stop every request at once: use a positive duration or \"off\"".to_string())
+    } else {
+        Ok(())
+    }
+}
+
+/// Check every field of a [`Limits`] built in code, as the policy checks
+/// each key: `(key, problem)` per bad field.
+pub(crate) fn check_limits(limits: &Limits) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    if let Err(why) = check_memory(limits.memory) {
+        problems.push(("memory", why));
+    }
+    if let Err(why) = check_timeout(limits.timeout) {
+        problems.push(("timeout", why));
+    }
+    for (key, n) in [("instances", limits.instances), ("tables", limits.tables)] {
+        if let Err(why) = super::checker::check_range(i64::from(n), 1, LIMIT_COUNT_MAX) {
+            problems.push((key, why));
+        }
+    }
+    problems
+}
+
 pub(super) fn limits_spec(
     cx: &mut Checker<'_>,
     node: Option<&Node>,
@@ -132,36 +171,27 @@ pub(super) fn limits_spec(
     if let Some(e) = t.get("memory") {
         let p = join(path, "memory");
         if let Some(n) = cx.size(&e.value, &p) {
-            if n < defaults::WASM_PAGE {
-                cx.error(
-                    e.value.at,
-                    &p,
-                    format!("{n} bytes is less than one Wasm page (64KiB)"),
-                );
-            } else {
-                limits.memory = n;
+            match check_memory(n) {
+                Ok(n) => limits.memory = n,
+                Err(why) => cx.error(e.value.at, &p, why),
             }
         }
     }
     if let Some(e) = t.get("timeout")
         && let Some(d) = cx.duration_or_off(&e.value, &join(path, "timeout"))
     {
-        if d == Some(Duration::ZERO) {
-            cx.error(
-                e.value.at,
-                &join(path, "timeout"),
-                "0s would stop every request at once: use a positive duration or \"off\"",
-            );
+        if let Err(why) = check_timeout(d) {
+            cx.error(e.value.at, &join(path, "timeout"), why);
         }
         limits.timeout = d;
     }
     if let Some(e) = t.get("instances")
-        && let Some(n) = cx.integer(&e.value, &join(path, "instances"), 1, 1_000_000)
+        && let Some(n) = cx.integer(&e.value, &join(path, "instances"), 1, LIMIT_COUNT_MAX)
     {
         limits.instances = n as u32;
     }
     if let Some(e) = t.get("tables")
-        && let Some(n) = cx.integer(&e.value, &join(path, "tables"), 1, 1_000_000)
+        && let Some(n) = cx.integer(&e.value, &join(path, "tables"), 1, LIMIT_COUNT_MAX)
     {
         limits.tables = n as u32;
     }
