@@ -15,6 +15,7 @@ mod engine;
 mod error;
 mod fs;
 mod lock;
+pub mod preflight;
 mod source;
 mod sources;
 
