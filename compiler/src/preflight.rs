@@ -307,8 +307,7 @@ impl Facts {
 fn memory_bytes(m: &wasmparser::MemoryType) -> u64 {
     let page_log2 = m.page_size_log2.unwrap_or(16);
     m.initial
-        .checked_mul(1u64.checked_shl(page_log2).unwrap_or(u64::MAX))
-        .unwrap_or(u64::MAX)
+        .saturating_mul(1u64.checked_shl(page_log2).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
