@@ -21,7 +21,10 @@ fn the_version_flag_prints_the_version_without_a_namespace() {
             stdout.contains(&format!("  Version:  {}\n", env!("CARGO_PKG_VERSION"))),
             "{flag}: {stdout}"
         );
-        assert!(stdout.contains("io.containerd.corral.v1"), "{flag}: {stdout}");
+        assert!(
+            stdout.contains("io.containerd.corral.v1"),
+            "{flag}: {stdout}"
+        );
         assert!(stderr.is_empty(), "{flag}: {stderr}");
     }
 }
