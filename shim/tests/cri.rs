@@ -64,22 +64,22 @@ fn ci() -> bool {
 
 /// `what` is missing: a failure under CI (tests/run-tests installs
 /// everything), else a skip that says so.
-fn missing(test: &str, what: &str) -> bool {
+fn missing(test: &str, what: &str) {
     assert!(
         !ci(),
         "{test}: {what} (CI=true: tests/run-tests installs it)"
     );
     eprintln!("SKIPPED {test}: {what}");
-    true
 }
 
 /// Whether this machine can run the test; prints why not.
 fn prerequisites(test: &str) -> bool {
     if !rustix::process::geteuid().is_root() {
-        return !missing(
+        missing(
             test,
             "needs root (containerd mounts snapshots, the CRI pins netns)",
         );
+        return false;
     }
     for (tool, package) in [
         ("containerd", "containerd"),
@@ -99,10 +99,11 @@ fn prerequisites(test: &str) -> bool {
                 .is_ok_and(|s| s.success())
         };
         if !found {
-            return !missing(
+            missing(
                 test,
                 &format!("{tool} not found (Debian package {package})"),
             );
+            return false;
         }
     }
     true
@@ -386,13 +387,20 @@ impl Cri {
     ) -> Result<(Value, Duration), CallError> {
         let line =
             json!({ "method": method, "request": request, "timeout": deadline.as_secs_f64() });
-        writeln!(self.stdin, "{line}").expect("writing to the CRI client");
+        // Not a panic when the client is gone: Node's drop calls this too.
+        let client_gone = |e: String| CallError {
+            code: "CLIENT".to_string(),
+            details: format!("the CRI client during {method}: {e}"),
+        };
+        writeln!(self.stdin, "{line}").map_err(|e| client_gone(e.to_string()))?;
         let mut reply = String::new();
-        self.stdout
-            .read_line(&mut reply)
-            .expect("reading from the CRI client");
-        assert!(!reply.is_empty(), "the CRI client exited during {method}");
-        let mut reply: Value = serde_json::from_str(&reply).unwrap();
+        match self.stdout.read_line(&mut reply) {
+            Ok(0) => return Err(client_gone("exited".to_string())),
+            Ok(_) => {}
+            Err(e) => return Err(client_gone(e.to_string())),
+        }
+        let mut reply: Value =
+            serde_json::from_str(&reply).map_err(|e| client_gone(format!("{e}: {reply}")))?;
         let took = Duration::from_secs_f64(reply["seconds"].as_f64().unwrap_or_default());
         if let Some(e) = reply.get("error") {
             return Err(CallError {
