@@ -30,6 +30,18 @@ if [ -n "$want_abi" ]; then
 fi
 check "corral doctor: no app of the policy is refused on this kernel (exit $doctor_rc)" test "$doctor_rc" = 0
 
+# Honest layers: a landlock=abiN(FEATURES) claim lists no feature the
+# kernel's ABI lacks (TCP rules from ABI 4, scoping from ABI 6).
+honest() { # TEXT: every landlock claim in it fits the kernel's ABI
+    local claim feats
+    for claim in $(printf '%s\n' "$1" | grep -o 'landlock=abi[0-9]*([a-z,]*)'); do
+        feats=${claim#*(}
+        [[ $claim == "landlock=abi${abi}("* ]] || return 1
+        if [ "$abi" -lt 4 ] && [[ ,$feats == *,tcp* ]]; then return 1; fi
+        if [ "$abi" -lt 6 ] && [[ ,$feats == *,scoping* ]]; then return 1; fi
+    done
+}
+
 # The packaged examples' apps: [apps.NAME] with kind = "K" and
 # listen = ["systemd:SOCKET"]; [sockets.SOCKET] listen = "127.0.0.1:PORT".
 examples=/usr/share/doc/corral/examples/policy.toml
@@ -44,10 +56,10 @@ example_apps=$(awk '
 [ -n "$example_apps" ] || fail "found the packaged examples' apps in $examples"
 for app in $(printf '%s\n' "$example_apps" | cut -d' ' -f1); do
     line=$(printf '%s\n' "$doctor_out" | grep -E "^ +$app \(" | head -n1)
-    if [ -n "$line" ] && [[ $line != *REFUSED* ]] && [[ $line == *"landlock=abi${abi:-?}"* ]] && [[ $line == *seccomp=on* ]]; then
+    if [ -n "$line" ] && [[ $line != *REFUSED* ]] && [[ $line == *"landlock=abi${abi:-?}"* ]] && [[ $line == *seccomp=on* ]] && honest "$line"; then
         ok "corral doctor: $app gets landlock ABI $abi and seccomp: ${line#"${line%%[! ]*}"}"
     else
-        fail "corral doctor: $app gets landlock ABI ${abi:-?} and seccomp (got: ${line:-no line})"
+        fail "corral doctor: $app gets landlock ABI ${abi:-?} and seccomp, no feature the ABI lacks (got: ${line:-no line})"
     fi
 done
 
@@ -82,10 +94,10 @@ for app in $(printf '%s\n' "$example_apps" | cut -d' ' -f1); do
     st=$(corral status "$app" 2>&1)
     printf '%s\n' "$st" | grep -E 'State|Workers|Sandbox|Last error' | sed "s/^/e2e: ..   status $app: /"
     sandbox=$(printf '%s\n' "$st" | sed -n 's/^ *Sandbox: //p')
-    if [[ $sandbox == *"landlock=abi${abi:-?}"* ]] && [[ $sandbox == *seccomp=on* ]]; then
+    if [[ $sandbox == *"landlock=abi${abi:-?}"* ]] && [[ $sandbox == *seccomp=on* ]] && honest "$sandbox"; then
         ok "corral status $app: its workers run with landlock ABI $abi and seccomp ($sandbox)"
     else
-        fail "corral status $app: its workers run with landlock ABI ${abi:-?} and seccomp (got: ${sandbox:-nothing})"
+        fail "corral status $app: its workers run with landlock ABI ${abi:-?} and seccomp, no feature the ABI lacks (got: ${sandbox:-nothing})"
     fi
 done
 
@@ -165,6 +177,9 @@ EOF
     expect "the granted dir is readable" ok read "$pdir/granted/data.txt"
     layers=$(grep '^probe: ' "$pdir/stderr" | sed 's/^probe: //')
     info "probe: layers entered on $kernel: ${layers:-none (see above)}"
+    if [ -n "$layers" ]; then
+        check "probe: the layers it reports fit the kernel's ABI ($layers)" honest "$layers"
+    fi
     expect "the granted dir is listable" ok read "$pdir/granted"
     expect "a file outside the grant is refused (EACCES)" "errno 13" read "$pdir/outside/host.txt"
     expect "/etc/passwd is refused (EACCES)" "errno 13" read /etc/passwd
