@@ -135,6 +135,62 @@ check "journald: corrald's entries carry CORRAL_APP= fields ($n_app)" test "$n_a
 journalctl -u corrald.service -o verbose -n 1 --no-pager CORRAL_APP=hello 2>/dev/null |
     grep -E '^ +(MESSAGE|PRIORITY|SYSLOG_IDENTIFIER|CORRAL_[A-Z_]+)=' | sed 's/^ */e2e: ..   journal field: /'
 
+# --- corral check: the policy as it would run on this kernel (its last
+# column: the layers each app would get).
+check_out=$(corral check --policy /etc/corral/policy.toml 2>&1)
+check_rc=$?
+printf '%s\n' "$check_out" | sed 's/^/e2e: ..   check: /'
+if [ "$check_rc" = 0 ] && ! printf '%s\n' "$check_out" | grep -q -i 'refused'; then
+    ok "corral check: every app of the policy runs on this kernel"
+else
+    fail "corral check: every app of the policy runs on this kernel (exit $check_rc; an app refused)"
+fi
+
+# --- An app whose grant needs a layer this kernel lacks: network.connect
+# needs landlock's TCP rules (ABI 4). Refused before any process starts,
+# named with its grant and the kernel's ABI, marked failed at once (no
+# restart loop), and the other apps keep serving.
+if [ -n "$abi" ] && [ "$abi" -lt 4 ]; then
+    info "--- needs-tcp: an app with network.connect on landlock ABI $abi"
+    cp /etc/corral/policy.toml /root/policy.before-needs-tcp
+    printf '\n[apps.needs-tcp]\nmodule = "hello.wasm"\nkind = "http"\nlisten = ["127.0.0.1:8097"]\nnetwork = { connect = ["127.0.0.1:9"] }\n' \
+        >>/etc/corral/policy.toml
+    out=$(corral check --policy /etc/corral/policy.toml 2>&1)
+    rc=$?
+    printf '%s\n' "$out" | grep 'needs-tcp' | sed 's/^/e2e: ..   check: /'
+    if [ "$rc" != 0 ] && printf '%s\n' "$out" | grep -q 'needs-tcp'; then
+        ok "corral check exits non-zero for needs-tcp on this kernel (exit $rc)"
+    else
+        fail "corral check exits non-zero for needs-tcp on this kernel (exit $rc)"
+    fi
+    out=$(corral doctor --policy /etc/corral/policy.toml 2>&1)
+    line=$(printf '%s\n' "$out" | grep -A3 -E '^ +needs-tcp [(]' | tr '\n' ' ')
+    if [[ $line == *REFUSED* ]] && [[ $line == *network* ]] && [[ $line == *"ABI $abi"* ]]; then
+        ok "corral doctor refuses needs-tcp, naming the grant and the ABI: $line"
+    else
+        fail "corral doctor refuses needs-tcp, naming the grant (network) and the ABI ($abi) (got: ${line:-no line})"
+    fi
+    since=$(date '+%Y-%m-%d %H:%M:%S')
+    systemctl reload corrald.service
+    state=
+    for _ in $(seq 1 150); do
+        state=$(corral status needs-tcp 2>/dev/null | sed -n 's/^ *State: \([a-z]*\).*/\1/p')
+        [ "$state" = failed ] && break
+        sleep 0.2
+    done
+    corral status needs-tcp 2>&1 | grep -E 'State|Last error' | sed 's/^/e2e: ..   status needs-tcp: /'
+    check "corrald marks needs-tcp failed (state: ${state:-none})" test "$state" = failed
+    # A connection to it (an on-demand zygote starts at the first one);
+    # whether it is refused or times out, nothing may restart in a loop.
+    curl -s --max-time 5 http://127.0.0.1:8097/ >/dev/null 2>&1
+    sleep 3 # what a restart loop would log meanwhile
+    restarts=$(journalctl -u corrald.service --since "$since" -o cat --no-pager | grep 'needs-tcp' | grep -c 'restarting in')
+    check "without starting and restarting its zygote ($restarts restarts logged)" test "$restarts" = 0
+    check "hello still served" http_ok http://127.0.0.1:8080/
+    cp /root/policy.before-needs-tcp /etc/corral/policy.toml
+    systemctl reload corrald.service
+fi
+
 # --- The sandbox proved from inside, on this kernel: the probe enters
 # exactly the sandbox a worker of an app gets, with the default enforcement
 # (landlock and seccomp "require"), and tries one action.
