@@ -13,10 +13,9 @@ use std::process::ExitCode;
 use anyhow::{Context as _, bail};
 use corral_compiler::EngineOptions;
 use corral_policy::{Access, AppKind, AppSpec, DirGrant, Environment};
-use corral_supervisor::host::{
-    self, ComponentKind, EpochTicker, GuestCaps, Program, StdioMode, exit_code,
-};
-use corral_supervisor::sandbox::SandboxPlan;
+use corral_runtime::guest::Guest;
+use corral_runtime::host::{self, ComponentKind, GuestCaps, Program, StdioMode, exit_code};
+use corral_runtime::sandbox::{self, SandboxPlan};
 
 use crate::plan::{Mode, Namespace, TaskPlan};
 
@@ -62,14 +61,14 @@ fn run(plan_path: &Path) -> anyhow::Result<ExitCode> {
 
     // Inherited: 0-2 and the start fd. Everything opened from here on is
     // the guest's (artifact, cache lock, listener, preopens) and is kept.
-    let mut inherited = corral_supervisor::sandbox::open_fds();
+    let mut inherited = sandbox::open_fds();
     let engine = host::new_engine(&engine_options())?;
     let artifact = host::load_artifact(&engine, &plan.module, &plan.cache_dir)?;
     if !artifact.cache_hit && !reexec {
         // The shim compiles at create, so this is rare (a cache wiped in
         // between). Compiling started threads, and the sandbox needs a
         // single-threaded process: start over, loading from the cache.
-        return Err(corral_supervisor::sandbox::reexec_self(REEXEC_ENV));
+        return Err(sandbox::reexec_self(REEXEC_ENV));
     }
 
     let kind = match &artifact.program {
@@ -112,56 +111,29 @@ fn run(plan_path: &Path) -> anyhow::Result<ExitCode> {
         None
     };
 
-    // tokio's signal driver (compiled in when any crate of the build
-    // enables tokio's `process` or `signal` feature) makes a process-wide
-    // socketpair the first time a runtime starts; the sandbox refuses
-    // socketpair. Make it now (a runtime without threads) and keep it.
-    drop(current_thread_runtime()?);
-
     let mut sandbox = SandboxPlan::for_app(&app);
     sandbox.allow_dirs(&caps.dirs);
     // Everything opened since start: the artifact (and wasmtime's
     // mapping of it), the cache lock, the listener.
     sandbox.keep_fds_opened_since(&inherited);
+    let what = plan.argv.first().cloned().unwrap_or_default();
+    let guest = Guest::prepare(&engine, artifact.program, app.kind, caps, &what)?;
     // Before any thread (tokio, the epoch ticker) starts.
-    let sandboxed = sandbox.enter().context("entering the sandbox")?;
-    for missing in &sandboxed.layers().missing {
+    let guest = guest.enter_standalone(Some(sandbox))?;
+    for missing in guest.layers().map(|l| l.missing.as_slice()).unwrap_or_default() {
         eprintln!("corral-shim: sandbox (best-effort): {missing}");
     }
-
-    let _ticker = EpochTicker::start(&engine).context("starting the epoch ticker")?;
-    let what = plan.argv.first().cloned().unwrap_or_default();
-    match (artifact.program, kind) {
-        (Program::Module(module), _) => {
-            let rt = current_thread_runtime()?;
-            let outcome = rt.block_on(async {
-                let linker = host::p1::linker(&engine)?;
-                host::p1::run(&engine, &linker, &module, &caps, true).await
-            })?;
+    match listener {
+        None => {
+            let outcome = guest.run_once()?;
             outcome.report(&what);
             Ok(ExitCode::from(outcome.exit_code()))
         }
-        (Program::Component(component), Some(ComponentKind::Command)) => {
-            let rt = current_thread_runtime()?;
-            let outcome = rt.block_on(async {
-                let linker = host::p2::linker(&engine)?;
-                host::p2::run_command(&engine, &linker, &component, &caps, true).await
-            })?;
-            outcome.report(&what);
-            Ok(ExitCode::from(outcome.exit_code()))
-        }
-        (Program::Component(component), _) => {
-            let handler = host::http::HttpHandler::new(&engine, &component, caps)?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            let listener = listener.context("bound above")?;
-            listener.set_nonblocking(true)?;
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener)?;
-                eprintln!("corral-shim: serving HTTP on {}", listener.local_addr()?);
-                handler.serve(listener).await
-            })?;
+        Some(listener) => {
+            // Served exactly as a corrald worker serves (HTTP/1.1, HTTP/2,
+            // pool.concurrency); SIGTERM drains.
+            eprintln!("corral-shim: serving HTTP on {}", listener.local_addr()?);
+            guest.serve(&app, vec![listener.into()])?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -317,8 +289,3 @@ fn bring_loopback_up() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
-}

@@ -253,8 +253,8 @@ impl Service {
 /// module, engine and CPU: the second container of an image loads it.
 fn precompile(id: &str, plan: &TaskPlan) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let engine = corral_supervisor::host::new_engine(&guest::engine_options())?;
-    let artifact = corral_supervisor::host::load_artifact(&engine, &plan.module, &plan.cache_dir)?;
+    let engine = corral_runtime::host::new_engine(&guest::engine_options())?;
+    let artifact = corral_runtime::host::load_artifact(&engine, &plan.module, &plan.cache_dir)?;
     let module = &artifact.key.module;
     if artifact.cache_hit {
         info!(

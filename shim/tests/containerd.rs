@@ -439,7 +439,7 @@ fn wasm_images_run_under_containerd() {
     }
     // With landlock and seccomp on this kernel, the shim must enter both
     // (a guest it cannot sandbox does not start).
-    let kernel = corral_supervisor::sandbox::probe_kernel();
+    let kernel = corral_runtime::sandbox::probe_kernel();
     let has_all = kernel.landlock.abi().is_some_and(|abi| abi >= 4) && kernel.seccomp.available;
     if !has_all {
         assert!(

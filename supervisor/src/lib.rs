@@ -1,9 +1,10 @@
-//! corral's supervisor crate: the `corral` command and (in later modules)
-//! the `corrald` daemon, its worker pools, the Wasm host and the sandbox.
+//! corral's supervisor crate: the `corrald` daemon (apps, reconcile,
+//! restarts, systemd), its manager and front ends (Unix-socket API,
+//! D-Bus), the `corral` command and the systemd generator. Everything that
+//! runs guest code (zygotes, workers, the Wasm host, the OS sandbox) is
+//! `corral_runtime`'s.
 
 pub mod api;
 pub mod cli;
 pub mod daemon;
 pub mod dbus;
-pub mod host;
-pub mod sandbox;

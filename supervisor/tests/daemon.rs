@@ -110,7 +110,7 @@ impl Daemon {
         let notify_env = format!("NOTIFY_SOCKET={}", notify_path.display());
         let mut env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         env.push(notify_env);
-        env.push("CORRAL_LOG=info,corral_supervisor=debug".into());
+        env.push("CORRAL_LOG=info,corral_supervisor=debug,corral_runtime=debug".into());
         let mut cmd = match launcher {
             Some(launcher) => {
                 let mut cmd = Command::new(&launcher[0]);
@@ -1090,7 +1090,7 @@ fn workers_crashing_at_once_are_paced_then_the_zygote_gives_up() {
 
 #[test]
 fn workers_run_under_a_required_sandbox() {
-    let kernel = corral_supervisor::sandbox::probe_kernel();
+    let kernel = corral_runtime::sandbox::probe_kernel();
     let has_all = kernel.landlock.abi().is_some_and(|abi| abi >= 4) && kernel.seccomp.available;
     if !has_all {
         assert!(

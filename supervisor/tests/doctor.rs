@@ -36,7 +36,7 @@ fn doctor_reports_the_kernel_and_each_apps_layers_as_json() {
         .unwrap();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
-    let kernel = corral_supervisor::sandbox::probe_kernel();
+    let kernel = corral_runtime::sandbox::probe_kernel();
     // The report is the probe's, and each app is there with its layers or
     // the refusal; the exit code says whether any app is refused.
     assert_eq!(report["kernel"], serde_json::to_value(&kernel).unwrap());

@@ -323,7 +323,7 @@ def wait_processes(d, n):
         time.sleep(0.01)
 
 
-COLD_LOG = "warn,corral_supervisor::daemon=debug"
+COLD_LOG = "warn,corral_supervisor::daemon=debug,corral_runtime::zygote=debug"
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT[\d:.]+)Z")
 
 

@@ -339,7 +339,7 @@ where
         async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
     });
     let connection = hyper::server::conn::http1::Builder::new()
-        .timer(crate::daemon::worker::TokioTimer)
+        .timer(corral_runtime::TokioTimer)
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(MAX_HEAD)
         .keep_alive(true)

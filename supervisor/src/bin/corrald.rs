@@ -40,7 +40,7 @@ fn main() -> ExitCode {
         None => Role::Daemon,
     });
     match args.command {
-        Some(Command::Zygote) => corral_supervisor::daemon::zygote::main(),
+        Some(Command::Zygote) => corral_runtime::zygote::main(),
         // Absolute: `corral status` and a refused reload's errors name the
         // file for clients in any directory.
         None => corral_supervisor::daemon::run(

@@ -72,11 +72,11 @@ pub(crate) fn render_table(policy: &Policy) -> String {
         .map(String::from)
         .to_vec(),
     ];
-    let kernel = crate::sandbox::probe_kernel();
+    let kernel = corral_runtime::sandbox::probe_kernel();
     for (name, app) in &policy.apps {
         // What a worker would get here if every layer were best-effort;
         // `corral doctor` says whether `require` refuses the app.
-        let plan = crate::sandbox::SandboxPlan::for_app(app);
+        let plan = corral_runtime::sandbox::SandboxPlan::for_app(app);
         let mut layers = plan.predict_best_effort(&kernel).to_string();
         if plan.predict(&kernel).is_err() {
             layers.push_str(" (require: refused)");

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use corral_policy::Environment;
 
-use crate::sandbox::{self, KernelSupport, LandlockSupport, SandboxPlan};
+use corral_runtime::sandbox::{self, KernelSupport, LandlockSupport, SandboxPlan};
 
 /// Show the kernel's sandbox features (landlock ABI, seccomp, user
 /// namespaces, cgroup v2 delegation) and, for each app of the policy, the

@@ -10,10 +10,11 @@ use anyhow::{Context as _, bail};
 use corral_compiler::EngineOptions;
 use corral_policy::{Access, AppKind, AppSpec, DirGrant, Environment};
 
-use crate::host::{
-    self, ComponentKind, EpochTicker, GuestCaps, LimitExceeded, Program, StdioMode, exit_code,
+use corral_runtime::guest::Guest;
+use corral_runtime::host::{
+    self, ComponentKind, GuestCaps, LimitExceeded, Program, StdioMode, exit_code,
 };
-use crate::sandbox::SandboxPlan;
+use corral_runtime::sandbox::{self, SandboxPlan};
 
 const RUN_EXIT_CODES: &str = "\
 Exit codes:
@@ -61,8 +62,12 @@ pub struct RunCommand {
     #[arg(long, value_name = "SIZE")]
     pub memory: Option<bytesize::ByteSize>,
 
-    /// Serve an http component on ADDR (e.g. 127.0.0.1:8080) instead of
-    /// running once.
+    /// Serve an http component on ADDR (e.g. 127.0.0.1:8080; port 0 picks
+    /// a free one) instead of running once, exactly as a corrald worker
+    /// serves (HTTP/1.1 keep-alive, HTTP/2 with prior knowledge, a fresh
+    /// instance per request, at most pool.concurrency at once). The address
+    /// is printed on stderr; SIGTERM or Ctrl-C finishes the requests in
+    /// flight and exits 0.
     #[arg(long, value_name = "ADDR")]
     pub serve: Option<SocketAddr>,
 
@@ -95,7 +100,7 @@ impl RunCommand {
     fn run(self) -> anyhow::Result<ExitCode> {
         // What this process inherited (closed by the sandbox) as opposed to
         // what it opens from here on (the artifact, wasmtime's own fds).
-        let inherited = crate::sandbox::open_fds();
+        let inherited = sandbox::open_fds();
         let Grants {
             file,
             mut caps,
@@ -122,8 +127,29 @@ impl RunCommand {
             // Compiling started worker threads, and the sandbox can only be
             // entered by a single-threaded process: start over, now loading
             // from the cache.
-            return Err(crate::sandbox::reexec_self(REEXEC_ENV));
+            return Err(sandbox::reexec_self(REEXEC_ENV));
         }
+        let kind = match (&artifact.program, self.serve) {
+            (Program::Module(_), None) => AppKind::Command,
+            (Program::Module(_), Some(_)) => bail!(
+                "{what}: a core module cannot be served; --serve needs a wasi:http/proxy component"
+            ),
+            (Program::Component(component), serve) => {
+                match (host::component_kind(&engine, component), serve) {
+                    (Some(ComponentKind::Command), None) => AppKind::Command,
+                    (Some(ComponentKind::HttpProxy), Some(_)) => AppKind::Http,
+                    (Some(ComponentKind::HttpProxy), None) => bail!(
+                        "{what} is a wasi:http/proxy component: serve it with `corral run --serve 127.0.0.1:8080 {what}`"
+                    ),
+                    (Some(ComponentKind::Command), Some(_)) => bail!(
+                        "{what} is a wasi:cli/command component; --serve needs a wasi:http/proxy component"
+                    ),
+                    (None, _) => bail!(
+                        "{what} exports neither wasi:cli/run nor wasi:http/incoming-handler (0.2.x)"
+                    ),
+                }
+            }
+        };
         // Bound before the sandbox, which allows no bind.
         let listener = match self.serve {
             Some(addr) => {
@@ -131,81 +157,39 @@ impl RunCommand {
             }
             None => None,
         };
-        if !self.no_sandbox {
-            let app = match app {
-                Some(app) => app,
-                None => cli_app_spec(&file, self.serve)?,
-            };
+        let app = match app {
+            Some(app) => app,
+            None => cli_app_spec(&file, self.serve)?,
+        };
+        let plan = if self.no_sandbox {
+            None
+        } else {
             let mut plan = SandboxPlan::for_app(&app);
             plan.allow_dirs(&caps.dirs);
             // Everything opened since start: the artifact (and wasmtime's
             // mapping of it), the cache lock, the listener.
             plan.keep_fds_opened_since(&inherited);
-            // Before any thread (tokio, the epoch ticker) starts.
-            let sandboxed = plan.enter().context("entering the sandbox")?;
-            for missing in &sandboxed.layers().missing {
-                eprintln!("corral: sandbox (best-effort): {missing}");
-            }
+            Some(plan)
+        };
+        if kind == AppKind::Http {
+            caps.stdio = StdioMode::LogToStderr;
         }
-        let program = artifact.program;
-
-        // The ticker thread drives timeouts; started after loading so that
-        // compiling is not counted against the guest.
-        let _ticker = EpochTicker::start(&engine).context("starting the epoch ticker")?;
-        match (program, self.serve) {
-            (Program::Module(module), None) => {
-                let rt = current_thread_runtime()?;
-                let outcome = rt.block_on(async {
-                    let linker = host::p1::linker(&engine)?;
-                    host::p1::run(&engine, &linker, &module, &caps, true).await
-                })?;
+        let guest = Guest::prepare(&engine, artifact.program, kind, caps, &what)?;
+        // Before any thread (tokio, the epoch ticker) starts.
+        let guest = guest.enter_standalone(plan)?;
+        for missing in guest.layers().map(|l| l.missing.as_slice()).unwrap_or_default() {
+            eprintln!("corral: sandbox (best-effort): {missing}");
+        }
+        match listener {
+            None => {
+                let outcome = guest.run_once()?;
                 outcome.report(&what);
                 Ok(ExitCode::from(outcome.exit_code()))
             }
-            (Program::Module(_), Some(_)) => {
-                bail!(
-                    "{what}: a core module cannot be served; --serve needs a wasi:http/proxy component"
-                )
-            }
-            (Program::Component(component), serve) => {
-                match (host::component_kind(&engine, &component), serve) {
-                    (Some(ComponentKind::Command), None) => {
-                        let rt = current_thread_runtime()?;
-                        let outcome = rt.block_on(async {
-                            let linker = host::p2::linker(&engine)?;
-                            host::p2::run_command(&engine, &linker, &component, &caps, true).await
-                        })?;
-                        outcome.report(&what);
-                        Ok(ExitCode::from(outcome.exit_code()))
-                    }
-                    (Some(ComponentKind::HttpProxy), Some(_)) => {
-                        caps.stdio = StdioMode::LogToStderr;
-                        let handler = host::http::HttpHandler::new(&engine, &component, caps)?;
-                        let rt = tokio::runtime::Builder::new_multi_thread()
-                            .enable_all()
-                            .build()?;
-                        let listener = listener.context("bound above")?;
-                        listener.set_nonblocking(true)?;
-                        rt.block_on(async move {
-                            let listener = tokio::net::TcpListener::from_std(listener)?;
-                            let local = listener.local_addr()?;
-                            eprintln!("Serving HTTP on http://{local}/");
-                            handler.serve(listener).await
-                        })?;
-                        Ok(ExitCode::SUCCESS)
-                    }
-                    (Some(ComponentKind::HttpProxy), None) => bail!(
-                        "{what} is a wasi:http/proxy component: serve it with `corral run --serve 127.0.0.1:8080 {what}`"
-                    ),
-                    (Some(ComponentKind::Command), Some(_)) => {
-                        bail!(
-                            "{what} is a wasi:cli/command component; --serve needs a wasi:http/proxy component"
-                        )
-                    }
-                    (None, _) => bail!(
-                        "{what} exports neither wasi:cli/run nor wasi:http/incoming-handler (0.2.x)"
-                    ),
-                }
+            Some(listener) => {
+                eprintln!("Serving HTTP on http://{}/", listener.local_addr()?);
+                guest.serve(&app, vec![listener.into()])?;
+                Ok(ExitCode::SUCCESS)
             }
         }
     }
@@ -361,12 +345,6 @@ fn diagnostics(e: &corral_policy::PolicyError) -> String {
             .collect::<Vec<_>>()
             .join("\n")
     }
-}
-
-fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
 }
 
 #[cfg(test)]

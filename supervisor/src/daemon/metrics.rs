@@ -1,88 +1,20 @@
-//! Per-app counters that worker processes bump and corrald reads, and
-//! their Prometheus text (`GET /metrics`, `daemon.metrics`).
+//! corrald's side of the per-app counters (`corral_runtime::counters`):
+//! one page per app, and their Prometheus text (`GET /metrics`,
+//! `daemon.metrics`).
 //!
-//! Requests, errors and latencies happen in workers, which are sandboxed
-//! (no files, no sockets) and may die at any time. So corrald creates one
-//! page of atomics per app ([`AppCounters`]) in a sealed memfd, maps it,
-//! and hands the fd to each zygote it starts with the `Start` message; the
-//! zygote maps it before it enters the sandbox and closes the fd, and its
-//! workers inherit the mapping through fork. The page belongs to corrald,
-//! not to a zygote, so the counters survive zygote restarts, reloads and
-//! scale to zero; they count from corrald's start.
-//!
-//! A worker can write its own app's page only: a compromised worker can
-//! forge its app's numbers, nothing else. The memfd is sealed against
-//! shrinking, so nobody can make corrald's reads fault.
+//! The page belongs to corrald, not to a zygote, so the counters survive
+//! zygote restarts, reloads and scale to zero; they count from corrald's
+//! start.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+
+use corral_runtime::counters::{AppCounters, BUCKETS};
 
 use super::manager::{AppInfo, AppState, escape_label};
-
-/// Upper bounds of the latency histogram's buckets, in seconds (the
-/// `+Inf` bucket comes on top).
-pub(crate) const BUCKETS: [f64; 14] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-/// One app's counters, shared by corrald, its zygote and its workers.
-/// Only atomics (all-zero is a valid value of each); `repr(C)` because
-/// processes that map it agree on the layout by being the same binary.
-#[derive(Debug, Default)]
-#[repr(C)]
-pub(crate) struct AppCounters {
-    /// http requests, stdio connections, command runs (workers).
-    pub(crate) requests: AtomicU64,
-    /// Of those, failed: an http response with status >= 500 (the guest's
-    /// own, or corral's for a trap or limit), a stdio or command instance
-    /// that trapped, hit a limit or exited non-zero (workers).
-    pub(crate) errors: AtomicU64,
-    /// Wasm instances created (workers).
-    pub(crate) instances: AtomicU64,
-    /// Latency observations per bucket (not cumulative), `+Inf` last.
-    pub(crate) latency: [AtomicU64; BUCKETS.len() + 1],
-    /// Sum of the observed latencies, in microseconds.
-    pub(crate) latency_sum_us: AtomicU64,
-    /// Artifact cache lookups when the app was prepared (corrald).
-    pub(crate) cache_hits: AtomicU64,
-    pub(crate) cache_misses: AtomicU64,
-    /// Workers killed by seccomp (corrald, from the zygote's report).
-    pub(crate) sandbox_kills: AtomicU64,
-}
-
-impl AppCounters {
-    /// One request (or connection) that took `took`; `failed` counts it as
-    /// an error too.
-    pub(crate) fn observe(&self, took: Duration, failed: bool) {
-        let seconds = took.as_secs_f64();
-        let bucket = BUCKETS
-            .iter()
-            .position(|&le| seconds <= le)
-            .unwrap_or(BUCKETS.len());
-        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
-        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
-        if failed {
-            self.errors.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// A request (or connection, or run) begins in a fresh instance.
-    pub(crate) fn begin(&self) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        self.instances.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A zeroed page that no other process sees: for a zygote started
-    /// without one (it still runs; its numbers are lost).
-    pub(crate) fn private() -> &'static AppCounters {
-        Box::leak(Box::default())
-    }
-}
 
 /// The counter pages of every app corrald has served, by app name. A page
 /// outlives the app's versions (reloads, restarts); an app removed from
@@ -110,7 +42,7 @@ impl Blocks {
         if let Some(block) = apps.get(app) {
             return Some(block.counters);
         }
-        match super::sys::create_counters() {
+        match corral_runtime::counters::create_page() {
             Ok((fd, counters)) => {
                 apps.insert(app.to_string(), Block { counters, fd });
                 Some(counters)
@@ -288,6 +220,8 @@ impl Blocks {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -301,7 +235,7 @@ mod tests {
         // What a zygote does with the fd: map it again (here in the same
         // process, which shows it is the same memory).
         let fd = blocks.fd_for_zygote("web").unwrap();
-        let other = super::super::sys::map_counters(&fd).unwrap();
+        let other = corral_runtime::counters::map_page(&fd).unwrap();
         other.sandbox_kills.fetch_add(1, Ordering::Relaxed);
         assert_eq!(counters.sandbox_kills.load(Ordering::Relaxed), 1);
         assert!(

@@ -4,8 +4,8 @@
 //! systemd), compiles each module into the artifact cache, and runs one
 //! supervising task per app. It never runs guest code and never forks
 //! without exec: per app it starts a zygote (`corrald zygote`, see
-//! [`zygote`]) and hands it the spec, the listening sockets and the open
-//! artifact over a control socket (`protocol.rs`). The zygote forks the
+//! `corral_runtime::zygote`) and hands it the spec, the listening sockets and the open
+//! artifact over a control socket (`corral_runtime::protocol`). The zygote forks the
 //! workers, which accept on the sockets themselves.
 //!
 //! Per app (`supervisor.rs`): at `pool.min = 0` corrald only watches the
@@ -19,10 +19,7 @@ pub(crate) mod listeners;
 pub mod logging;
 pub mod manager;
 pub(crate) mod metrics;
-pub(crate) mod protocol;
 mod supervisor;
 mod sys;
-pub(crate) mod worker;
-pub mod zygote;
 
 pub use supervisor::run;

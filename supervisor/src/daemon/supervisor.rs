@@ -32,7 +32,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::listeners::{self, SystemdSockets};
 use super::manager::{self, AppState, Manager, Registry, ReloadReport, Request};
-use super::protocol::{self, FromZygote, Start, ToZygote};
+use corral_runtime::protocol::{self, FromZygote, Start, ToZygote};
 use super::sys;
 
 /// Variables a zygote must not see: they are corrald's.
@@ -1223,7 +1223,7 @@ fn split_layers(line: &str) -> Vec<String> {
 fn seccomp_report(app: &str, pid: i32, raw_status: i32) -> Option<String> {
     use std::os::unix::process::ExitStatusExt as _;
     let status = std::process::ExitStatus::from_raw(raw_status);
-    let kill = crate::sandbox::seccomp_kill(u32::try_from(pid).ok()?, status)?;
+    let kill = corral_runtime::sandbox::seccomp_kill(u32::try_from(pid).ok()?, status)?;
     Some(kill.describe(app))
 }
 

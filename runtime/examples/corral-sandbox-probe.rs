@@ -1,4 +1,5 @@
-//! The sandbox probe (`corral-sandbox-probe`, a test tool): enters exactly
+//! The sandbox probe (`corral-sandbox-probe`, a test binary of the runtime
+//! crate, used by `tests/sandbox.rs` and the VM test; never packaged): enters exactly
 //! the sandbox a worker of an app gets ([`SandboxPlan::for_app`] then
 //! [`SandboxPlan::enter`]), then tries one action natively and reports the
 //! outcome, so that tests can prove each rule from inside.
@@ -19,7 +20,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use super::{Layer, SandboxPlan};
+use corral_runtime::sandbox::{DEFAULT_OPEN_FILES, Layer, SandboxPlan};
 
 /// Enter an app's worker sandbox and try one action.
 #[derive(Debug, Parser)]
@@ -91,8 +92,7 @@ enum Action {
     Bench { iterations: u32 },
 }
 
-/// Entry point of `corral-sandbox-probe`.
-pub fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
     match run(args) {
         Ok(code) => code,
@@ -306,7 +306,7 @@ fn limits() -> std::io::Result<()> {
         && core.maximum == Some(0)
         && nofile
             .maximum
-            .is_some_and(|n| n <= super::DEFAULT_OPEN_FILES)
+            .is_some_and(|n| n <= DEFAULT_OPEN_FILES)
         && nnp;
     if ok {
         Ok(())

@@ -27,9 +27,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use wasmtime::Engine;
 use wasmtime_wasi_http::io::TokioIo;
 
-use super::metrics::AppCounters;
-use super::sys::{SharedPool, Slot};
-use crate::host::{self, ConnectionStdio, EpochTicker, GuestCaps, Program, StdioMode};
+use crate::counters::AppCounters;
+use crate::guest::Guest;
+use crate::host::{self, ConnectionStdio, EpochTicker, GuestCaps, StdioMode};
+use crate::pool::{SharedPool, Slot};
 
 /// Byte a worker sends its zygote when it is at `pool.concurrency`.
 pub(crate) const WAKE_SATURATED: u8 = b's';
@@ -44,36 +45,8 @@ const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(15);
 /// How often a worker looks at its idle time, `draining` and its zygote.
 const TICK: Duration = Duration::from_millis(100);
 
-/// The pre-instantiated guest, made by the zygote before forking.
-pub(crate) enum Guest {
-    Http {
-        handler: host::http::HttpHandler,
-        engine: Engine,
-    },
-    Stdio {
-        engine: Engine,
-        linker: wasmtime::Linker<host::p1::P1State>,
-        module: wasmtime::Module,
-        caps: GuestCaps,
-    },
-    Command {
-        engine: Engine,
-        program: Program,
-        caps: GuestCaps,
-    },
-}
-
-impl Guest {
-    fn engine(&self) -> &Engine {
-        match self {
-            Guest::Http { engine, .. }
-            | Guest::Stdio { engine, .. }
-            | Guest::Command { engine, .. } => engine,
-        }
-    }
-}
-
-/// What a freshly forked worker gets from its zygote.
+/// What a worker gets: from its zygote right after the fork, or from a
+/// standalone runner (`corral run --serve`, the shim's task process).
 pub(crate) struct WorkerCtx<'a> {
     pub(crate) app: &'a AppSpec,
     pub(crate) listeners: &'a [OwnedFd],
@@ -81,8 +54,21 @@ pub(crate) struct WorkerCtx<'a> {
     pub(crate) slot: usize,
     /// The app's metrics page: requests, errors, latency.
     pub(crate) counters: &'static AppCounters,
-    pub(crate) wake: BorrowedFd<'a>,
-    pub(crate) zygote: Option<rustix::process::Pid>,
+    pub(crate) parent: Parent<'a>,
+}
+
+/// Who the worker answers to.
+pub(crate) enum Parent<'a> {
+    /// A zygote: it retires itself when idle or after `pool.max-requests`,
+    /// wakes the zygote through `wake`, and stops when the zygote (`pid`,
+    /// its parent at fork) is gone.
+    Zygote {
+        pid: Option<rustix::process::Pid>,
+        wake: BorrowedFd<'a>,
+    },
+    /// Nobody: the only worker of a standalone runner. It never retires
+    /// and stops on SIGTERM or SIGINT.
+    None,
 }
 
 /// The worker's life; returns its exit code.
@@ -109,34 +95,18 @@ fn run(ctx: &WorkerCtx<'_>, guest: &Guest) -> anyhow::Result<i32> {
                 engine,
                 program,
                 caps,
-            } => run_command(engine, program, caps, ctx.counters).await,
+            } => {
+                ctx.counters.begin();
+                let outcome = crate::guest::run_command(engine, program, caps).await?;
+                outcome.report("command");
+                if outcome.exit_code() != 0 {
+                    ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(i32::from(outcome.exit_code()))
+            }
             _ => serve(ctx, guest).await.map(|()| 0),
         }
     })
-}
-
-async fn run_command(
-    engine: &Engine,
-    program: &Program,
-    caps: &GuestCaps,
-    counters: &AppCounters,
-) -> anyhow::Result<i32> {
-    counters.begin();
-    let outcome = match program {
-        Program::Module(module) => {
-            let linker = host::p1::linker(engine)?;
-            host::p1::run(engine, &linker, module, caps, false).await?
-        }
-        Program::Component(component) => {
-            let linker = host::p2::linker(engine)?;
-            host::p2::run_command(engine, &linker, component, caps, false).await?
-        }
-    };
-    outcome.report("command");
-    if outcome.exit_code() != 0 {
-        counters.errors.fetch_add(1, Ordering::Relaxed);
-    }
-    Ok(i32::from(outcome.exit_code()))
 }
 
 /// A listening socket of the app.
@@ -167,7 +137,8 @@ struct Serving {
     counters: &'static AppCounters,
     live: &'static std::sync::atomic::AtomicU32,
     concurrency: u32,
-    wake: OwnedFd,
+    /// The zygote's wake-up socket (`None`: no zygote).
+    wake: Option<OwnedFd>,
     permits: Arc<Semaphore>,
     /// An HTTP/2 stream waits for a permit: an accept loop holding one
     /// while it waits for a connection gives it up.
@@ -181,7 +152,9 @@ struct Serving {
 
 impl Serving {
     fn wake(&self, byte: u8) {
-        let _ = rustix::net::send(&self.wake, &[byte], SendFlags::DONTWAIT);
+        if let Some(wake) = &self.wake {
+            let _ = rustix::net::send(wake, &[byte], SendFlags::DONTWAIT);
+        }
     }
 }
 
@@ -196,11 +169,17 @@ async fn serve(ctx: &WorkerCtx<'_>, guest: &Guest) -> anyhow::Result<()> {
         counters: ctx.counters,
         live: &header.live,
         concurrency,
-        wake: ctx.wake.try_clone_to_owned()?,
+        wake: match &ctx.parent {
+            Parent::Zygote { wake, .. } => Some(wake.try_clone_to_owned()?),
+            Parent::None => None,
+        },
         permits: Arc::new(Semaphore::new(concurrency as usize)),
         stream_waiting: tokio::sync::Notify::new(),
         stop: stop_tx,
-        max_requests: app.pool.max_requests,
+        max_requests: match ctx.parent {
+            Parent::Zygote { .. } => app.pool.max_requests,
+            Parent::None => None,
+        },
         keep_alive_idle: app.pool.idle_timeout.min(KEEP_ALIVE_IDLE),
     });
     let guest = Arc::new(match guest {
@@ -240,13 +219,17 @@ async fn serve(ctx: &WorkerCtx<'_>, guest: &Guest) -> anyhow::Result<()> {
             }
             continue;
         }
-        let zygote_gone = rustix::process::getppid() != ctx.zygote;
+        let (parent_gone, may_retire) = match ctx.parent {
+            Parent::Zygote { pid, .. } => (rustix::process::getppid() != pid, true),
+            Parent::None => (crate::sys::stop_requested(), false),
+        };
         let retired = slot.retiring.load(Ordering::SeqCst) != 0; // max-requests
-        if header.draining.load(Ordering::SeqCst) != 0 || zygote_gone || retired {
+        if header.draining.load(Ordering::SeqCst) != 0 || parent_gone || retired {
             stopping = true;
         } else if in_flight > 0 {
             idle_since = Instant::now();
-        } else if idle_since.elapsed() >= app.pool.idle_timeout
+        } else if may_retire
+            && idle_since.elapsed() >= app.pool.idle_timeout
             && take_out_of_live(&header.live, app.pool.min)
         {
             slot.retiring.store(1, Ordering::SeqCst);
@@ -628,7 +611,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
 
 /// hyper's timer (header-read timeouts) on tokio's clock.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct TokioTimer;
+pub struct TokioTimer;
 
 /// A tokio sleep as hyper's [`hyper::rt::Sleep`].
 struct TokioSleep(Pin<Box<tokio::time::Sleep>>);

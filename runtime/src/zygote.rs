@@ -29,7 +29,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -40,12 +40,14 @@ use rustix::event::{PollFd, PollFlags};
 use rustix::net::RecvFlags;
 use rustix::process::{WaitOptions, WaitStatus};
 
-use super::metrics::AppCounters;
-use super::protocol::{self, FromZygote, Start, ToZygote};
-use super::sys::{self, Forked, SharedPool};
-use super::worker::{self, Guest, WorkerCtx};
-use crate::host::{self, ComponentKind, GuestCaps, Program, StdioMode};
+use crate::counters::AppCounters;
+use crate::guest::{Guest, Sandboxed};
+use crate::host::{self, GuestCaps, StdioMode};
+use crate::pool::SharedPool;
+use crate::protocol::{self, FromZygote, Start, ToZygote};
 use crate::sandbox::SandboxPlan;
+use crate::sys::{self, Forked};
+use crate::worker::{self, Parent, WorkerCtx};
 
 /// How often the zygote looks at its pool without being woken.
 pub(crate) const TICK: Duration = Duration::from_millis(100);
@@ -59,7 +61,7 @@ const FAST_CRASH_LIMIT: u32 = 5;
 /// `corrald zygote`: never returns normally; the exit code says how it went.
 pub fn main() -> std::process::ExitCode {
     // corrald blocks the signals it waits for; the mask survives exec.
-    if let Err(e) = sys::set_signals_blocked(false) {
+    if let Err(e) = sys::unblock_all_signals() {
         eprintln!("corrald zygote: unblocking signals: {e}");
         return std::process::ExitCode::FAILURE;
     }
@@ -128,7 +130,8 @@ struct Zygote {
     /// `None` only in a freshly forked worker, which closes it.
     control: Option<OwnedFd>,
     app: AppSpec,
-    guest: Guest,
+    /// Pre-instantiated and inside the app's sandbox: what workers run.
+    guest: Sandboxed,
     listeners: Vec<OwnedFd>,
     pool: SharedPool,
     /// The app's metrics page (corrald's), mapped before the sandbox.
@@ -170,7 +173,7 @@ impl Zygote {
         // Mapped now, before the sandbox; the fd is closed right away (the
         // workers inherit the mapping, not the file).
         let counters = match start.metrics.then(|| fds.pop()).flatten() {
-            Some(fd) => sys::map_counters(&fd).unwrap_or_else(|e| {
+            Some(fd) => crate::counters::map_page(&fd).unwrap_or_else(|e| {
                 tracing::warn!(app = app.name, "metrics page: {e}; counting privately");
                 AppCounters::private()
             }),
@@ -200,40 +203,13 @@ impl Zygote {
         let mut caps = GuestCaps::for_app(&app, |n| std::env::var(n).ok());
         // stdio apps get their connection per connection, in the worker.
         caps.stdio = StdioMode::Log(host::log::GuestLog::new(&app.name, app.limits.stdout));
-        let guest = match (app.kind, program) {
-            (AppKind::Http, Program::Component(component)) => {
-                match host::component_kind(&engine, &component) {
-                    Some(ComponentKind::HttpProxy) => Guest::Http {
-                        handler: host::http::HttpHandler::new(&engine, &component, caps)
-                            .context("pre-instantiating")?,
-                        engine: engine.clone(),
-                    },
-                    _ => bail!(
-                        "{}: kind = \"http\" needs a component exporting wasi:http/incoming-handler",
-                        app.module.display()
-                    ),
-                }
-            }
-            (AppKind::Http, Program::Module(_)) => bail!(
-                "{}: kind = \"http\" needs a wasi:http/proxy component, not a core module",
-                app.module.display()
-            ),
-            (AppKind::Stdio, Program::Module(module)) => Guest::Stdio {
-                linker: host::p1::linker(&engine)?,
-                module,
-                caps,
-                engine: engine.clone(),
-            },
-            (AppKind::Stdio, Program::Component(_)) => bail!(
-                "{}: kind = \"stdio\" needs a WASI preview1 command module",
-                app.module.display()
-            ),
-            (AppKind::Command, program) => Guest::Command {
-                program,
-                caps,
-                engine: engine.clone(),
-            },
-        };
+        let guest = Guest::prepare(
+            &engine,
+            program,
+            app.kind,
+            caps,
+            &app.module.display().to_string(),
+        )?;
         let t_pre = t0.elapsed();
         let slots = app.pool.max.max(1) as usize;
         let pool = SharedPool::new(slots).context("mapping the pool's shared page")?;
@@ -255,16 +231,9 @@ impl Zygote {
         plan.keep_fd(&wake_tx);
         // wasmtime keeps the component's artifact open by a path of its own
         // (/proc/self/fd/N) for its copy-on-write memory images.
-        for fd in crate::sandbox::open_fds() {
-            if fd > 2 && !inherited.contains(&fd) {
-                // SAFETY: `fd` was listed in /proc/self/fd just now and is
-                // only borrowed for this call, which records its number;
-                // nothing in between closes fds (single thread).
-                plan.keep_fd(unsafe { BorrowedFd::borrow_raw(fd) });
-            }
-        }
+        plan.keep_fds_opened_since(inherited);
         // Before the first fork: every worker inherits it.
-        let sandboxed = plan.enter().context("entering the sandbox")?;
+        let guest = guest.enter(plan).context("entering the sandbox")?;
         tracing::debug!(
             app = app.name,
             "zygote prepared in {:?}: engine {:?}, artifact {:?}, pre-instantiate {:?}, \
@@ -275,7 +244,7 @@ impl Zygote {
             t_pre - t_artifact,
             t0.elapsed() - t_pre,
         );
-        let layers = sandboxed.layers();
+        let layers = guest.layers();
         for missing in &layers.missing {
             tracing::warn!(app = app.name, "sandbox (best-effort): {missing}");
         }
@@ -428,10 +397,12 @@ impl Zygote {
                     pool: self.pool,
                     slot,
                     counters: self.counters,
-                    wake: self.wake_tx.as_fd(),
-                    zygote: rustix::process::getppid(),
+                    parent: Parent::Zygote {
+                        pid: rustix::process::getppid(),
+                        wake: self.wake_tx.as_fd(),
+                    },
                 };
-                let code = worker::main(ctx, &self.guest);
+                let code = worker::main(ctx, &self.guest.guest);
                 std::process::exit(code);
             }
             Forked::Parent(pid) => {

@@ -19,9 +19,24 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use corral_supervisor::sandbox::{self, LandlockSupport};
+use corral_runtime::sandbox::{self, LandlockSupport};
 
-const PROBE: &str = env!("CARGO_BIN_EXE_corral-sandbox-probe");
+/// The probe, an example of this crate: `cargo test` builds it beside
+/// this test's binary (`target/<profile>/examples/`).
+static PROBE: std::sync::LazyLock<std::path::PathBuf> = std::sync::LazyLock::new(|| {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let probe = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .join("examples/corral-sandbox-probe");
+    assert!(
+        probe.exists(),
+        "{} is missing: build it with `cargo test -p corral-runtime` or `cargo build -p corral-runtime --examples`",
+        probe.display()
+    );
+    probe
+});
 
 /// What the probe's action came to.
 #[derive(Debug, PartialEq, Eq)]
@@ -89,7 +104,7 @@ dirs = [{{ host = "other", guest = "/data", access = "rw" }}]
     }
 
     fn command(&self, extra: &[&str], action: &[&str]) -> Command {
-        let mut cmd = Command::new(PROBE);
+        let mut cmd = Command::new(&*PROBE);
         cmd.arg("--policy")
             .arg(self.path("policy.toml"))
             .args(["--app", "web"])

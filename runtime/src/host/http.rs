@@ -1,4 +1,5 @@
-//! Serving a `wasi:http/proxy` component over HTTP/1.1 with hyper: the
+//! Handling one HTTP request with a `wasi:http/proxy` component (the serve
+//! loop that calls it is the worker's, `crate::worker`): the
 //! component is pre-instantiated once; each request gets a fresh store and
 //! instance (with the pooling allocator and copy-on-write memory images
 //! this costs microseconds), its own limits and its own deadline.
@@ -16,7 +17,6 @@ use hyper::body::Incoming;
 use wasmtime::Engine;
 use wasmtime::component::Component;
 use wasmtime_wasi_http::WasiHttpView as _;
-use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
@@ -49,27 +49,6 @@ impl HttpHandler {
             pre,
             caps: Arc::new(caps),
         })
-    }
-
-    /// Accept connections on `listener` forever, one task per connection.
-    pub async fn serve(self, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
-        loop {
-            let (stream, peer) = listener.accept().await?;
-            let handler = self.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let handler = handler.clone();
-                    async move { Ok::<_, Infallible>(handler.handle(req).await) }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    tracing::debug!(%peer, "connection ended: {e}");
-                }
-            });
-        }
     }
 
     /// Handle one request in a fresh instance.

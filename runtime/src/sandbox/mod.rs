@@ -6,7 +6,7 @@
 //! [`SandboxPlan::for_app`] turns an [`AppSpec`] into a plan (fds to keep,
 //! read-only and read-write paths, connect ports, the app kind's syscall
 //! list, what each layer's enforcement is); [`SandboxPlan::enter`] applies
-//! it to the calling process, in this order, and returns a [`Sandboxed`]
+//! it to the calling process, in this order, and returns an [`Entered`]
 //! token that says which layers are active:
 //!
 //! 1. refuse (before changing anything) when a `require`d layer is missing;
@@ -23,7 +23,6 @@
 mod kernel;
 mod landlock;
 #[doc(hidden)]
-pub mod probe;
 pub mod seccomp;
 mod seccomp_bpf;
 mod sys;
@@ -186,11 +185,11 @@ impl fmt::Display for ActiveLayers {
 
 /// Proof that [`SandboxPlan::enter`] succeeded, and what it enforced.
 #[derive(Debug)]
-pub struct Sandboxed {
+pub struct Entered {
     layers: ActiveLayers,
 }
 
-impl Sandboxed {
+impl Entered {
     pub fn layers(&self) -> &ActiveLayers {
         &self.layers
     }
@@ -441,7 +440,7 @@ impl SandboxPlan {
     }
 
     /// Restricts the calling process to this plan, for good.
-    pub fn enter(self) -> Result<Sandboxed, SandboxError> {
+    pub fn enter(self) -> Result<Entered, SandboxError> {
         let kernel = probe_layers(); // not probe_kernel: no /proc reads here
         let (mut layers, filter) = self.predict_with(&kernel, true)?; // refuse before changing anything
         self.check_single_threaded()?;
@@ -454,7 +453,7 @@ impl SandboxPlan {
         if let Some(filter) = filter {
             install_seccomp(filter.programs)?; // last, closest to the work loop
         }
-        Ok(Sandboxed { layers })
+        Ok(Entered { layers })
     }
 
     fn check_single_threaded(&self) -> Result<(), SandboxError> {

@@ -27,13 +27,13 @@ use rustix::net::{
 use serde::{Deserialize, Serialize};
 
 /// The largest packet either side sends.
-pub(crate) const MAX_MESSAGE: usize = 256 * 1024;
+pub const MAX_MESSAGE: usize = 256 * 1024;
 /// The most fds one packet carries.
 const MAX_FDS: usize = 32;
 
 /// What corrald tells a zygote.
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum ToZygote {
+pub enum ToZygote {
     Start(Box<Start>),
     /// Stop accepting; exit once every worker has finished.
     Drain,
@@ -41,19 +41,19 @@ pub(crate) enum ToZygote {
 
 /// Everything a zygote needs; the fds come with the packet.
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct Start {
-    pub(crate) app: AppSpec,
+pub struct Start {
+    pub app: AppSpec,
     /// What each listening fd is, for logs (`127.0.0.1:8080`, `systemd:web`).
-    pub(crate) listeners: Vec<String>,
-    pub(crate) artifact: Handoff,
+    pub listeners: Vec<String>,
+    pub artifact: Handoff,
     /// The app's metrics page comes last among the fds.
     #[serde(default)]
-    pub(crate) metrics: bool,
+    pub metrics: bool,
 }
 
 /// What a zygote tells corrald.
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum FromZygote {
+pub enum FromZygote {
     /// Sandboxed, pre-instantiated, first workers forked.
     Ready {
         /// The sandbox layers in force, one line.
@@ -82,7 +82,7 @@ pub(crate) enum FromZygote {
 }
 
 /// A packet of JSON plus fds, blocking or not depending on the socket.
-pub(crate) fn send<T: Serialize>(
+pub fn send<T: Serialize>(
     socket: impl AsFd,
     msg: &T,
     fds: &[BorrowedFd<'_>],
@@ -108,7 +108,7 @@ pub(crate) fn send<T: Serialize>(
 }
 
 /// One packet: `Ok(None)` at end of stream (the peer is gone).
-pub(crate) fn recv<T: for<'de> Deserialize<'de>>(
+pub fn recv<T: for<'de> Deserialize<'de>>(
     socket: impl AsFd,
     flags: RecvFlags,
 ) -> std::io::Result<Option<(T, Vec<OwnedFd>)>> {

@@ -1,0 +1,51 @@
+//! The state a zygote shares with its workers: a `MAP_SHARED` page of
+//! atomics (see the zygote's module doc for the protocol).
+
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+/// One worker's place in the shared pool state.
+#[derive(Debug, Default)]
+#[repr(C)]
+pub(crate) struct Slot {
+    /// `pool.concurrency` permits in use right now: one per connection
+    /// (http, stdio), one more per HTTP/2 stream beyond its connection's first.
+    pub(crate) in_flight: AtomicU32,
+    /// 1 once the worker has taken itself out of `live` (idle or
+    /// max-requests retirement): it accepts nothing more.
+    pub(crate) retiring: AtomicU32,
+    /// Requests (http) or connections (stdio) served.
+    pub(crate) served: AtomicU64,
+}
+
+/// The head of the shared pool state.
+#[derive(Debug, Default)]
+#[repr(C)]
+pub(crate) struct PoolHeader {
+    /// Workers that accept (forked and not retiring).
+    pub(crate) live: AtomicU32,
+    /// 1: every worker stops accepting and exits when done.
+    pub(crate) draining: AtomicU32,
+}
+
+/// A [`PoolHeader`] and its [`Slot`]s in memory shared with every process
+/// forked after it was made.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SharedPool {
+    header: &'static PoolHeader,
+    slots: &'static [Slot],
+}
+
+impl SharedPool {
+    pub(crate) fn new(slots: usize) -> std::io::Result<SharedPool> {
+        let (header, slots) = crate::sys::map_pool(slots)?;
+        Ok(SharedPool { header, slots })
+    }
+
+    pub(crate) fn header(&self) -> &'static PoolHeader {
+        self.header
+    }
+
+    pub(crate) fn slots(&self) -> &'static [Slot] {
+        self.slots
+    }
+}
