@@ -568,7 +568,13 @@ where
             let started = Instant::now();
             serving.counters.begin();
             let mut caps = GuestCaps::clone(caps);
-            caps.stdio = StdioMode::Connection(ConnectionStdio::new(stream));
+            let mut stdio = ConnectionStdio::new(stream);
+            // The guest's stderr goes to the log, bounded like the rest of
+            // its output (issue 15: it went to corrald's stderr unbounded).
+            if let StdioMode::Log(log) = &caps.stdio {
+                stdio = stdio.with_log(log.clone());
+            }
+            caps.stdio = StdioMode::Connection(stdio);
             let failed = match host::p1::run(engine, linker, module, &caps, false).await {
                 Ok(outcome) => {
                     outcome.report("stdio connection");

@@ -203,7 +203,11 @@ impl Zygote {
         let t_artifact = t0.elapsed();
         let mut caps = GuestCaps::for_app(&app, |n| std::env::var(n).ok());
         // stdio apps get their connection per connection, in the worker.
-        caps.stdio = StdioMode::Log(host::log::GuestLog::new(&app.name, app.limits.stdout));
+        caps.stdio = StdioMode::Log(host::log::GuestLog::new(
+            &app.name,
+            app.limits.stdout,
+            counters,
+        ));
         let guest = Guest::prepare(
             &engine,
             program,
