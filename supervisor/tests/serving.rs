@@ -278,7 +278,12 @@ struct Response {
 
 /// Read one response (Content-Length, chunked, or up to EOF).
 fn read_response<R: std::io::BufRead>(r: &mut R) -> std::io::Result<Response> {
-    let eof = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before a response");
+    let eof = || {
+        std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed before a response",
+        )
+    };
     let mut line = String::new();
     if r.read_line(&mut line)? == 0 {
         return Err(eof());
@@ -433,7 +438,9 @@ fn silent_connections_leave_other_clients_served() {
             std::thread::spawn(move || {
                 (0..2)
                     .map(|_| get_once(web, "/", Duration::from_secs(5)))
-                    .filter(|r| matches!(r, Ok(r) if r.status == 200 && r.body.starts_with(b"Hello")))
+                    .filter(
+                        |r| matches!(r, Ok(r) if r.status == 200 && r.body.starts_with(b"Hello")),
+                    )
                     .count()
             })
         })
@@ -573,7 +580,12 @@ fn a_spinning_guest_does_not_hold_up_its_neighbours() {
         "http-echo.wasm",
         "pool = { min = 1, max = 1 }\nlimits = { timeout = \"2s\" }",
     ));
-    assert_eq!(get_once(web, "/warm", Duration::from_secs(20)).unwrap().status, 200);
+    assert_eq!(
+        get_once(web, "/warm", Duration::from_secs(20))
+            .unwrap()
+            .status,
+        200
+    );
     let (done, order) = mpsc::channel();
     let spinner = {
         let done = done.clone();
@@ -613,8 +625,16 @@ fn a_guest_flooding_stderr_is_bounded_and_rate_limited() {
     };
     let daemon = Daemon::start(&format!(
         "{}{}",
-        stdio("bounded", bounded, "{ timeout = \"2s\", stdout = \"64KiB\" }"),
-        stdio("firehose", firehose, "{ timeout = \"3s\", stdout = \"1GiB\" }"),
+        stdio(
+            "bounded",
+            bounded,
+            "{ timeout = \"2s\", stdout = \"64KiB\" }"
+        ),
+        stdio(
+            "firehose",
+            firehose,
+            "{ timeout = \"3s\", stdout = \"1GiB\" }"
+        ),
     ));
     // Each instance ends at its timeout and closes its connection.
     let run = |port: u16, instances: usize| {
