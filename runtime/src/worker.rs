@@ -623,13 +623,18 @@ where
     let mut stop = serving.stop.subscribe();
     let mut stream = stream;
     let mut head_deadline = cx.accepted_at + HEAD_DEADLINE;
-    let sniffed = loop {
-        tokio::select! {
-            sniffed = sniff_h2c(&mut stream) => break sniffed,
-            () = tokio::time::sleep_until(head_deadline.into()) => return,
-            () = state.evict.notified() => return,
-            _ = stop.wait_for(|stopped| *stopped), if !*stop.borrow() => {
-                head_deadline = head_deadline.min(Instant::now() + DRAIN_GRACE);
+    let sniffed = {
+        // One sniff for the whole wait: it keeps what it has read.
+        let sniff = sniff_h2c(&mut stream);
+        tokio::pin!(sniff);
+        loop {
+            tokio::select! {
+                sniffed = &mut sniff => break sniffed,
+                () = tokio::time::sleep_until(head_deadline.into()) => return,
+                () = state.evict.notified() => return,
+                _ = stop.wait_for(|stopped| *stopped), if !*stop.borrow() => {
+                    head_deadline = head_deadline.min(Instant::now() + DRAIN_GRACE);
+                }
             }
         }
     };
