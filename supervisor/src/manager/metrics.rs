@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use corral_runtime::counters::{AppCounters, BUCKETS};
 
-use super::manager::{AppInfo, AppState, escape_label};
+use super::state::{AppInfo, AppState, escape_label};
 
 /// The counter pages of every app corrald has served, by app name. A page
 /// outlives the app's versions (reloads, restarts); an app removed from
