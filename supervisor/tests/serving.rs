@@ -508,6 +508,50 @@ fn a_thousand_keep_alive_clients_are_served_by_two_workers() {
     );
 }
 
+/// Issue 15, item 1: a worker at its connection cap (its open-files limit,
+/// 1,024 in the sandbox, less a reserve) closes its oldest idle connection
+/// for each new client instead of leaving the new one in the backlog: a
+/// single worker serves 1,100 clients that each keep their connection
+/// open, and the first of them finds its connection closed.
+#[test]
+fn a_worker_at_its_connection_cap_closes_its_oldest_idle_connection() {
+    raise_open_files(4096);
+    let web = free_port();
+    let daemon = Daemon::start(&http_app(
+        "web",
+        web,
+        "http-hello.wasm",
+        "pool = { min = 1, max = 1 }",
+    ));
+    let mut conns: Vec<BufReader<TcpStream>> = Vec::new();
+    for i in 0..1100 {
+        let s = TcpStream::connect(("127.0.0.1", web)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut c = BufReader::new(s);
+        c.get_mut()
+            .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+            .unwrap();
+        let response =
+            read_response(&mut c).unwrap_or_else(|e| panic!("client {i} got no answer: {e}"));
+        assert_eq!(response.status, 200, "client {i}");
+        conns.push(c);
+    }
+    // The oldest was closed to make room (EOF or reset, not a timeout).
+    let mut buf = [0u8; 64];
+    match conns[0].get_mut().read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the oldest idle connection is still open: {other:?}"),
+    }
+    // The newest is served on.
+    let last = conns.last_mut().unwrap();
+    last.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(last).unwrap().status, 200);
+    assert_eq!(daemon.descendants().len(), 2, "one zygote, one worker");
+}
+
 /// Issue 15, item 8: reloads under keep-alive load. 16 clients that do not
 /// pipeline loop on their connections while the app is reloaded three
 /// times (a changed module: new workers, old ones drain); not one request
