@@ -22,9 +22,9 @@
 //!   `lock.rs`); gc never deletes such an entry.
 
 use std::fmt;
-use std::fs::{self, DirBuilder, File};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -34,13 +34,14 @@ use wasmtime::Engine;
 
 use crate::deserialize::{self, Expected, Verified};
 use crate::engine::{CpuFeatures, engine_hash, host_triple};
-use crate::error::{CacheError, CompileError};
+use crate::error::{CacheError, CompileError, chain};
+use crate::fs::{
+    Owner, STALE_TEMP, create_private_dir, give_to, read_dir_names, remove_if_exists, sync_dir,
+    write_file,
+};
 use crate::lock;
 use crate::source::{ProgramKind, Source};
 use crate::sources;
-
-/// Temp files older than this are leftovers of a crash; gc removes them.
-pub(crate) const STALE_TEMP: Duration = Duration::from_secs(3600);
 
 /// What identifies an artifact: target, engine settings, module contents.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -67,6 +68,12 @@ pub struct EntryMeta {
     pub source: PathBuf,
     pub kind: ProgramKind,
     pub module_size: u64,
+    /// Hex SHA-256 of the module's binary: the key's module part, checked
+    /// against the key before every load and by `verify`, so an entry whose
+    /// files were replaced by another module's is found out. Absent in
+    /// entries written before it was recorded (their key is their name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_sha256: Option<String>,
     pub artifact_size: u64,
     /// Hex SHA-256 of the `.cwasm`; checked before loading only when there
     /// is no `artifact_blake3` (entries written by older versions).
@@ -280,6 +287,8 @@ pub struct GcReport {
 /// Paths of one entry.
 #[derive(Debug, Clone)]
 struct EntryPaths {
+    /// The key's module digest, which the metadata must name.
+    module: String,
     dir: PathBuf,
     cwasm: PathBuf,
     meta: PathBuf,
@@ -290,6 +299,7 @@ impl EntryPaths {
     fn new(root: &Path, key: &ArtifactKey) -> Self {
         let dir = root.join(&key.target).join(&key.engine);
         EntryPaths {
+            module: key.module.clone(),
             cwasm: dir.join(format!("{}.cwasm", key.module)),
             meta: dir.join(format!("{}.json", key.module)),
             lock: dir.join(format!("{}.lock", key.module)),
@@ -322,9 +332,6 @@ pub struct Cache {
     /// use what `sudo corral compile --policy` put there.
     owner: Option<Owner>,
 }
-
-/// A user and group that files are given to.
-pub(crate) type Owner = (u32, u32);
 
 impl Cache {
     /// Open the cache at `dir` for reading and writing, creating it (mode
@@ -485,6 +492,37 @@ impl Cache {
         }
     }
 
+    /// Discard a damaged entry and give the artifact of `module` again: for
+    /// the daemon, when a process it handed `damaged` to (a zygote) reports
+    /// that the file failed its size or digest check ([`load_handed_over`]),
+    /// e.g. because it was truncated in place under the running app.
+    ///
+    /// Under the entry's lock the entry on disk is checked again: if it is
+    /// damaged it is removed (unlinked: processes that still map the old
+    /// file keep their mapping), and then [`Cache::load_or_compile`] builds
+    /// a new one, which appears by rename as a new file. If the entry on
+    /// disk is sound (another caller rebuilt it first, or the file was
+    /// replaced meanwhile) it is loaded as it is, not compiled again.
+    /// `module` is the app's module; if it changed since `damaged` was made,
+    /// the artifact of what it holds now is returned.
+    pub fn rebuild_damaged(
+        &self,
+        engine: &Engine,
+        module: &Path,
+        damaged: &Handoff,
+    ) -> Result<Artifact, CompileError> {
+        let paths = EntryPaths::new(&self.root, &damaged.key);
+        if paths.dir.is_dir() {
+            let _lock = lock_entry(&paths, self.owner)?;
+            match open_entry(&paths, None)? {
+                Probe::Corrupt(reason) => discard(&paths, &reason)?,
+                // Without an engine nothing is loaded, so nothing is refused.
+                Probe::Hit(_) | Probe::Missing | Probe::Refused(_) => {}
+            }
+        }
+        self.load_or_compile(engine, module)
+    }
+
     /// Make sure the cache holds `source` compiled by `engine` for
     /// `target` (a triple; the engine must have been configured for it with
     /// `cpu`), without loading it: the way to fill another machine's
@@ -565,7 +603,7 @@ impl Cache {
                 Ok(Probe::Corrupt(reason) | Probe::Refused(reason)) => {
                     tracing::debug!(key = %sibling, %reason, "baseline-CPU entry not usable here");
                 }
-                Err(e) => tracing::debug!(key = %sibling, error = %e, "baseline-CPU entry"),
+                Err(e) => tracing::debug!(key = %sibling, error = %chain(&e), "baseline-CPU entry"),
             }
         }
         None
@@ -631,7 +669,7 @@ impl Cache {
                 Ok(Probe::Hit(_)) => None,
                 Ok(Probe::Missing) => Some("artifact disappeared while checking".to_string()),
                 Ok(Probe::Corrupt(reason) | Probe::Refused(reason)) => Some(reason),
-                Err(e) => Some(e.to_string()),
+                Err(e) => Some(chain(&e)),
             };
             let mut removed = false;
             if let (Some(reason), true) = (&problem, remove)
@@ -826,6 +864,15 @@ fn open_entry(
         Ok(meta) => meta,
         Err(reason) => return Ok(Probe::Corrupt(reason)),
     };
+    if let Some(module) = &meta.module_sha256
+        && *module != paths.module
+    {
+        return Ok(Probe::Corrupt(format!(
+            "metadata {} is of module {module}, not {}: the entry holds another module's files",
+            paths.meta.display(),
+            paths.module
+        )));
+    }
     let verified = match Verified::check(
         &file,
         &paths.cwasm,
@@ -926,6 +973,7 @@ fn compile_and_store(
         source: std::path::absolute(&source.path).unwrap_or_else(|_| source.path.clone()),
         kind: source.kind,
         module_size: source.wasm.len() as u64,
+        module_sha256: Some(source.digest.clone()),
         artifact_size: compiled.len() as u64,
         artifact_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&compiled)),
         artifact_blake3: Some(deserialize::blake3_hex(&compiled)),
@@ -942,101 +990,6 @@ fn compile_and_store(
         return Err(e.into());
     }
     Ok((meta, took))
-}
-
-/// Write `bytes` to `path` through a temp file in the same directory
-/// (removed on any error), fsync, rename: readers see the old file or the
-/// whole new one, never a part.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
-    write_file(path, bytes, None)
-}
-
-/// [`write_atomic`], the file given to `owner` before it appears.
-pub(crate) fn write_file(
-    path: &Path,
-    bytes: &[u8],
-    owner: Option<Owner>,
-) -> Result<(), CacheError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let err = |source| CacheError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
-        .map_err(err)?;
-    tmp.write_all(bytes).map_err(err)?;
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::fchown(tmp.as_file(), Some(uid), Some(gid)).map_err(err)?;
-    }
-    tmp.as_file().sync_all().map_err(err)?;
-    tmp.persist(path).map_err(|e| err(e.error))?;
-    Ok(())
-}
-
-fn sync_dir(dir: &Path) -> Result<(), CacheError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| CacheError::Write {
-            path: dir.to_path_buf(),
-            source,
-        })
-}
-
-/// Create `dir` and missing parents with mode 0700.
-pub(crate) fn create_private_dir(dir: &Path) -> Result<(), CacheError> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| CacheError::CreateDir {
-            path: dir.to_path_buf(),
-            source,
-        })
-}
-
-pub(crate) fn give_to(path: &Path, (uid, gid): Owner) -> Result<(), CacheError> {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|source| CacheError::Write {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-pub(crate) fn remove_if_exists(path: &Path) -> Result<(), CacheError> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(CacheError::Remove {
-            path: path.to_path_buf(),
-            source,
-        }),
-    }
-}
-
-pub(crate) fn read_dir_names(dir: &Path) -> Result<Vec<String>, CacheError> {
-    let read = match fs::read_dir(dir) {
-        Ok(r) => r,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(CacheError::Read {
-                path: dir.to_path_buf(),
-                source,
-            });
-        }
-    };
-    let mut names = Vec::new();
-    for entry in read {
-        let entry = entry.map_err(|source| CacheError::Read {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        if let Some(name) = entry.file_name().to_str() {
-            names.push(name.to_string());
-        }
-    }
-    names.sort();
-    Ok(names)
 }
 
 fn unix_secs(t: SystemTime) -> u64 {

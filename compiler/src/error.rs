@@ -1,5 +1,8 @@
 //! Errors, one enum per operation. Each renders as one line that names the
-//! file (or target) and the reason, so the CLI can print it as is.
+//! file (or target) and what failed; an underlying cause (an I/O error) is
+//! not repeated in that line but is its `source()`, so `{:#}` through
+//! anyhow (or [`chain`]) prints each cause once: `x.wasm: cannot read: No
+//! such file or directory (os error 2)`.
 
 use std::io;
 use std::path::PathBuf;
@@ -10,7 +13,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum CompileError {
-    #[error("{}: cannot read: {source}", path.display())]
+    #[error("{}: cannot read", path.display())]
     ReadSource {
         path: PathBuf,
         #[source]
@@ -58,14 +61,14 @@ fn fmt_offset(offset: Option<usize>) -> String {
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum CacheError {
-    #[error("{}: cannot create cache directory: {source}", path.display())]
+    #[error("{}: cannot create cache directory", path.display())]
     CreateDir {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
     #[error(
-        "{}: cache directory is not writable ({source}); pass --cache DIR or fix its owner and mode",
+        "{}: cache directory is not writable (pass --cache DIR or fix its owner and mode)",
         path.display()
     )]
     NotWritable {
@@ -73,28 +76,70 @@ pub enum CacheError {
         #[source]
         source: io::Error,
     },
-    #[error("{}: cannot write: {source}", path.display())]
+    #[error("{}: cannot write", path.display())]
     Write {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("{}: cannot read: {source}", path.display())]
+    #[error("{}: cannot read", path.display())]
     Read {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("{}: cannot lock: {source}", path.display())]
+    #[error("{}: cannot lock", path.display())]
     Lock {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("{}: cannot remove: {source}", path.display())]
+    #[error("{}: cannot remove", path.display())]
     Remove {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
+}
+
+/// An error and its causes on one line, `a: b: c`, as anyhow's `{:#}`
+/// prints them: for places that log or store an error as text.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each cause once, with anyhow's `{:#}` as with [`chain`].
+    #[test]
+    fn the_cause_is_said_once() {
+        let io = || io::Error::new(io::ErrorKind::NotFound, "gone");
+        let e = CompileError::from(CacheError::Read {
+            path: "/c/x.cwasm".into(),
+            source: io(),
+        });
+        assert_eq!(chain(&e), "/c/x.cwasm: cannot read: gone");
+        let e = anyhow::Error::new(CompileError::ReadSource {
+            path: "x.wasm".into(),
+            source: io(),
+        });
+        assert_eq!(format!("{e:#}"), "x.wasm: cannot read: gone");
+        let e = anyhow::Error::new(CacheError::NotWritable {
+            path: "/c".into(),
+            source: io(),
+        });
+        assert_eq!(
+            format!("{e:#}"),
+            "/c: cache directory is not writable (pass --cache DIR or fix its owner and mode): gone"
+        );
+    }
 }

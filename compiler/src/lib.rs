@@ -13,19 +13,22 @@ mod cache;
 mod deserialize;
 mod engine;
 mod error;
+mod fs;
 mod lock;
+pub mod preflight;
 mod source;
 mod sources;
 
 pub use cache::{
     Artifact, ArtifactKey, Cache, CompiledEntry, Entry, EntryMeta, GcReport, Handoff,
-    PinnedArtifact, Program, Verification, load_handed_over, write_atomic,
+    PinnedArtifact, Program, Verification, load_handed_over,
 };
 pub use engine::{
     Allocation, BuiltEngine, CpuFeatures, EngineOptions, PoolingOptions, build_engine,
     engine_config, engine_hash, host_triple, new_engine,
 };
-pub use error::{CacheError, CompileError};
+pub use error::{CacheError, CompileError, chain};
+pub use fs::write_atomic;
 pub use source::{ProgramKind, Source};
 
 /// The wasmtime release corral is built with (the workspace pins it with

@@ -47,10 +47,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cache::{
+use crate::error::{CacheError, CompileError};
+use crate::fs::{
     Owner, STALE_TEMP, create_private_dir, give_to, read_dir_names, remove_if_exists, write_file,
 };
-use crate::error::{CacheError, CompileError};
 use crate::source::Source;
 
 /// Files changed this recently are not recorded (see the module comment).
@@ -194,7 +194,7 @@ pub(crate) fn remember(root: &Path, path: &Path, id: &FileId, sha256: &str, owne
         .and_then(|()| owner.map_or(Ok(()), |o| give_to(&dir, o)))
         .and_then(|()| write_file(&file, &json, owner));
     if let Err(e) = written {
-        tracing::debug!(error = %e, "cannot record the source's digest");
+        tracing::debug!(error = %crate::error::chain(&e), "cannot record the source's digest");
     }
 }
 

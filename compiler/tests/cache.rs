@@ -611,3 +611,114 @@ fn an_artifact_the_pool_refuses_is_an_error_not_corruption() {
         "another engine with the same code settings loads the kept entry"
     );
 }
+
+/// An entry whose `.cwasm` and `.json` were both replaced by another
+/// module's passes every size and digest check of the artifact itself;
+/// the module digest in the metadata tells that it is not the key's.
+#[test]
+fn an_entry_holding_another_modules_files_is_rebuilt_and_fails_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::open(&tmp.path().join("cache")).unwrap();
+    let engine = cli_engine();
+    let add = write(tmp.path(), "add.wat", ADD);
+    let sub = write(tmp.path(), "sub.wat", SUB);
+    let a = cache.load_or_compile(&engine, &add).unwrap();
+    let s = cache.load_or_compile(&engine, &sub).unwrap();
+    let (a_path, s_path) = (a.path.clone(), s.path.clone());
+    assert_eq!(a.meta.module_sha256.as_deref(), Some(a.key.module.as_str()));
+    drop((a, s));
+    for ext in ["cwasm", "json"] {
+        fs::copy(s_path.with_extension(ext), a_path.with_extension(ext)).unwrap();
+    }
+
+    let report = cache.verify(false).unwrap();
+    let bad: Vec<_> = report.iter().filter(|v| v.problem.is_some()).collect();
+    assert_eq!(bad.len(), 1, "{report:#?}");
+    assert_eq!(bad[0].path, a_path);
+    assert!(
+        bad[0].problem.as_ref().unwrap().contains("another module"),
+        "{report:#?}"
+    );
+
+    let again = cache.load_or_compile(&engine, &add).unwrap();
+    assert!(!again.cache_hit, "another module's artifact was served");
+    let Program::Module(m) = &again.program else {
+        panic!()
+    };
+    assert!(m.get_export("add").is_some() && m.get_export("sub").is_none());
+    assert!(
+        cache
+            .verify(false)
+            .unwrap()
+            .iter()
+            .all(|v| v.problem.is_none())
+    );
+}
+
+fn inode(file: &fs::File) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().unwrap().ino()
+}
+
+fn run_add(engine: &wasmtime::Engine, program: &Program) -> i32 {
+    let Program::Module(m) = program else {
+        panic!("not a module")
+    };
+    let mut store = wasmtime::Store::new(engine, ());
+    store.set_epoch_deadline(1);
+    let instance = wasmtime::Instance::new(&mut store, m, &[]).unwrap();
+    let add = instance
+        .get_typed_func::<(i32, i32), i32>(&mut store, "add")
+        .unwrap();
+    add.call(&mut store, (2, 3)).unwrap()
+}
+
+/// An entry is only ever replaced by rename: a recompile while the old
+/// artifact is mapped leaves that mapping intact. And when a zygote finds
+/// its handed-over artifact damaged (here: truncated in place),
+/// `rebuild_damaged` discards the entry and builds a new file, once.
+#[test]
+fn a_damaged_handed_over_entry_is_rebuilt_as_a_new_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::open(tmp.path()).unwrap();
+    let engine = cli_engine();
+    let module = write(tmp.path(), "m.wat", ADD);
+
+    let mapped = cache.load_or_compile(&engine, &module).unwrap();
+    let recompiled = cache.recompile(&engine, &module).unwrap();
+    assert_ne!(inode(mapped.file()), inode(recompiled.file()));
+    assert_eq!(run_add(&engine, &mapped.program), 5, "the old mapping");
+    drop((mapped, recompiled));
+
+    // corrald pins the artifact and hands it to a zygote.
+    let pinned = cache
+        .load_or_compile(&engine, &module)
+        .unwrap()
+        .into_pinned();
+    let handoff = pinned.handoff();
+    let damaged_inode = inode(pinned.file());
+    let len = pinned.file().metadata().unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&pinned.path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let err = corral_compiler::load_handed_over(&engine, pinned.file(), &handoff).unwrap_err();
+    assert!(err.to_string().contains("bytes"), "{err}");
+
+    let rebuilt = cache.rebuild_damaged(&engine, &module, &handoff).unwrap();
+    assert!(!rebuilt.cache_hit);
+    assert_eq!(rebuilt.path, pinned.path);
+    assert_ne!(inode(rebuilt.file()), damaged_inode, "rewritten in place");
+    assert_eq!(run_add(&engine, &rebuilt.program), 5);
+    let fd = rebuilt.file().try_clone().unwrap();
+    let program = corral_compiler::load_handed_over(&engine, &fd, &rebuilt.handoff()).unwrap();
+    assert_eq!(run_add(&engine, &program), 5);
+
+    // A second report of the same damage (another zygote of the app) finds
+    // the new entry sound and loads it.
+    let again = cache.rebuild_damaged(&engine, &module, &handoff).unwrap();
+    assert!(again.cache_hit);
+    assert_eq!(inode(again.file()), inode(rebuilt.file()));
+}

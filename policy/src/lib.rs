@@ -11,14 +11,18 @@
 
 #![forbid(unsafe_code)]
 
+mod addr;
+mod builder;
 pub mod defaults;
 mod error;
+mod parse;
 mod source;
 mod spec;
 mod validate;
 
 use std::path::{Path, PathBuf};
 
+pub use builder::{AppSpecBuilder, AppSpecError, FieldError};
 pub use error::{Diagnostic, PolicyError};
 pub use spec::*;
 

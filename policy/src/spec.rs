@@ -9,11 +9,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub use crate::addr::{ConnectHost, ConnectTarget, ListenAddr};
 
 /// A loaded and validated policy.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -122,42 +124,6 @@ impl fmt::Display for AppKind {
     }
 }
 
-/// Where an app listens.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum ListenAddr {
-    /// `host:port` or `[v6]:port`.
-    Tcp(SocketAddr),
-    /// `unix:/path`.
-    Unix(PathBuf),
-    /// `systemd:NAME`: the socket systemd passes with `FileDescriptorName=NAME`.
-    Systemd(String),
-}
-
-impl fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
-            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
-            ListenAddr::Systemd(name) => write!(f, "systemd:{name}"),
-        }
-    }
-}
-
-impl Serialize for ListenAddr {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-/// For the corrald→zygote handoff (see [`AppSpec`]): the string form, read
-/// back with the policy's own parser.
-impl<'de> Deserialize<'de> for ListenAddr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        crate::validate::parse_listen(&text).map_err(serde::de::Error::custom)
-    }
-}
-
 /// A host directory preopened for the guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -173,7 +139,7 @@ impl DirGrant {
     /// A grant from the command line (`corral run --dir`), checked like one
     /// from a policy file.
     pub fn new(host: PathBuf, guest: &str, access: Access) -> Result<DirGrant, String> {
-        let guest = crate::validate::normalize_guest_path(guest)?;
+        let guest = crate::parse::normalize_guest_path(guest)?;
         if !host.is_dir() {
             return Err(format!("{}: not a directory", host.display()));
         }
@@ -201,60 +167,6 @@ pub enum Access {
 pub struct NetworkSpec {
     /// Where the guest may connect; empty means no outbound network.
     pub connect: Vec<ConnectTarget>,
-}
-
-/// One `network.connect` entry: an address or host name, and a port.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub struct ConnectTarget {
-    pub host: ConnectHost,
-    pub port: u16,
-}
-
-/// The host part of a [`ConnectTarget`].
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum ConnectHost {
-    Ip(IpAddr),
-    /// A DNS name, lower-cased.
-    Name(String),
-}
-
-impl ConnectTarget {
-    /// Whether a connection to `addr` (reached by the name `name`, if any)
-    /// is allowed by this entry.
-    pub fn allows(&self, addr: SocketAddr, name: Option<&str>) -> bool {
-        if addr.port() != self.port {
-            return false;
-        }
-        match &self.host {
-            ConnectHost::Ip(ip) => *ip == addr.ip(),
-            ConnectHost::Name(n) => name.is_some_and(|name| name.eq_ignore_ascii_case(n)),
-        }
-    }
-}
-
-impl fmt::Display for ConnectTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.host {
-            ConnectHost::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
-            ConnectHost::Ip(ip) => write!(f, "{ip}:{}", self.port),
-            ConnectHost::Name(name) => write!(f, "{name}:{}", self.port),
-        }
-    }
-}
-
-impl Serialize for ConnectTarget {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-/// For the corrald→zygote handoff (see [`AppSpec`]).
-impl<'de> Deserialize<'de> for ConnectTarget {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        crate::validate::parse_connect(&text).map_err(serde::de::Error::custom)
-    }
 }
 
 /// Worker pool sizing.
@@ -408,7 +320,7 @@ fn ser_opt_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, 
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
-    crate::validate::parse_duration(&text).map_err(serde::de::Error::custom)
+    crate::parse::parse_duration(&text).map_err(serde::de::Error::custom)
 }
 
 fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -416,7 +328,7 @@ fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, 
     if text == "off" {
         return Ok(None);
     }
-    crate::validate::parse_duration(&text)
+    crate::parse::parse_duration(&text)
         .map(Some)
         .map_err(serde::de::Error::custom)
 }

@@ -482,6 +482,30 @@ fn bad_sizes_and_durations() {
     );
 }
 
+/// A size with a unit is bounded as the same number of bytes written as
+/// an integer is: "9999999PiB" used to saturate to 2^64-1 and pass.
+#[test]
+fn sizes_too_large_are_refused_not_saturated() {
+    let f = Fixture::new();
+    let errors = f.errors(&format!(
+        "{MINIMAL}limits = {{ memory = \"9999999PiB\", stdout = \"16EiB\" }}\n"
+    ));
+    for needle in [
+        "limits.memory: `9999999PiB` is too large",
+        "limits.stdout: `16EiB` is too large",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.contains(needle)),
+            "{needle} not in {errors:#?}"
+        );
+    }
+    // The integer form of the same number is refused too (by TOML).
+    let errors = f.errors(&format!(
+        "{MINIMAL}limits = {{ memory = 11258987790745600000000 }}\n"
+    ));
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+}
+
 #[test]
 fn duplicate_listen_addresses_across_apps() {
     let f = Fixture::new();

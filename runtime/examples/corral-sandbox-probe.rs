@@ -304,9 +304,7 @@ fn limits() -> std::io::Result<()> {
     let nnp = rustix::thread::no_new_privs()?;
     let ok = core.current == Some(0)
         && core.maximum == Some(0)
-        && nofile
-            .maximum
-            .is_some_and(|n| n <= DEFAULT_OPEN_FILES)
+        && nofile.maximum.is_some_and(|n| n <= DEFAULT_OPEN_FILES)
         && nnp;
     if ok {
         Ok(())

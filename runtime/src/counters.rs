@@ -1,5 +1,6 @@
 //! One app's counters: a page of atomics that workers bump and corrald
-//! reads (requests, errors, latencies, instances).
+//! reads (requests, errors, latencies, instances, guest output dropped),
+//! and the app's guest-log rate window, which its workers share.
 //!
 //! Workers are sandboxed (no files, no sockets) and may die at any time.
 //! So corrald creates one page per app ([`create_page`]) in a sealed
@@ -43,6 +44,16 @@ pub struct AppCounters {
     pub cache_misses: AtomicU64,
     /// Workers killed by seccomp (corrald, from the zygote's report).
     pub sandbox_kills: AtomicU64,
+    /// Bytes of guest stdout/stderr not logged: past an instance's
+    /// `limits.stdout`, or over the app's log rate (workers).
+    pub log_dropped_bytes: AtomicU64,
+    /// The app's log rate window: the second (of the wall clock, the same
+    /// in every process) it counts, and the bytes logged in it.
+    log_window: AtomicU64,
+    log_window_bytes: AtomicU64,
+    /// The second the rate limit was last said in the log, plus one (0:
+    /// never).
+    log_rate_noted: AtomicU64,
 }
 
 impl AppCounters {
@@ -68,11 +79,60 @@ impl AppCounters {
         self.instances.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Of `bytes` of guest output, how many the app may still log this
+    /// second at `rate` bytes a second (every worker of the app together);
+    /// the rest is counted as dropped.
+    pub fn admit_log(&self, bytes: u64, rate: u64) -> u64 {
+        let now = clock_seconds();
+        let window = self.log_window.load(Ordering::Relaxed);
+        if window != now
+            && self
+                .log_window
+                .compare_exchange(window, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.log_window_bytes.store(0, Ordering::Relaxed);
+        }
+        let used = self.log_window_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let admitted = rate.saturating_sub(used).min(bytes);
+        self.drop_log(bytes - admitted);
+        admitted
+    }
+
+    /// Count `bytes` of guest output as dropped.
+    pub fn drop_log(&self, bytes: u64) {
+        if bytes > 0 {
+            self.log_dropped_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether this process is the one to say that the app's log rate cut
+    /// its output: true at most once a minute per app, in one process.
+    pub fn note_log_rate(&self) -> bool {
+        let now = clock_seconds() + 1;
+        let last = self.log_rate_noted.load(Ordering::Relaxed);
+        (last == 0 || now >= last + 60)
+            && self
+                .log_rate_noted
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
     /// A zeroed page that no other process sees: for a zygote started
     /// without one (it still runs; its numbers are lost).
     pub fn private() -> &'static AppCounters {
         Box::leak(Box::default())
     }
+}
+
+/// Whole seconds of the wall clock: one clock for every process of the
+/// machine, so workers of an app share its rate windows (a clock step only
+/// starts a new window early). Not rustix's `clock_gettime`: its first call
+/// reads /proc/self/auxv, which the worker's sandbox refuses.
+fn clock_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// corrald: a sealed memfd holding a zeroed [`AppCounters`] page, and

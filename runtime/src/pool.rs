@@ -7,8 +7,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 #[derive(Debug, Default)]
 #[repr(C)]
 pub(crate) struct Slot {
-    /// `pool.concurrency` permits in use right now: one per connection
-    /// (http, stdio), one more per HTTP/2 stream beyond its connection's first.
+    /// `pool.concurrency` permits in use right now: one per instance
+    /// running, that is per http request (HTTP/1 request or HTTP/2 stream)
+    /// or stdio connection. Idle connections do not count: the zygote forks
+    /// on requests, not on clients that hold a socket open.
     pub(crate) in_flight: AtomicU32,
     /// 1 once the worker has taken itself out of `live` (idle or
     /// max-requests retirement): it accepts nothing more.

@@ -4,26 +4,33 @@
 //! itself, one fresh instance per request (http) or connection (stdio);
 //! a `command` worker runs its one long-running instance.
 //!
-//! It serves at most `pool.concurrency` requests at once: each connection
-//! holds one permit (an HTTP/1 connection runs one request at a time), and
-//! each HTTP/2 stream beyond its connection's first holds one more, with
-//! `max_concurrent_streams` = `concurrency` per connection. At that many
-//! permits it stops accepting, leaving the backlog to its siblings. It retires
-//! itself as the zygote's module doc describes, and finishes its
-//! connections before exiting when the pool drains or the zygote dies.
+//! A `pool.concurrency` slot is an instance: an http request (an HTTP/1
+//! request or an HTTP/2 stream, to the end of its response body) or a stdio
+//! connection (one guest per connection). Connections are not instances: a
+//! worker holds up to its connection cap (its `RLIMIT_NOFILE` less a
+//! reserve), so silent or idle clients cannot starve the app (issue 15).
+//! At `concurrency` instances running it stops accepting, leaving the
+//! backlog to its siblings (and the zygote forks one when every worker is
+//! there); at its connection cap it closes its oldest idle connection for
+//! each new one. A connection gets [`HEAD_DEADLINE`] from its accept to a
+//! complete request head, and an idle one `keep_alive_idle`. It retires
+//! itself as the zygote's module doc describes, and when it stops
+//! accepting it finishes what its connections have sent, answering with
+//! `Connection: close` (HTTP/2: GOAWAY), before it exits.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use corral_policy::AppSpec;
 use http_body_util::BodyExt as _;
 use rustix::net::SendFlags;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use wasmtime::Engine;
 use wasmtime_wasi_http::io::TokioIo;
 
@@ -37,10 +44,29 @@ pub(crate) const WAKE_SATURATED: u8 = b's';
 /// Byte a worker sends when it retires after `pool.max-requests`.
 pub(crate) const WAKE_REPLACE: u8 = b'r';
 
-/// The longest an idle HTTP/1 keep-alive connection is kept (shorter when
-/// `pool.idle-timeout` is): an idle client must not hold a `concurrency`
-/// slot, nor keep an idle worker from retiring, for long.
+/// The longest an idle connection is kept (shorter when
+/// `pool.idle-timeout` is): HTTP/1 between requests, HTTP/2 without a
+/// stream (then GOAWAY).
 const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(15);
+
+/// The longest from a connection's accept to its first complete request
+/// head (HTTP/2: its first stream), the h2c sniff included.
+const HEAD_DEADLINE: Duration = Duration::from_secs(10);
+
+/// When the worker stops accepting, how long an idle HTTP/1 connection is
+/// kept for a request its client may have sent already (it is answered
+/// with `Connection: close`); closing at once lost that request (issue 15).
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
+/// Descriptors a worker keeps free of connections: listening sockets, the
+/// artifact, wasmtime's, the runtime's, a guest's own sockets and files.
+const RESERVED_FDS: u64 = 64;
+/// The connection cap never goes below this, whatever `RLIMIT_NOFILE` says.
+const MIN_CONNECTIONS: u64 = 16;
+/// Nor above this.
+const MAX_CONNECTIONS: usize = 64 * 1024;
+/// Connections asked to close to make room, at most, at any time.
+const EVICTIONS_AHEAD: usize = 16;
 
 /// How often a worker looks at its idle time, `draining` and its zygote.
 const TICK: Duration = Duration::from_millis(100);
@@ -183,15 +209,48 @@ struct Serving {
     concurrency: u32,
     /// The zygote's wake-up socket (`None`: no zygote).
     wake: Option<OwnedFd>,
+    /// `concurrency` permits, one per instance running: an http request
+    /// (HTTP/1 request or HTTP/2 stream) to the end of its response body, or
+    /// a stdio connection (its guest is the instance) for its whole life.
     permits: Arc<Semaphore>,
-    /// An HTTP/2 stream waits for a permit: an accept loop holding one
-    /// while it waits for a connection gives it up.
-    stream_waiting: tokio::sync::Notify,
     /// Flips to `true` when the worker stops accepting.
     stop: watch::Sender<bool>,
     max_requests: Option<u64>,
-    /// How long an HTTP/1 connection may wait for its next request head.
+    /// How long an idle connection is kept: HTTP/1 between requests
+    /// (hyper's header read timeout), HTTP/2 without a stream (then GOAWAY).
     keep_alive_idle: Duration,
+    /// The open connections, oldest first.
+    conns: std::sync::Mutex<Connections>,
+    /// At most this many open connections (see [`connection_cap`]).
+    max_connections: usize,
+    /// A request ended or a connection closed: an accept loop waiting at
+    /// the connection cap looks again.
+    changed: Notify,
+}
+
+/// The open connections of a worker, by age.
+#[derive(Default)]
+struct Connections {
+    next: u64,
+    open: BTreeMap<u64, Arc<ConnState>>,
+}
+
+/// One open connection, as its worker sees it.
+#[derive(Default)]
+struct ConnState {
+    /// Requests in flight on it, each to the end of its response body (a
+    /// stdio connection counts 1 for its whole life: it is never idle).
+    busy: AtomicU32,
+    /// Requests begun on it.
+    requests: AtomicU64,
+    /// Woken (`notify_waiters`) when a request begins or ends.
+    activity: Notify,
+    /// When it last became idle, in ms since the worker's `epoch`.
+    idle_since_ms: AtomicU64,
+    /// Asked to close: the worker is at its connection cap and this was
+    /// its oldest idle connection.
+    evicted: AtomicBool,
+    evict: Notify,
 }
 
 impl Serving {
@@ -200,6 +259,76 @@ impl Serving {
             let _ = rustix::net::send(wake, &[byte], SendFlags::DONTWAIT);
         }
     }
+
+    fn connections(&self) -> std::sync::MutexGuard<'_, Connections> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn open_connections(&self) -> usize {
+        self.connections().open.len()
+    }
+
+    /// Whether one more connection may be accepted: below the cap, or at
+    /// it once the oldest idle connection has been asked to close (a few
+    /// closings at a time: they hold descriptors until they are gone). With
+    /// none idle, the backlog waits (for a sibling, or for [`Self::changed`]).
+    fn make_room(&self) -> bool {
+        let conns = self.connections();
+        if conns.open.len() < self.max_connections {
+            return true;
+        }
+        let closing = conns
+            .open
+            .values()
+            .filter(|c| c.evicted.load(Ordering::SeqCst))
+            .count();
+        if closing >= EVICTIONS_AHEAD {
+            return false;
+        }
+        let oldest_idle = conns
+            .open
+            .values()
+            .find(|c| c.busy.load(Ordering::SeqCst) == 0 && !c.evicted.load(Ordering::SeqCst));
+        match oldest_idle {
+            Some(c) => {
+                c.evicted.store(true, Ordering::SeqCst);
+                c.evict.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn register(&self, busy: u32) -> (u64, Arc<ConnState>) {
+        let state = Arc::new(ConnState {
+            busy: AtomicU32::new(busy),
+            ..ConnState::default()
+        });
+        let mut conns = self.connections();
+        let id = conns.next;
+        conns.next += 1;
+        conns.open.insert(id, state.clone());
+        (id, state)
+    }
+
+    fn unregister(&self, id: u64) {
+        self.connections().open.remove(&id);
+        self.changed.notify_waiters();
+    }
+}
+
+/// The most connections a worker holds open: its `RLIMIT_NOFILE` (the
+/// sandbox sets it) less what the worker needs besides (listening sockets,
+/// the artifact, wasmtime's, a guest's own sockets and files), and never
+/// more than [`MAX_CONNECTIONS`].
+fn connection_cap() -> usize {
+    let files = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    let cap = files.saturating_sub(RESERVED_FDS).max(MIN_CONNECTIONS);
+    usize::try_from(cap)
+        .unwrap_or(usize::MAX)
+        .min(MAX_CONNECTIONS)
 }
 
 async fn serve(
@@ -223,13 +352,15 @@ async fn serve(
             Parent::None => None,
         },
         permits: Arc::new(Semaphore::new(concurrency as usize)),
-        stream_waiting: tokio::sync::Notify::new(),
         stop: stop_tx,
         max_requests: match ctx.parent {
             Parent::Zygote { .. } => app.pool.max_requests,
             Parent::None => None,
         },
         keep_alive_idle: app.pool.idle_timeout.min(KEEP_ALIVE_IDLE),
+        conns: std::sync::Mutex::default(),
+        max_connections: connection_cap(),
+        changed: Notify::new(),
     });
     let guest = Arc::new(match guest {
         Guest::Http { handler, .. } => Conn::Http(handler.clone()),
@@ -271,7 +402,9 @@ async fn serve(
         }
         let in_flight = slot.in_flight.load(Ordering::SeqCst);
         if stopping {
-            if in_flight == 0 {
+            // Every connection finished (an idle one closes within
+            // `DRAIN_GRACE`, see `serve_http`).
+            if in_flight == 0 && serving.open_connections() == 0 {
                 break;
             }
             continue;
@@ -326,13 +459,43 @@ enum Conn {
 }
 
 async fn accept_loop(listener: Listener, serving: Arc<Serving>, conn: Arc<Conn>) {
+    // A stdio connection is an instance (one guest per connection): it
+    // holds a permit for its life. An http connection holds none; its
+    // requests do.
+    let per_connection = matches!(*conn, Conn::Stdio { .. });
+    let mut stop = serving.stop.subscribe();
     loop {
-        // At `concurrency` connections, stop accepting: the backlog is
-        // left to the other workers (and to the one the zygote forks).
-        let Ok(permit) = serving.permits.clone().acquire_owned().await else {
-            return;
+        // At `concurrency` instances running, stop accepting: the backlog
+        // is left to the other workers (and to the one the zygote forks).
+        let permit = tokio::select! {
+            biased;
+            _ = stop.wait_for(|stopped| *stopped) => return,
+            permit = serving.permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
         };
-        let mut stop = serving.stop.subscribe();
+        let permit = if per_connection {
+            Some(permit)
+        } else {
+            drop(permit); // http: only waited for a free one
+            None
+        };
+        // At the connection cap: room is made by closing the oldest idle
+        // connection; with none idle, wait until one closes or goes idle.
+        loop {
+            let changed = serving.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if serving.make_room() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|stopped| *stopped) => return,
+                () = changed => {}
+            }
+        }
         let accept = async {
             match &listener {
                 Listener::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
@@ -344,9 +507,6 @@ async fn accept_loop(listener: Listener, serving: Arc<Serving>, conn: Arc<Conn>)
         let accepted = tokio::select! {
             biased;
             _ = stop.wait_for(|stopped| *stopped) => return,
-            // The permit goes to the stream, queued on the (fair)
-            // semaphore before this loop asks again.
-            () = serving.stream_waiting.notified() => continue,
             accepted = accept => accepted,
         };
         let stream = match accepted {
@@ -357,19 +517,23 @@ async fn accept_loop(listener: Listener, serving: Arc<Serving>, conn: Arc<Conn>)
                 continue;
             }
         };
-        let n = serving.slot.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        if n >= serving.concurrency {
-            serving.wake(WAKE_SATURATED);
-        }
+        let accepted_at = Instant::now();
+        let slot = permit.map(|permit| InstanceSlot::take(permit, &serving));
+        let (id, state) = serving.register(u32::from(per_connection));
         let serving = serving.clone();
         let conn = conn.clone();
         tokio::spawn(async move {
+            let serve = ConnCtx {
+                serving: &serving,
+                state: &state,
+                accepted_at,
+            };
             match stream {
-                Stream::Tcp(s) => serve_connection(s, &serving, &conn).await,
-                Stream::Unix(s) => serve_connection(s, &serving, &conn).await,
+                Stream::Tcp(s) => serve_connection(s, &serve, &conn).await,
+                Stream::Unix(s) => serve_connection(s, &serve, &conn).await,
             }
-            serving.slot.in_flight.fetch_sub(1, Ordering::SeqCst);
-            drop(permit);
+            drop(slot);
+            serving.unregister(id);
         });
     }
 }
@@ -379,118 +543,95 @@ enum Stream {
     Unix(tokio::net::UnixStream),
 }
 
-async fn serve_connection<S>(stream: S, serving: &Arc<Serving>, conn: &Conn)
+/// One connection being served: its worker, its state, when it came.
+struct ConnCtx<'a> {
+    serving: &'a Arc<Serving>,
+    state: &'a Arc<ConnState>,
+    accepted_at: Instant,
+}
+
+/// One of the worker's `concurrency` permits in use, counted in the
+/// slot's `in_flight` (which the zygote reads to fork).
+struct InstanceSlot {
+    _permit: OwnedSemaphorePermit,
+    serving: Arc<Serving>,
+}
+
+impl InstanceSlot {
+    fn take(permit: OwnedSemaphorePermit, serving: &Arc<Serving>) -> InstanceSlot {
+        let n = serving.slot.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        if n >= serving.concurrency {
+            serving.wake(WAKE_SATURATED);
+        }
+        InstanceSlot {
+            _permit: permit,
+            serving: serving.clone(),
+        }
+    }
+}
+
+impl Drop for InstanceSlot {
+    fn drop(&mut self) {
+        self.serving.slot.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.serving.changed.notify_waiters();
+    }
+}
+
+/// A request in flight on a connection, from the call of the service to
+/// the end of its response body.
+struct Busy {
+    state: Arc<ConnState>,
+    serving: Arc<Serving>,
+    epoch: Instant,
+}
+
+impl Busy {
+    fn begin(state: &Arc<ConnState>, serving: &Arc<Serving>, epoch: Instant) -> Busy {
+        state.busy.fetch_add(1, Ordering::SeqCst);
+        state.requests.fetch_add(1, Ordering::SeqCst);
+        state.activity.notify_waiters();
+        Busy {
+            state: state.clone(),
+            serving: serving.clone(),
+            epoch,
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.state.idle_since_ms.store(ms, Ordering::SeqCst);
+        self.state.busy.fetch_sub(1, Ordering::SeqCst);
+        self.state.activity.notify_waiters();
+        self.serving.changed.notify_waiters();
+    }
+}
+
+async fn serve_connection<S>(stream: S, cx: &ConnCtx<'_>, conn: &Conn)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Sync + Unpin + 'static,
 {
     match conn {
-        Conn::Http(handler) => {
-            let mut stream = stream;
-            let (seen, h2) = match sniff_h2c(&mut stream).await {
-                Ok(sniffed) => sniffed,
-                Err(e) => {
-                    tracing::debug!("connection ended: {e}");
-                    return;
-                }
-            };
-            let handler = handler.clone();
-            let serving_ = serving.clone();
-            // HTTP/2: the streams of this connection in flight.
-            let streams = h2.then(|| Arc::new(AtomicU32::new(0)));
-            // Holds a permit once the connection's first request began.
-            let begun = Arc::new(tokio::sync::Notify::new());
-            let begun_ = begun.clone();
-            let service = hyper::service::service_fn(move |req| {
-                let handler = handler.clone();
-                let serving = serving_.clone();
-                let streams = streams.clone();
-                begun_.notify_one();
-                async move {
-                    let hold = match streams {
-                        Some(streams) => Some(hold_stream(&serving, streams).await),
-                        None => None,
-                    };
-                    count_request(&serving);
-                    let started = Instant::now();
-                    serving.counters.begin();
-                    let response = handler.handle(req).await;
-                    serving
-                        .counters
-                        .observe(started.elapsed(), response.status().is_server_error());
-                    // The stream holds its permit until its body is sent.
-                    Ok::<_, Infallible>(response.map(|body| {
-                        body.map_frame(move |frame| {
-                            let _held = &hold;
-                            frame
-                        })
-                        .boxed_unsync()
-                    }))
-                }
-            });
-            let io = TokioIo::new(Prefixed::new(seen, stream));
-            let mut stop = serving.stop.subscribe();
-            // Serve until the connection ends; when the worker stops
-            // accepting, finish the requests in flight and close.
-            macro_rules! drive {
-                ($connection:expr) => {{
-                    let connection = $connection;
-                    tokio::pin!(connection);
-                    tokio::select! {
-                        result = connection.as_mut() => {
-                            if let Err(e) = result {
-                                tracing::debug!("connection ended: {e}");
-                            }
-                            return;
-                        }
-                        _ = stop.wait_for(|stopped| *stopped) => {}
-                    }
-                    // Accepted before the stop, so its first request is
-                    // served: shut down before hyper has parsed it and the
-                    // client would get a closed connection and no answer
-                    // (seen in the reload test). A client that never sends
-                    // one meets the header read timeout.
-                    tokio::select! {
-                        result = connection.as_mut() => {
-                            if let Err(e) = result {
-                                tracing::debug!("connection ended: {e}");
-                            }
-                            return;
-                        }
-                        () = begun.notified() => {}
-                    }
-                    connection.as_mut().graceful_shutdown();
-                    if let Err(e) = connection.await {
-                        tracing::debug!("connection ended: {e}");
-                    }
-                }};
-            }
-            if h2 {
-                drive!(
-                    hyper::server::conn::http2::Builder::new(SpawnLocal)
-                        .max_concurrent_streams(serving.concurrency)
-                        .serve_connection(io, service)
-                );
-            } else {
-                drive!(
-                    hyper::server::conn::http1::Builder::new()
-                        .keep_alive(true)
-                        .timer(TokioTimer)
-                        .header_read_timeout(serving.keep_alive_idle)
-                        .serve_connection(io, service)
-                );
-            }
-        }
+        Conn::Http(handler) => serve_http(stream, cx, handler).await,
         Conn::Stdio {
             engine,
             linker,
             module,
             caps,
         } => {
+            let serving = cx.serving;
             count_request(serving);
             let started = Instant::now();
             serving.counters.begin();
             let mut caps = GuestCaps::clone(caps);
-            caps.stdio = StdioMode::Connection(ConnectionStdio::new(stream));
+            let mut stdio = ConnectionStdio::new(stream);
+            // The guest's stderr goes to the log, bounded like the rest of
+            // its output (issue 15: it went to corrald's stderr unbounded).
+            if let StdioMode::Log(log) = &caps.stdio {
+                stdio = stdio.with_log(log.clone());
+            }
+            caps.stdio = StdioMode::Connection(stdio);
             let failed = match host::p1::run(engine, linker, module, &caps, false).await {
                 Ok(outcome) => {
                     outcome.report("stdio connection");
@@ -506,63 +647,181 @@ where
     }
 }
 
-/// One HTTP/2 stream in flight: it counts in its connection's streams, and
-/// unless it is the only one, it holds a `concurrency` permit of its own
-/// (counted in the slot's `in_flight`, which the zygote reads to fork).
-struct StreamHold {
-    _active: ActiveStream,
-    _extra: Option<ExtraPermit>,
+/// Where a connection's life stands (see [`serve_http`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// The worker stopped accepting; an idle HTTP/1 connection is kept
+    /// until `until` for a request its client may have sent already.
+    Draining {
+        until: Instant,
+    },
+    /// `graceful_shutdown` was called: hyper finishes what is in flight
+    /// (`Connection: close`, or GOAWAY) and ends the connection.
+    ShuttingDown,
 }
 
-struct ActiveStream(Arc<AtomicU32>);
-
-impl Drop for ActiveStream {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-struct ExtraPermit {
-    _permit: OwnedSemaphorePermit,
-    serving: Arc<Serving>,
-}
-
-impl Drop for ExtraPermit {
-    fn drop(&mut self) {
-        self.serving.slot.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Wait until this worker may run one more request on an HTTP/2
-/// connection. The connection's own permit covers one stream at a time; a
-/// stream that starts while another is in flight takes one more (at most
-/// one stream without its own permit is in flight at any time, so requests
-/// never outnumber permits).
-async fn hold_stream(serving: &Arc<Serving>, streams: Arc<AtomicU32>) -> StreamHold {
-    let others = streams.fetch_add(1, Ordering::SeqCst);
-    let active = ActiveStream(streams);
-    let extra = if others == 0 {
-        None
-    } else {
-        // The semaphore is never closed. On this current-thread runtime the
-        // acquire below queues before the notified accept loop runs and
-        // releases the permit it holds while waiting for a connection.
-        serving.stream_waiting.notify_one();
-        let permit = serving.permits.clone().acquire_owned().await.ok();
-        permit.map(|permit| {
-            let n = serving.slot.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-            if n >= serving.concurrency {
-                serving.wake(WAKE_SATURATED);
+/// Serve one http connection (HTTP/1.1, or HTTP/2 with prior knowledge):
+/// - no complete request head (HTTP/2: no stream) within [`HEAD_DEADLINE`]
+///   of the accept: closed (the h2c sniff counts);
+/// - idle past `keep_alive_idle`: closed (HTTP/1: hyper's header read
+///   timeout; HTTP/2: GOAWAY);
+/// - asked to make room (the worker is at its connection cap and this was
+///   its oldest idle connection): shut down gracefully;
+/// - the worker stops accepting: what the client has sent is finished
+///   and answered with `Connection: close` (HTTP/2: GOAWAY, then the
+///   streams in flight finish); an idle HTTP/1 connection is kept for
+///   [`DRAIN_GRACE`] for a request already on its way, then closed.
+async fn serve_http<S>(stream: S, cx: &ConnCtx<'_>, handler: &host::http::HttpHandler)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Sync + Unpin + 'static,
+{
+    let (serving, state) = (cx.serving, cx.state);
+    let mut stop = serving.stop.subscribe();
+    let mut stream = stream;
+    let mut head_deadline = cx.accepted_at + HEAD_DEADLINE;
+    let sniffed = {
+        // One sniff for the whole wait: it keeps what it has read.
+        let sniff = sniff_h2c(&mut stream);
+        tokio::pin!(sniff);
+        loop {
+            tokio::select! {
+                sniffed = &mut sniff => break sniffed,
+                () = tokio::time::sleep_until(head_deadline.into()) => return,
+                () = state.evict.notified() => return,
+                _ = stop.wait_for(|stopped| *stopped), if !*stop.borrow() => {
+                    head_deadline = head_deadline.min(Instant::now() + DRAIN_GRACE);
+                }
             }
-            ExtraPermit {
-                _permit: permit,
-                serving: serving.clone(),
-            }
-        })
+        }
     };
-    StreamHold {
-        _active: active,
-        _extra: extra,
+    let (seen, h2) = match sniffed {
+        Ok(sniffed) => sniffed,
+        Err(e) => {
+            tracing::debug!("connection ended: {e}");
+            return;
+        }
+    };
+    let handler = handler.clone();
+    let serving_ = serving.clone();
+    let state_ = state.clone();
+    let epoch = cx.accepted_at;
+    let service = hyper::service::service_fn(move |req| {
+        let handler = handler.clone();
+        let serving = serving_.clone();
+        // Counted at once: a connection with a request begun is not idle.
+        let busy = Busy::begin(&state_, &serving, epoch);
+        async move {
+            let slot = serving
+                .permits
+                .clone()
+                .acquire_owned()
+                .await
+                .ok()
+                .map(|permit| InstanceSlot::take(permit, &serving));
+            count_request(&serving);
+            let started = Instant::now();
+            serving.counters.begin();
+            let response = handler.handle(req).await;
+            serving
+                .counters
+                .observe(started.elapsed(), response.status().is_server_error());
+            // The request holds its permit until its body is sent.
+            Ok::<_, Infallible>(response.map(|body| {
+                body.map_frame(move |frame| {
+                    let _held = (&slot, &busy);
+                    frame
+                })
+                .boxed_unsync()
+            }))
+        }
+    });
+    let io = TokioIo::new(Prefixed::new(seen, stream));
+    let keep_alive_idle = serving.keep_alive_idle;
+    macro_rules! drive {
+        ($connection:expr) => {{
+            let connection = $connection;
+            tokio::pin!(connection);
+            let mut phase = if *stop.borrow() {
+                Phase::Draining {
+                    until: head_deadline,
+                }
+            } else {
+                Phase::Serving
+            };
+            loop {
+                let activity = state.activity.notified();
+                tokio::pin!(activity);
+                activity.as_mut().enable();
+                let requests = state.requests.load(Ordering::SeqCst);
+                let idle = state.busy.load(Ordering::SeqCst) == 0;
+                if matches!(phase, Phase::Draining { .. }) && (h2 || !idle) {
+                    // Busy: the response says `Connection: close`.
+                    // HTTP/2: GOAWAY, and the streams in flight finish.
+                    connection.as_mut().graceful_shutdown();
+                    phase = Phase::ShuttingDown;
+                }
+                let idle_until = epoch
+                    + Duration::from_millis(state.idle_since_ms.load(Ordering::SeqCst))
+                    + keep_alive_idle;
+                let wake_at = match phase {
+                    Phase::Serving if requests == 0 => Some(head_deadline),
+                    Phase::Serving if h2 && idle => Some(idle_until),
+                    Phase::Draining { until } => Some(until),
+                    _ => None,
+                };
+                let sleep = tokio::time::sleep_until(wake_at.unwrap_or(epoch).into());
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!("connection ended: {e}");
+                        }
+                        return;
+                    }
+                    _ = stop.wait_for(|stopped| *stopped), if phase == Phase::Serving => {
+                        phase = Phase::Draining { until: Instant::now() + DRAIN_GRACE };
+                    }
+                    () = state.evict.notified(), if phase != Phase::ShuttingDown => {
+                        connection.as_mut().graceful_shutdown();
+                        phase = Phase::ShuttingDown;
+                    }
+                    // A request began or ended: look again.
+                    () = activity, if h2 || phase != Phase::Serving => {}
+                    () = sleep, if wake_at.is_some() => match phase {
+                        // No request head in time, or none while draining:
+                        // closed, there is nothing to finish.
+                        _ if state.requests.load(Ordering::SeqCst) == 0 => return,
+                        Phase::Serving if h2 => {
+                            if state.busy.load(Ordering::SeqCst) == 0 && Instant::now() >= idle_until {
+                                connection.as_mut().graceful_shutdown(); // HTTP/2 idle: GOAWAY
+                                phase = Phase::ShuttingDown;
+                            }
+                        }
+                        Phase::Serving => {}
+                        Phase::Draining { .. } => {
+                            connection.as_mut().graceful_shutdown(); // idle: closes
+                            phase = Phase::ShuttingDown;
+                        }
+                        Phase::ShuttingDown => {}
+                    },
+                }
+            }
+        }};
+    }
+    if h2 {
+        drive!(
+            hyper::server::conn::http2::Builder::new(SpawnLocal)
+                .max_concurrent_streams(serving.concurrency)
+                .serve_connection(io, service)
+        );
+    } else {
+        drive!(
+            hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .timer(TokioTimer)
+                .header_read_timeout(keep_alive_idle)
+                .serve_connection(io, service)
+        );
     }
 }
 

@@ -9,8 +9,9 @@
 //! Pool protocol (zygote ↔ workers), with no signals (the sandbox refuses
 //! `kill`) and no new sockets (it refuses `socketpair`):
 //! - a `MAP_SHARED` page (`SharedPool`) holds `live` (workers that
-//!   accept), `draining`, and per worker slot its connections in flight and
-//!   a `retiring` flag;
+//!   accept), `draining`, and per worker slot its instances in flight
+//!   (http requests, stdio connections; not idle connections) and a
+//!   `retiring` flag;
 //! - a worker retires itself: idle for `pool.idle-timeout` it takes itself
 //!   out of `live` only by a compare-and-swap that keeps `live >= pool.min`;
 //!   after `pool.max-requests` it leaves `live` unconditionally and asks
@@ -18,10 +19,10 @@
 //! - workers write one byte to a datagram socketpair made before the
 //!   sandbox ("saturated", "replace me") to wake the zygote at once; the
 //!   zygote also looks every `TICK` (100 ms);
-//! - the zygote forks while `live < min`, when every live worker is at
-//!   `pool.concurrency`, and to replace a crashed or max-requests worker
-//!   (never above `pool.max`); at `min = 0` it exits once its last worker
-//!   is gone, and corrald watches the socket again.
+//! - the zygote forks while `live < min`, when every live worker has
+//!   `pool.concurrency` instances in flight, and to replace a crashed or
+//!   max-requests worker (never above `pool.max`); at `min = 0` it exits
+//!   once its last worker is gone, and corrald watches the socket again.
 //!
 //! A `command` app's zygote forks one worker, which runs the instance; when
 //! it ends the zygote reports `FromZygote::Finished` and exits, and
@@ -221,7 +222,11 @@ impl Zygote {
         let t_artifact = t0.elapsed();
         let mut caps = GuestCaps::for_app(&app, |n| std::env::var(n).ok());
         // stdio apps get their connection per connection, in the worker.
-        caps.stdio = StdioMode::Log(host::log::GuestLog::new(&app.name, app.limits.stdout));
+        caps.stdio = StdioMode::Log(host::log::GuestLog::new(
+            &app.name,
+            app.limits.stdout,
+            counters,
+        ));
         let guest = Guest::prepare(
             &engine,
             program,

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
 use corral_compiler::EngineOptions;
-use corral_policy::{Access, AppKind, AppSpec, DirGrant, Environment};
+use corral_policy::{Access, AppKind, AppSpec, DirGrant, Enforcement, ListenAddr};
 use corral_runtime::guest::Guest;
 use corral_runtime::host::{self, ComponentKind, GuestCaps, Program, StdioMode, exit_code};
 use corral_runtime::sandbox::{self, SandboxPlan};
@@ -120,7 +120,11 @@ fn run(plan_path: &Path) -> anyhow::Result<ExitCode> {
     let guest = Guest::prepare(&engine, artifact.program, app.kind, caps, &what)?;
     // Before any thread (tokio, the epoch ticker) starts.
     let guest = guest.enter_standalone(Some(sandbox))?;
-    for missing in guest.layers().map(|l| l.missing.as_slice()).unwrap_or_default() {
+    for missing in guest
+        .layers()
+        .map(|l| l.missing.as_slice())
+        .unwrap_or_default()
+    {
         eprintln!("corral-shim: sandbox (best-effort): {missing}");
     }
     match listener {
@@ -159,29 +163,21 @@ fn wait_for_start() -> anyhow::Result<bool> {
 /// The sandbox's view of the task: a policy app like `corral run`'s,
 /// `command` or `http` (listening on the plan's address).
 fn app_spec(plan: &TaskPlan, http: bool) -> anyhow::Result<AppSpec> {
-    let module = serde_json::to_string(&plan.module.to_string_lossy())?;
-    let (kind, listen) = if http {
-        ("http", format!("[{:?}]", plan.listen.to_string()))
+    let kind = if http {
+        AppKind::Http
     } else {
-        ("command", "[]".to_string())
+        AppKind::Command
     };
-    let enforcement = sandbox_enforcement();
-    let text = format!(
-        "[apps.task]\nmodule = {module}\nkind = \"{kind}\"\nlisten = {listen}\n\
-         sandbox = {{ landlock = \"{enforcement}\", seccomp = \"{enforcement}\" }}\n"
-    );
-    let policy = corral_policy::parse_str(
-        &text,
-        &plan.module.with_extension("toml"),
-        &Environment::default(),
-    )
-    .map_err(|e| {
-        let d: Vec<String> = e.diagnostics().iter().map(ToString::to_string).collect();
-        anyhow::anyhow!("the task's sandbox policy: {e} {}", d.join("; "))
-    })?;
-    let app = policy.apps.get("task").cloned().context("the task's app")?;
-    debug_assert!(matches!(app.kind, AppKind::Http | AppKind::Command));
-    Ok(app)
+    let enforcement = match sandbox_enforcement() {
+        "require" => Enforcement::Require,
+        _ => Enforcement::BestEffort,
+    };
+    let mut app = AppSpec::builder("task", &plan.module, kind).sandbox(enforcement);
+    if http {
+        app = app.listen(ListenAddr::Tcp(plan.listen));
+    }
+    app.build()
+        .map_err(|e| anyhow::anyhow!("the task's sandbox policy: {e}"))
 }
 
 /// `require` or `best-effort` (the default): from CORRAL_SHIM_SANDBOX in
@@ -288,4 +284,3 @@ fn bring_loopback_up() -> anyhow::Result<()> {
     }
     Ok(())
 }
-

@@ -32,6 +32,18 @@ pub(crate) fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE))
 }
 
+/// What `-v` prints: the layout of containerd's own shims
+/// (`containerd-shim-runc-v2 -v`), so tools that read theirs read ours.
+fn version_text() -> String {
+    format!(
+        "containerd-shim-corral-v1:\n  Version:  {}\n  Runtime:  {RUNTIME_ID} (shim API: task v2)\n",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// The runtime type containerd names this shim by.
+const RUNTIME_ID: &str = "io.containerd.corral.v1";
+
 fn main() -> std::process::ExitCode {
     let mut args = std::env::args_os().skip(1);
     if args.next().is_some_and(|a| a == GUEST_ARG) {
@@ -41,6 +53,13 @@ fn main() -> std::process::ExitCode {
         };
         return guest::main(PathBuf::from(plan).as_path());
     }
-    containerd_shim::run::<service::Service>("io.containerd.corral.v1", None);
+    // `-v` (containerd and operators ask): the framework would refuse it
+    // for want of a namespace before it looked at the flag.
+    let all: Vec<_> = std::env::args_os().skip(1).collect();
+    if containerd_shim::parse(&all).is_ok_and(|flags| flags.version) {
+        print!("{}", version_text());
+        return std::process::ExitCode::SUCCESS;
+    }
+    containerd_shim::run::<service::Service>(RUNTIME_ID, None);
     std::process::ExitCode::SUCCESS
 }

@@ -307,6 +307,54 @@ fn open_stdio(path: &str, write: bool) -> anyhow::Result<Stdio> {
     Ok(Stdio::from(f))
 }
 
+/// `start`: the address of the shim for this container's group (its pod
+/// under the CRI). When that shim runs already (every container of a pod
+/// after the sandbox), its address, without starting a process; else a
+/// new shim, spawned by the framework.
+fn start_or_join(opts: shim::StartOpts) -> Result<String, shim::Error> {
+    let grouping = grouping(Path::new("."), &opts.id);
+    let address = shim::socket_address(&opts.address, &opts.namespace, &grouping);
+    let socket = address.strip_prefix("unix://").unwrap_or(&address);
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        shim::util::write_address(&address)?;
+        return Ok(address);
+    }
+    // Not running (or going away): a new shim. If another `start` of the
+    // same pod won the race to the socket, the new process sees it in
+    // use, writes that address and exits.
+    let (_pid, address) = shim::spawn(opts, &grouping, Vec::new())?;
+    shim::util::write_address(&address)?;
+    Ok(address)
+}
+
+/// Blocks SIGCHLD, SIGPIPE, SIGTERM and SIGINT for the rest of `start`.
+///
+/// The framework registers signal-hook handlers for them before `start`
+/// and, when `start` returns, drops signal-hook's socket pair before it
+/// unregisters them. A signal landing in that window (the SIGCHLD of the
+/// spawned process that found the pod's shim running and exited) runs a
+/// handler whose wake-up `send` fails with EPIPE and raises SIGPIPE, whose
+/// handler does the same, for ever: `start` spun at 100% CPU and containerd
+/// waited for it until its caller's deadline (issue 22). Blocked, they stay
+/// pending until the process exits. `start` runs no threads, so the
+/// calling thread's mask is the process's.
+fn block_exit_signals() {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+    let mut set = SigSet::empty();
+    for signal in [
+        Signal::SIGCHLD,
+        Signal::SIGPIPE,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+    ] {
+        set.add(signal);
+    }
+    if let Err(e) = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None) {
+        // Cannot fail for a valid set; were it to, start still works.
+        eprintln!("containerd-shim-corral-v1 start: blocking signals: {e}");
+    }
+}
+
 /// One shim per pod (the CRI sandbox id), else per container: what its
 /// socket is named after.
 fn grouping(bundle: &Path, id: &str) -> String {
@@ -392,10 +440,11 @@ impl shim::Shim for Service {
     }
 
     fn start_shim(&mut self, opts: shim::StartOpts) -> Result<String, shim::Error> {
-        let grouping = grouping(Path::new("."), &opts.id);
-        let (_pid, address) = shim::spawn(opts, &grouping, Vec::new())?;
-        shim::util::write_address(&address)?;
-        Ok(address)
+        let started = start_or_join(opts);
+        // Whatever happened, this process only exits from here on, and
+        // must not take a signal while it does (see block_exit_signals).
+        block_exit_signals();
+        started
     }
 
     fn delete_shim(&mut self) -> Result<DeleteResponse, shim::Error> {

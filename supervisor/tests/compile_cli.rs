@@ -253,3 +253,32 @@ fn a_read_only_cache_dir_is_a_one_line_error_naming_it() {
         "{stderr}"
     );
 }
+
+/// An entry whose `.cwasm` and `.json` were both replaced by another
+/// module's is reported by `corral cache verify` (it used to pass: each
+/// file matched the other, and only the key named the module).
+#[test]
+fn cache_verify_finds_an_entry_holding_another_modules_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("a.wat"), "(module (func (export \"a\")))").unwrap();
+    std::fs::write(dir.join("b.wat"), "(module (func (export \"b\")))").unwrap();
+    let out = corral(
+        &["compile", "a.wat", "b.wat", "--cache", "c", "--json"],
+        dir,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let results = json(&out)["results"].clone();
+    // Relative to `dir` (the cache was given as `c`).
+    let path = |i: usize| dir.join(results[i]["path"].as_str().unwrap());
+    let (a, b) = (path(0), path(1));
+    for ext in ["cwasm", "json"] {
+        std::fs::copy(b.with_extension(ext), a.with_extension(ext)).unwrap();
+    }
+
+    let out = corral(&["cache", "verify", "--cache", "c"], dir);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("1 damaged"), "{stdout}");
+    assert!(stdout.contains("another module"), "{stdout}");
+}

@@ -2,6 +2,10 @@
 # The checks of tests/e2e-systemd/run, inside the booted Debian 12 container
 # (systemd is PID 1 here). Started by corral-e2e.service once the system is
 # up; writes its exit code to /root/e2e.rc and powers the container off.
+# tests/e2e-vm/run runs the same script in a VM, with:
+#   E2E_MORE_CHECKS=FILE  a script sourced after these checks (it uses
+#                         ok/fail/check/info/show), for what differs there
+#   E2E_POWEROFF=no       return instead of powering off (the caller does)
 #
 # Every check prints "e2e: ok ..." or "e2e: FAIL ..."; a failed check does
 # not stop the others. Output goes to the console, which the host logs.
@@ -18,8 +22,12 @@ check() { # DESCRIPTION COMMAND...: ok when the command succeeds
 }
 finish() {
     echo "$failures" >/root/e2e.rc
-    info "$failures failed check(s); powering off"
-    systemctl poweroff --no-block
+    if [ "${E2E_POWEROFF:-yes}" = no ]; then
+        info "$failures failed check(s)"
+    else
+        info "$failures failed check(s); powering off"
+        systemctl poweroff --no-block
+    fi
     exit 0
 }
 trap finish EXIT
@@ -121,8 +129,12 @@ EOF
 pid_before=$(main_pid)
 check "systemctl reload corrald" systemctl reload corrald.service
 served=no
-for _ in $(seq 1 100); do
-    if http_ok http://127.0.0.1:8090/ 2>/dev/null; then served=yes; break; fi
+# Polled until served (refused until corrald binds the port), for at most
+# 30 s in all: an app that accepts and never answers must not hold the
+# test for 100 curl timeouts.
+deadline=$((SECONDS + 30))
+while [ "$SECONDS" -lt "$deadline" ]; do
+    if curl -fsS --max-time 5 http://127.0.0.1:8090/ >/dev/null 2>&1; then served=yes; break; fi
     sleep 0.1
 done
 check "the reloaded policy's new app is served" test "$served" = yes
@@ -270,5 +282,10 @@ for run in 1 2 3; do
 done
 systemctl stop corrald.service
 cp /root/policy.example /etc/corral/policy.toml
+
+if [ -n "${E2E_MORE_CHECKS:-}" ]; then
+    # shellcheck source=/dev/null
+    . "$E2E_MORE_CHECKS"
+fi
 
 info "checks took $(elapsed "$t0") s"

@@ -1,10 +1,18 @@
 //! Guest stdout and stderr as log lines (served apps): every line an
 //! instance writes becomes one log event tagged with the app, the worker's
-//! pid, the request's number within that worker and the stream, and an
-//! instance's output is bounded by `limits.stdout` bytes (stdout and stderr
-//! together); past it the rest is dropped and that is said once.
+//! pid, the request's number within that worker and the stream. Two bounds
+//! keep a guest from filling corrald's log (issue 15: a stdio guest looping
+//! on stderr wrote 98 MB in 4 s):
+//! - an instance's output is bounded by `limits.stdout` bytes (stdout and
+//!   stderr together; a stdio app's stdout is its connection, so there it is
+//!   stderr alone); past it the rest is dropped and that is said once;
+//! - an app's instances together log at most [`APP_LOG_RATE`] bytes a
+//!   second (every worker counts in the app's shared page); past it the
+//!   rest of that second is dropped, said at most once a minute.
 //!
-//! The guest never sees an error from its output: dropping is the limit.
+//! Both drops are counted in the app's `log_dropped_bytes`
+//! (`corral_app_guest_log_dropped_bytes_total`). The guest never sees an
+//! error from its output: dropping is the limit.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,8 +21,14 @@ use std::task::{Context, Poll};
 
 use wasmtime_wasi::cli::AsyncStdoutStream;
 
+use crate::counters::AppCounters;
+
 /// The longest line logged as one event; longer ones are split.
 const MAX_LINE: usize = 16 * 1024;
+
+/// Bytes of guest output one app may log per second, all of its instances
+/// and workers together.
+pub const APP_LOG_RATE: u64 = 1 << 20;
 
 /// Where one app's instances log; cheap to clone, one per app.
 #[derive(Debug, Clone)]
@@ -23,16 +37,20 @@ pub struct GuestLog {
     /// Instances started by this process (a request number per worker).
     instances: Arc<AtomicU64>,
     limit: u64,
+    /// The app's page: the shared rate window and the dropped bytes.
+    counters: &'static AppCounters,
 }
 
 impl GuestLog {
     /// The log of `app`'s guests, `limit` bytes per instance
-    /// (`limits.stdout`).
-    pub fn new(app: &str, limit: u64) -> GuestLog {
+    /// (`limits.stdout`), at most [`APP_LOG_RATE`] a second counted in
+    /// `counters` (the app's page, shared by its workers).
+    pub fn new(app: &str, limit: u64, counters: &'static AppCounters) -> GuestLog {
         GuestLog {
             app: app.into(),
             instances: Arc::default(),
             limit,
+            counters,
         }
     }
 
@@ -43,6 +61,7 @@ impl GuestLog {
             worker: rustix::process::getpid().as_raw_nonzero().get(),
             request: self.instances.fetch_add(1, Ordering::Relaxed) + 1,
             left: AtomicU64::new(self.limit),
+            counters: self.counters,
         });
         let stream = |name| AsyncStdoutStream::new(64 * 1024, LineWriter::new(tag.clone(), name));
         (stream("stdout"), stream("stderr"))
@@ -57,6 +76,7 @@ struct Tag {
     request: u64,
     /// Bytes still allowed (stdout and stderr together).
     left: AtomicU64,
+    counters: &'static AppCounters,
 }
 
 /// Splits what a guest writes into lines and logs them.
@@ -94,16 +114,35 @@ impl LineWriter {
     }
 
     fn write(&mut self, buf: &[u8]) {
+        let counters = self.tag.counters;
         let left = self.tag.left.load(Ordering::Relaxed);
         if left == 0 {
+            counters.drop_log(buf.len() as u64);
             return;
         }
         let take = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
         self.tag.left.fetch_sub(take as u64, Ordering::Relaxed);
-        for &byte in &buf[..take] {
+        counters.drop_log((buf.len() - take) as u64);
+        // What the app's rate lets through this second.
+        let admitted = counters.admit_log(take as u64, APP_LOG_RATE) as usize;
+        for &byte in &buf[..admitted] {
             self.line.push(byte);
             if byte == b'\n' || self.line.len() >= MAX_LINE {
                 self.emit();
+            }
+        }
+        if admitted < take {
+            self.emit();
+            if counters.note_log_rate() {
+                tracing::warn!(
+                    target: "guest",
+                    app = %self.tag.app,
+                    worker = self.tag.worker,
+                    request = self.tag.request,
+                    "guest output over {} KiB/s for this app: the rest is dropped \
+                     (counted in corral_app_guest_log_dropped_bytes_total; said once a minute)",
+                    APP_LOG_RATE / 1024
+                );
             }
         }
         if take < buf.len() {
@@ -151,11 +190,13 @@ mod tests {
 
     #[test]
     fn the_limit_counts_both_streams_and_cuts() {
+        let counters = AppCounters::private();
         let tag = Arc::new(Tag {
             app: "a".into(),
             worker: 1,
             request: 1,
             left: AtomicU64::new(10),
+            counters,
         });
         let mut out = LineWriter::new(tag.clone(), "stdout");
         let mut err = LineWriter::new(tag.clone(), "stderr");
@@ -166,5 +207,31 @@ mod tests {
         assert_eq!(tag.left.load(Ordering::Relaxed), 0);
         err.write(b"more\n");
         assert!(err.line.is_empty(), "nothing past the limit");
+        assert_eq!(counters.log_dropped_bytes.load(Ordering::Relaxed), 4 + 5);
+    }
+
+    #[test]
+    fn an_app_logs_at_most_its_rate_a_second() {
+        let counters = AppCounters::private();
+        let tag = Arc::new(Tag {
+            app: "a".into(),
+            worker: 1,
+            request: 1,
+            left: AtomicU64::new(u64::MAX),
+            counters,
+        });
+        let mut err = LineWriter::new(tag, "stderr");
+        let line = [b'x'; 1024];
+        // Four times the rate at once: at most a second's worth (two when
+        // the second turns over during the loop) gets through.
+        for _ in 0..4 * APP_LOG_RATE / 1024 {
+            err.write(&line);
+        }
+        let dropped = counters.log_dropped_bytes.load(Ordering::Relaxed);
+        assert!(dropped >= 2 * APP_LOG_RATE, "{dropped}");
+        assert!(
+            !counters.note_log_rate(),
+            "said once, then not for a minute"
+        );
     }
 }

@@ -59,7 +59,8 @@ pub enum StdioMode {
     /// the host's stdout is not the guest's to write).
     LogToStderr,
     /// stdin and stdout are one accepted connection (stdio apps, inetd
-    /// style); stderr to the host's stderr.
+    /// style); stderr logged as [`StdioMode::Log`] does when the connection
+    /// has a log ([`ConnectionStdio::with_log`]), else the host's stderr.
     Connection(ConnectionStdio),
     /// stdin empty; stdout and stderr logged line by line, tagged and
     /// bounded (corrald's http and command apps), see [`log`].
@@ -71,6 +72,8 @@ pub enum StdioMode {
 pub struct ConnectionStdio {
     stdin: Arc<wasmtime_wasi::cli::AsyncStdinStream>,
     stdout: Arc<wasmtime_wasi::cli::AsyncStdoutStream>,
+    /// Where the guest's stderr goes (`None`: the host's stderr).
+    log: Option<log::GuestLog>,
 }
 
 impl ConnectionStdio {
@@ -84,7 +87,15 @@ impl ConnectionStdio {
         ConnectionStdio {
             stdin: Arc::new(wasmtime_wasi::cli::AsyncStdinStream::new(read)),
             stdout: Arc::new(wasmtime_wasi::cli::AsyncStdoutStream::new(64 * 1024, write)),
+            log: None,
         }
+    }
+
+    /// The guest's stderr logged, bounded and rate-limited by `log`
+    /// (served apps), instead of written to the host's stderr.
+    pub fn with_log(mut self, log: log::GuestLog) -> ConnectionStdio {
+        self.log = Some(log);
+        self
     }
 }
 
@@ -161,7 +172,15 @@ impl GuestCaps {
             StdioMode::Connection(conn) => {
                 b.stdin(conn.stdin.clone());
                 b.stdout(conn.stdout.clone());
-                b.stderr(wasmtime_wasi::cli::stderr());
+                match &conn.log {
+                    Some(log) => {
+                        let (_, stderr) = log.streams();
+                        b.stderr(stderr);
+                    }
+                    None => {
+                        b.stderr(wasmtime_wasi::cli::stderr());
+                    }
+                }
             }
             StdioMode::Log(log) => {
                 let (stdout, stderr) = log.streams();

@@ -43,8 +43,8 @@ use serde::Serialize;
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use wasmtime_wasi_http::io::TokioIo;
 
-use crate::daemon::listeners::SystemdSockets;
-use crate::daemon::manager::{Caller, ClientGuard, Manager, ManagerError};
+use crate::daemon::SystemdSockets;
+use crate::manager::{Caller, ClientGuard, Manager, ManagerError};
 pub use route::{ApiError, MAX_BODY, Route};
 
 /// A client must send a whole request head within this long (also the
@@ -72,11 +72,7 @@ type ApiBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
 /// the metrics listener on `daemon.metrics`. Called once in corrald's
 /// runtime before the apps start. A socket that cannot be set up is
 /// logged as an error and corrald goes on without it.
-pub(crate) fn spawn(
-    manager: Manager,
-    daemon: &corral_policy::DaemonSpec,
-    systemd: &SystemdSockets,
-) {
+pub fn spawn(manager: Manager, daemon: &corral_policy::DaemonSpec, systemd: &SystemdSockets) {
     let path = &daemon.api_socket;
     match open_api_socket(path, systemd) {
         Ok((listener, how)) => {

@@ -3,7 +3,7 @@
 
 use std::os::fd::{AsFd, AsRawFd as _};
 
-use crate::daemon::manager::Caller;
+use crate::manager::Caller;
 
 /// The peer of a connected Unix stream socket, as the kernel recorded it
 /// at `connect(2)`: its uid, gid and pid, and its supplementary groups.

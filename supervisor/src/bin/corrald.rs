@@ -1,11 +1,15 @@
 //! corrald, the corral supervisor daemon (see ARCHITECTURE.md and
-//! `corral_supervisor::daemon`).
+//! `corral_supervisor::daemon`). This entry point wires the daemon to its
+//! front ends (the Unix-socket API and D-Bus), so the daemon imports
+//! neither.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use corral_supervisor::daemon::{FrontEnds, SystemdSockets};
 use corral_supervisor::dbus::Bus;
+use corral_supervisor::manager::Manager;
 
 /// The corral supervisor: serves the apps of a policy from pre-forked,
 /// sandboxed worker pools.
@@ -17,9 +21,11 @@ struct Args {
     policy: PathBuf,
 
     /// The D-Bus bus to serve org.corral.Manager1 on (docs/dbus.md);
-    /// `none`: no D-Bus. An unreachable bus is logged, not fatal.
-    #[arg(long, value_enum, env = "CORRAL_BUS", default_value_t = Bus::System)]
-    bus: Bus,
+    /// `none`: no D-Bus. Default: the system bus, when the machine has one
+    /// (none is an info line); an unreachable bus asked for here is an
+    /// error in the log, not fatal.
+    #[arg(long, value_enum, env = "CORRAL_BUS")]
+    bus: Option<Bus>,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -30,6 +36,27 @@ enum Command {
     /// Internal: the per-app zygote corrald starts (control socket on stdin).
     #[command(hide = true)]
     Zygote,
+}
+
+/// The management front ends: the Unix-socket API (and metrics listener)
+/// and D-Bus.
+struct Apis {
+    bus: Option<Bus>,
+}
+
+impl FrontEnds for Apis {
+    async fn start(
+        self,
+        manager: Manager,
+        daemon: &corral_policy::DaemonSpec,
+        systemd: &SystemdSockets,
+    ) -> Box<dyn std::any::Any + Send> {
+        corral_supervisor::api::spawn(manager.clone(), daemon, systemd);
+        // No bus, or a name we may not own, is logged and corrald serves
+        // on without D-Bus.
+        let bus = self.bus.unwrap_or_default();
+        Box::new(corral_supervisor::dbus::spawn(manager, bus, self.bus.is_some()).await)
+    }
 }
 
 fn main() -> ExitCode {
@@ -45,7 +72,7 @@ fn main() -> ExitCode {
         // file for clients in any directory.
         None => corral_supervisor::daemon::run(
             &std::path::absolute(&args.policy).unwrap_or(args.policy),
-            args.bus,
+            Apis { bus: args.bus },
         ),
     }
 }

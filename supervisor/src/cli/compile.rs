@@ -343,7 +343,7 @@ fn run_job(cache: &Cache, job: &Job<'_>, host: &str) -> JobResult {
             r.cached = hit;
             r.compile_ms = took.map_or(0, |d| d.as_millis() as u64);
         }
-        Err(e) => r.error = Some(e.to_string()),
+        Err(e) => r.error = Some(corral_compiler::chain(&e)),
     }
     r
 }

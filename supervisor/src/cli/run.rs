@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use corral_compiler::EngineOptions;
-use corral_policy::{Access, AppKind, AppSpec, DirGrant, Environment};
+use corral_policy::{Access, AppKind, AppSpec, DirGrant, Enforcement, Environment, ListenAddr};
 
 use corral_runtime::guest::Guest;
 use corral_runtime::host::{
@@ -177,7 +177,11 @@ impl RunCommand {
         let guest = Guest::prepare(&engine, artifact.program, kind, caps, &what)?;
         // Before any thread (tokio, the epoch ticker) starts.
         let guest = guest.enter_standalone(plan)?;
-        for missing in guest.layers().map(|l| l.missing.as_slice()).unwrap_or_default() {
+        for missing in guest
+            .layers()
+            .map(|l| l.missing.as_slice())
+            .unwrap_or_default()
+        {
             eprintln!("corral: sandbox (best-effort): {missing}");
         }
         match listener {
@@ -290,28 +294,17 @@ const REEXEC_ENV: &str = "CORRAL_RUN_REEXEC";
 /// the file, the kind, best-effort layers (what this kernel has); the
 /// command line's dirs are added to the plan by the caller.
 fn cli_app_spec(file: &Path, serve: Option<SocketAddr>) -> anyhow::Result<AppSpec> {
-    let module = std::path::absolute(file)?;
-    let module = serde_json::to_string(&module.to_string_lossy())?; // a valid TOML basic string
     let (kind, listen) = match serve {
-        Some(addr) if addr.port() != 0 => ("http", format!("[{:?}]", addr.to_string())),
-        Some(addr) => (
-            "http",
-            format!("[{:?}]", SocketAddr::new(addr.ip(), 9).to_string()),
-        ),
-        None => ("command", "[]".to_string()),
+        // The policy wants a named port; the sandbox plan only needs one.
+        Some(addr) if addr.port() == 0 => (AppKind::Http, Some(SocketAddr::new(addr.ip(), 9))),
+        Some(addr) => (AppKind::Http, Some(addr)),
+        None => (AppKind::Command, None),
     };
-    let text = format!(
-        "[apps.run]\nmodule = {module}\nkind = \"{kind}\"\nlisten = {listen}\n\
-         sandbox = {{ landlock = \"best-effort\", seccomp = \"best-effort\" }}\n"
-    );
-    let here = std::env::current_dir()?.join("corral-run.toml");
-    let policy = corral_policy::parse_str(&text, &here, &Environment::default())
-        .map_err(|e| anyhow::anyhow!("{}", diagnostics(&e)))?;
-    policy
-        .apps
-        .get("run")
-        .cloned()
-        .context("the generated policy has its app")
+    let mut app = AppSpec::builder("run", file, kind).sandbox(Enforcement::BestEffort);
+    if let Some(addr) = listen {
+        app = app.listen(ListenAddr::Tcp(addr));
+    }
+    Ok(app.build()?)
 }
 
 /// `HOST[::GUEST][:ro|:rw]`.

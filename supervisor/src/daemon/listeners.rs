@@ -15,7 +15,7 @@ pub(crate) const BACKLOG: i32 = 1024;
 
 /// Sockets systemd passed, by `FileDescriptorName=`.
 #[derive(Debug, Default)]
-pub(crate) struct SystemdSockets(HashMap<String, OwnedFd>);
+pub struct SystemdSockets(HashMap<String, OwnedFd>);
 
 impl SystemdSockets {
     /// Take the sockets of `LISTEN_FDS`.

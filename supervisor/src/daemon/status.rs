@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-use super::manager::{AppState, Registry};
+use crate::manager::{AppState, Registry};
 
 /// The longest `STATUS=` value corrald sends.
 pub(crate) const STATUS_MAX: usize = 1024;

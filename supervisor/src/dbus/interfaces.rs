@@ -34,9 +34,7 @@ use zbus::{Connection, interface};
 use zbus::{OwnedObjectPath, Variant};
 
 use super::path::app_path;
-use crate::daemon::manager::{
-    AppInfo, Caller, DaemonInfo, Event, Manager, ManagerError, ReloadReport,
-};
+use crate::manager::{AppInfo, Caller, DaemonInfo, Event, Manager, ManagerError, ReloadReport};
 
 /// The name of the app interface.
 pub const APP_INTERFACE: &str = "org.corral.App1";
@@ -596,7 +594,7 @@ pub async fn emit_event(emitter: &SignalEmitter<'_>, event: &Event) -> zbus::Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::manager::AppState;
+    use crate::manager::AppState;
 
     #[test]
     fn every_app_field_is_a_property_and_none_is_empty() {

@@ -36,7 +36,7 @@ use zbus::fdo::{self, RequestNameFlags, RequestNameReply};
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, connection};
 
-use crate::daemon::manager::{Event, Manager};
+use crate::manager::{Event, Manager};
 use interfaces::{
     APP_INTERFACE, APP_PROPERTIES_EMITTING, AppDict, AppObject, MANAGER_PROPERTIES_EMITTING,
     ManagerObject,
@@ -102,10 +102,17 @@ impl Drop for DbusService {
 
 /// Serve `manager` on `bus`: objects first, then the name. Returns `None`
 /// (after logging why) when there is no bus or the name can't be had;
-/// corrald goes on without D-Bus then.
-pub async fn spawn(manager: Manager, bus: Bus) -> Option<DbusService> {
+/// corrald goes on without D-Bus then. `explicit`: the operator asked for
+/// this bus (`--bus`, `CORRAL_BUS`); when not, a machine with no system bus
+/// at all (no `DBUS_SYSTEM_BUS_ADDRESS`, no socket) is an info line, not
+/// an error.
+pub async fn spawn(manager: Manager, bus: Bus, explicit: bool) -> Option<DbusService> {
     if bus == Bus::None {
         tracing::info!("D-Bus: off (--bus none)");
+        return None;
+    }
+    if bus == Bus::System && !explicit && !system_bus_exists() {
+        tracing::info!("D-Bus API off: no system bus ({SYSTEM_BUS_SOCKET} does not exist)");
         return None;
     }
     match tokio::time::timeout(CONNECT_TIMEOUT, connect(manager, bus)).await {
@@ -134,6 +141,14 @@ pub async fn spawn(manager: Manager, bus: Bus) -> Option<DbusService> {
             None
         }
     }
+}
+
+/// Where the system bus listens unless `DBUS_SYSTEM_BUS_ADDRESS` says.
+const SYSTEM_BUS_SOCKET: &str = "/run/dbus/system_bus_socket";
+
+fn system_bus_exists() -> bool {
+    std::env::var_os("DBUS_SYSTEM_BUS_ADDRESS").is_some()
+        || std::path::Path::new(SYSTEM_BUS_SOCKET).exists()
 }
 
 async fn connect(manager: Manager, bus: Bus) -> anyhow::Result<DbusService> {

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use corral_runtime::counters::{AppCounters, BUCKETS};
 
-use super::manager::{AppInfo, AppState, escape_label};
+use super::state::{AppInfo, AppState, escape_label};
 
 /// The counter pages of every app corrald has served, by app name. A page
 /// outlives the app's versions (reloads, restarts); an app removed from
@@ -93,7 +93,7 @@ impl Blocks {
         let mut out = String::new();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         type Value = fn(&AppInfo, &AppCounters) -> u64;
-        let simple: [(&str, &str, &str, Value); 9] = [
+        let simple: [(&str, &str, &str, Value); 10] = [
             (
                 "corral_app_requests_total",
                 "counter",
@@ -147,6 +147,12 @@ impl Blocks {
                 "counter",
                 "Workers killed by the seccomp filter.",
                 |_, c| c.sandbox_kills.load(Ordering::Relaxed),
+            ),
+            (
+                "corral_app_guest_log_dropped_bytes_total",
+                "counter",
+                "Bytes of guest stdout/stderr not logged: past an instance's limits.stdout, or over the app's log rate.",
+                |_, c| c.log_dropped_bytes.load(Ordering::Relaxed),
             ),
         ];
         for (name, kind, help, value) in simple {

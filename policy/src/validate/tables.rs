@@ -1,0 +1,329 @@
+//! An app's sub-tables: `pool`, `limits`, `sandbox`, `restart`.
+
+use std::time::Duration;
+
+use super::checker::{Checker, join};
+use crate::defaults;
+use crate::parse::parse_duration;
+use crate::source::{Node, NodeKind};
+use crate::spec::*;
+
+pub(super) const POOL_KEYS: &[&str] = &[
+    "min",
+    "max",
+    "idle-timeout",
+    "concurrency",
+    "max-requests",
+    "zygote",
+];
+pub(super) const ZYGOTE_MODES: &[(&str, ZygoteMode)] = &[
+    ("on-demand", ZygoteMode::OnDemand),
+    ("kept", ZygoteMode::Kept),
+];
+pub(super) const LIMIT_KEYS: &[&str] = &["memory", "timeout", "instances", "tables", "stdout"];
+pub(super) const SANDBOX_KEYS: &[&str] = &["landlock", "seccomp"];
+pub(super) const RESTART_KEYS: &[&str] = &["on", "backoff", "give-up"];
+pub(super) const ENFORCEMENTS: &[(&str, Enforcement)] = &[
+    ("require", Enforcement::Require),
+    ("best-effort", Enforcement::BestEffort),
+    ("off", Enforcement::Off),
+];
+pub(super) const RESTART_ONS: &[(&str, RestartOn)] = &[
+    ("always", RestartOn::Always),
+    ("failure", RestartOn::Failure),
+    ("never", RestartOn::Never),
+];
+
+pub(super) fn pool_spec(cx: &mut Checker<'_>, node: Option<&Node>, path: &str) -> Option<PoolSpec> {
+    let mut pool = defaults::POOL;
+    let Some(node) = node else { return Some(pool) };
+    let t = cx.table(node, path)?;
+    cx.check_keys(t, path, POOL_KEYS);
+    let before = cx.error_count();
+    let max_ok;
+    if let Some(e) = t.get("max") {
+        match cx.integer(&e.value, &join(path, "max"), 1, defaults::POOL_MAX_LIMIT) {
+            Some(n) => {
+                pool.max = n as u32;
+                max_ok = true;
+            }
+            None => max_ok = false,
+        }
+    } else {
+        max_ok = true;
+    }
+    let min_ok = match t.get("min") {
+        Some(e) => match cx.integer(&e.value, &join(path, "min"), 0, defaults::POOL_MAX_LIMIT) {
+            Some(n) => {
+                pool.min = n as u32;
+                true
+            }
+            None => false,
+        },
+        None => true,
+    };
+    if max_ok && min_ok && pool.max < pool.min {
+        // Point at whichever of the two this table set (max if both).
+        let (at, key, msg) = match (t.get("max"), t.get("min")) {
+            (Some(e), _) => (
+                e.value.at,
+                "max",
+                format!("{} is below pool.min ({})", pool.max, pool.min),
+            ),
+            (None, Some(e)) => (
+                e.value.at,
+                "min",
+                format!(
+                    "{} is above pool.max ({}, the default): raise pool.max too",
+                    pool.min, pool.max
+                ),
+            ),
+            (None, None) => unreachable!("defaults have min <= max"),
+        };
+        cx.error(at, &join(path, key), msg);
+    }
+    if let Some(e) = t.get("idle-timeout")
+        && let Some(d) = cx.duration(&e.value, &join(path, "idle-timeout"))
+    {
+        pool.idle_timeout = d;
+    }
+    if let Some(e) = t.get("concurrency")
+        && let Some(n) = cx.integer(&e.value, &join(path, "concurrency"), 1, 1 << 20)
+    {
+        pool.concurrency = n as u32;
+    }
+    if let Some(e) = t.get("max-requests") {
+        let p = join(path, "max-requests");
+        match &e.value.kind {
+            NodeKind::Str(s) if s == "unlimited" => pool.max_requests = None,
+            NodeKind::Str(s) => cx.error(
+                e.value.at,
+                &p,
+                format!("`{s}`: use a number of requests (at least 1) or \"unlimited\""),
+            ),
+            _ => {
+                if let Some(n) = cx.integer(&e.value, &p, 1, i64::MAX) {
+                    pool.max_requests = Some(n as u64);
+                }
+            }
+        }
+    }
+    if let Some(e) = t.get("zygote")
+        && let Some(v) = cx.one_of(&e.value, &join(path, "zygote"), ZYGOTE_MODES)
+    {
+        pool.zygote = v;
+    }
+    (cx.error_count() == before).then_some(pool)
+}
+
+/// The largest `limits.instances` and `limits.tables` (the least is 1).
+pub(crate) const LIMIT_COUNT_MAX: i64 = 1_000_000;
+
+/// `limits.memory`: at least one Wasm page.
+pub(crate) fn check_memory(bytes: u64) -> Result<u64, String> {
+    if bytes < defaults::WASM_PAGE {
+        Err(format!("{bytes} bytes is less than one Wasm page (64KiB)"))
+    } else {
+        Ok(bytes)
+    }
+}
+
+/// `limits.timeout`: positive, or off (`None`).
+pub(crate) fn check_timeout(timeout: Option<Duration>) -> Result<(), String> {
+    if timeout == Some(Duration::ZERO) {
+        Err("0s would stop every request at once: use a positive duration or \"off\"".to_string())
+    } else {
+        Ok(())
+    }
+}
+
+/// Check every field of a [`Limits`] built in code, as the policy checks
+/// each key: `(key, problem)` per bad field.
+pub(crate) fn check_limits(limits: &Limits) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    if let Err(why) = check_memory(limits.memory) {
+        problems.push(("memory", why));
+    }
+    if let Err(why) = check_timeout(limits.timeout) {
+        problems.push(("timeout", why));
+    }
+    for (key, n) in [("instances", limits.instances), ("tables", limits.tables)] {
+        if let Err(why) = super::checker::check_range(i64::from(n), 1, LIMIT_COUNT_MAX) {
+            problems.push((key, why));
+        }
+    }
+    problems
+}
+
+pub(super) fn limits_spec(
+    cx: &mut Checker<'_>,
+    node: Option<&Node>,
+    path: &str,
+    kind: Option<AppKind>,
+) -> Option<Limits> {
+    let mut limits = defaults::limits(kind.unwrap_or(AppKind::Http));
+    let Some(node) = node else {
+        return Some(limits);
+    };
+    let t = cx.table(node, path)?;
+    cx.check_keys(t, path, LIMIT_KEYS);
+    let before = cx.error_count();
+    if let Some(e) = t.get("memory") {
+        let p = join(path, "memory");
+        if let Some(n) = cx.size(&e.value, &p) {
+            match check_memory(n) {
+                Ok(n) => limits.memory = n,
+                Err(why) => cx.error(e.value.at, &p, why),
+            }
+        }
+    }
+    if let Some(e) = t.get("timeout")
+        && let Some(d) = cx.duration_or_off(&e.value, &join(path, "timeout"))
+    {
+        if let Err(why) = check_timeout(d) {
+            cx.error(e.value.at, &join(path, "timeout"), why);
+        }
+        limits.timeout = d;
+    }
+    if let Some(e) = t.get("instances")
+        && let Some(n) = cx.integer(&e.value, &join(path, "instances"), 1, LIMIT_COUNT_MAX)
+    {
+        limits.instances = n as u32;
+    }
+    if let Some(e) = t.get("tables")
+        && let Some(n) = cx.integer(&e.value, &join(path, "tables"), 1, LIMIT_COUNT_MAX)
+    {
+        limits.tables = n as u32;
+    }
+    if let Some(e) = t.get("stdout")
+        && let Some(n) = cx.size(&e.value, &join(path, "stdout"))
+    {
+        limits.stdout = n;
+    }
+    (cx.error_count() == before).then_some(limits)
+}
+
+pub(super) fn sandbox_spec(
+    cx: &mut Checker<'_>,
+    node: Option<&Node>,
+    path: &str,
+) -> Option<SandboxSpec> {
+    let mut sandbox = defaults::SANDBOX;
+    let Some(node) = node else {
+        return Some(sandbox);
+    };
+    let t = cx.table(node, path)?;
+    cx.check_keys(t, path, SANDBOX_KEYS);
+    let before = cx.error_count();
+    if let Some(e) = t.get("landlock")
+        && let Some(v) = cx.one_of(&e.value, &join(path, "landlock"), ENFORCEMENTS)
+    {
+        sandbox.landlock = v;
+    }
+    if let Some(e) = t.get("seccomp")
+        && let Some(v) = cx.one_of(&e.value, &join(path, "seccomp"), ENFORCEMENTS)
+    {
+        sandbox.seccomp = v;
+    }
+    (cx.error_count() == before).then_some(sandbox)
+}
+
+pub(super) fn restart_spec(
+    cx: &mut Checker<'_>,
+    node: Option<&Node>,
+    path: &str,
+) -> Option<RestartSpec> {
+    let mut restart = defaults::RESTART;
+    let Some(node) = node else {
+        return Some(restart);
+    };
+    let t = cx.table(node, path)?;
+    cx.check_keys(t, path, RESTART_KEYS);
+    let before = cx.error_count();
+    if let Some(e) = t.get("on")
+        && let Some(v) = cx.one_of(&e.value, &join(path, "on"), RESTART_ONS)
+    {
+        restart.on = v;
+    }
+    if let Some(e) = t.get("backoff") {
+        let p = join(path, "backoff");
+        if let Some(text) = cx.string(&e.value, &p) {
+            match parse_backoff(text) {
+                Ok((lo, hi)) => {
+                    restart.backoff_min = lo;
+                    restart.backoff_max = hi;
+                }
+                Err(why) => cx.error(e.value.at, &p, why),
+            }
+        }
+    }
+    if let Some(e) = t.get("give-up") {
+        let p = join(path, "give-up");
+        if let Some(text) = cx.string(&e.value, &p) {
+            match parse_give_up(text) {
+                Ok(g) => restart.give_up = g,
+                Err(why) => cx.error(e.value.at, &p, why),
+            }
+        }
+    }
+    (cx.error_count() == before).then_some(restart)
+}
+
+fn parse_backoff(text: &str) -> Result<(Duration, Duration), String> {
+    let form = "use \"MIN..MAX\", e.g. \"100ms..30s\"";
+    let (lo, hi) = text
+        .split_once("..")
+        .ok_or_else(|| format!("`{text}`: {form}"))?;
+    let lo = parse_duration(lo).map_err(|why| format!("{why} ({form})"))?;
+    let hi = parse_duration(hi).map_err(|why| format!("{why} ({form})"))?;
+    if lo.is_zero() {
+        return Err(format!("`{text}`: the first delay must be above zero"));
+    }
+    if hi < lo {
+        return Err(format!("`{text}`: the maximum is below the minimum"));
+    }
+    Ok((lo, hi))
+}
+
+fn parse_give_up(text: &str) -> Result<Option<GiveUp>, String> {
+    if text == "off" {
+        return Ok(None);
+    }
+    let form = "use \"N in DURATION\" (e.g. \"5 in 10s\") or \"off\"";
+    let (n, window) = text
+        .split_once(" in ")
+        .ok_or_else(|| format!("`{text}`: {form}"))?;
+    let crashes: u32 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}`: `{n}` is not a count; {form}"))?;
+    if crashes == 0 {
+        return Err(format!("`{text}`: the count must be at least 1; {form}"));
+    }
+    let window = parse_duration(window).map_err(|why| format!("{why} ({form})"))?;
+    if window.is_zero() {
+        return Err(format!("`{text}`: the window must be above zero"));
+    }
+    Ok(Some(GiveUp { crashes, window }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_and_give_up() {
+        assert_eq!(
+            parse_backoff("100ms..30s").unwrap(),
+            (Duration::from_millis(100), Duration::from_secs(30))
+        );
+        assert!(parse_backoff("30s..1s").is_err());
+        assert!(parse_backoff("0s..1s").is_err());
+        assert!(parse_backoff("1s").is_err());
+        let g = parse_give_up("10 in 60s").unwrap().unwrap();
+        assert_eq!((g.crashes, g.window), (10, Duration::from_secs(60)));
+        assert_eq!(parse_give_up("off").unwrap(), None);
+        assert!(parse_give_up("0 in 1s").is_err());
+        assert!(parse_give_up("ten in 1s").is_err());
+    }
+}

@@ -1,0 +1,632 @@
+//! One app's task, for as long as corrald runs it: watch its sockets at
+//! zero, start its zygote (`corrald zygote`, `corral_runtime::zygote`),
+//! hand it the app, follow it, restart it with backoff or mark the app
+//! failed, and report the app's state.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use corral_compiler::PinnedArtifact;
+use corral_policy::{AppKind, AppSpec, RestartOn, ZygoteMode};
+use rustix::net::RecvFlags;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{oneshot, watch};
+
+use crate::manager::{self, AppState, Registry};
+use corral_runtime::protocol::{self, FromZygote, Start, ToZygote};
+
+/// Variables a zygote must not see: they are corrald's.
+const PRIVATE_ENV: &[&str] = &[
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
+/// How one app task reports itself (the registry keeps the API's view).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Report {
+    Starting,
+    /// No process: corrald watches its sockets.
+    Idle,
+    Running {
+        workers: u32,
+        busy: u32,
+    },
+    Backoff(String),
+    Finished,
+    Failed(String),
+}
+
+/// Record `report` for `app` and, when its state changed, tell systemd.
+pub(super) fn set_state(registry: &Registry, app: &str, report: Report) {
+    let changed = registry.update(app, |info| match report {
+        Report::Starting => info.state = AppState::Starting,
+        Report::Idle => info.set_quiet(AppState::Idle),
+        Report::Running { workers, busy } => {
+            info.state = AppState::Running;
+            info.workers = workers;
+            info.busy = busy;
+        }
+        Report::Backoff(why) => {
+            info.set_quiet(AppState::Restarting);
+            info.last_error = Some(why);
+        }
+        Report::Finished => info.set_quiet(AppState::Finished),
+        Report::Failed(why) => {
+            info.set_quiet(AppState::Failed);
+            info.last_error = Some(why);
+        }
+    });
+    if changed {
+        registry.status_changed.notify_one();
+    }
+}
+
+/// One app as its task holds it.
+pub(super) struct App {
+    pub(super) spec: AppSpec,
+    pub(super) listeners: Vec<OwnedFd>,
+    pub(super) artifact: PinnedArtifact,
+    /// To rebuild a damaged artifact.
+    pub(super) cache: corral_compiler::Cache,
+    pub(super) drain_timeout: Duration,
+    pub(super) registry: Arc<Registry>,
+    /// `true` once this version is stopping (shutdown, or replaced or
+    /// removed by a reload): it no longer reports its state.
+    pub(super) stopping: watch::Receiver<bool>,
+}
+
+impl App {
+    fn set_state(&self, report: Report) {
+        if !*self.stopping.borrow() {
+            set_state(&self.registry, &self.spec.name, report);
+        }
+    }
+
+    /// Change the app's record beyond its state (counters, pids), unless
+    /// this version is stopping.
+    fn record(&self, change: impl FnOnce(&mut manager::AppInfo)) {
+        if !*self.stopping.borrow() {
+            self.registry.update(&self.spec.name, change);
+        }
+    }
+}
+
+/// How a zygote's life ended.
+#[derive(Debug)]
+pub(super) enum ZygoteEnd {
+    /// Its last worker retired (scale to zero).
+    Idle,
+    /// A `command` app's instance ended (`success`: exit code 0).
+    Finished {
+        how: String,
+        success: bool,
+    },
+    /// corrald is stopping and the zygote drained.
+    Shutdown,
+    Crashed(String),
+    /// The artifact failed its check in the zygote.
+    ArtifactDamaged(String),
+}
+
+/// One app, for as long as corrald runs.
+pub(super) async fn supervise(
+    mut app: App,
+    ready: oneshot::Sender<()>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let name = app.spec.name.clone();
+    let restart = app.spec.restart;
+    let mut ready = Some(ready);
+    let mut backoff = restart.backoff_min;
+    let mut crashes: VecDeque<Instant> = VecDeque::new();
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        if app.spec.pool.min == 0
+            && app.spec.kind != AppKind::Command
+            && app.spec.pool.zygote == ZygoteMode::OnDemand
+        {
+            app.set_state(Report::Idle);
+            if let Some(r) = ready.take() {
+                let _ = r.send(());
+            }
+            tokio::select! {
+                result = wait_for_connection(&app.listeners) => {
+                    if let Err(e) = result {
+                        tracing::error!(app = name, "watching the sockets: {e:#}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                    tracing::debug!(app = name, "a connection is waiting: starting the zygote");
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+        let started = Instant::now();
+        let end = match run_zygote(&app, &mut ready, &mut shutdown).await {
+            Ok(end) => end,
+            Err(e) => ZygoteEnd::Crashed(format!("{e:#}")),
+        };
+        match end {
+            ZygoteEnd::Idle => {
+                tracing::info!(app = name, "idle: no workers left, watching the sockets");
+                backoff = restart.backoff_min;
+            }
+            ZygoteEnd::Shutdown => return,
+            ZygoteEnd::Finished { how, success } => {
+                let again = match restart.on {
+                    RestartOn::Always => true,
+                    RestartOn::Failure => !success,
+                    RestartOn::Never => false,
+                };
+                if !again {
+                    tracing::info!(
+                        app = name,
+                        "{how}; not restarted (restart.on = {:?})",
+                        restart.on
+                    );
+                    app.set_state(Report::Finished);
+                    let _ = shutdown.changed().await;
+                    return;
+                }
+                if success {
+                    // A clean exit restarted by `always`: no crash, but
+                    // still paced by the backoff.
+                    tracing::info!(app = name, "{how}; restarting it");
+                    tokio::select! {
+                        () = tokio::time::sleep(restart.backoff_min) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    continue;
+                }
+                if let Some(end) = crashed(
+                    &app,
+                    &mut crashes,
+                    &mut backoff,
+                    started,
+                    &mut ready,
+                    &mut shutdown,
+                    how,
+                )
+                .await
+                {
+                    return end;
+                }
+            }
+            ZygoteEnd::ArtifactDamaged(why) => {
+                // Rebuilt from the module (the damaged entry is discarded)
+                // and started again at once; a rebuild that fails counts
+                // as a crash, with backoff and give-up.
+                tracing::warn!(app = name, "{why}: rebuilding the artifact");
+                let rebuilt =
+                    super::reconcile::prepare(&app.spec, app.listeners.len(), &app.cache).await;
+                match rebuilt {
+                    Ok(artifact) => {
+                        tracing::info!(app = name, "artifact rebuilt: starting again");
+                        app.artifact = artifact;
+                        continue;
+                    }
+                    Err(e) => {
+                        if let Some(end) = crashed(
+                            &app,
+                            &mut crashes,
+                            &mut backoff,
+                            started,
+                            &mut ready,
+                            &mut shutdown,
+                            format!("{why}; rebuilding it failed: {e:#}"),
+                        )
+                        .await
+                        {
+                            return end;
+                        }
+                    }
+                }
+            }
+            ZygoteEnd::Crashed(why) => {
+                if let Some(end) = crashed(
+                    &app,
+                    &mut crashes,
+                    &mut backoff,
+                    started,
+                    &mut ready,
+                    &mut shutdown,
+                    format!("zygote died ({why})"),
+                )
+                .await
+                {
+                    return end;
+                }
+            }
+        }
+    }
+}
+
+/// A crash (zygote, or a failed `command` instance): count it for
+/// `restart.give-up`, then wait out the backoff. `Some` when the app is
+/// done (failed, or corrald is stopping).
+pub(super) async fn crashed(
+    app: &App,
+    crashes: &mut VecDeque<Instant>,
+    backoff: &mut Duration,
+    started: Instant,
+    ready: &mut Option<oneshot::Sender<()>>,
+    shutdown: &mut watch::Receiver<bool>,
+    why: String,
+) -> Option<()> {
+    let name = &app.spec.name;
+    let restart = app.spec.restart;
+    if *shutdown.borrow() {
+        return Some(());
+    }
+    // One broken app must not hold back READY=1 for the others: it counts
+    // as handled once it is being restarted (STATUS says so).
+    if let Some(r) = ready.take() {
+        let _ = r.send(());
+    }
+    let now = Instant::now();
+    crashes.push_back(now);
+    if let Some(give_up) = restart.give_up {
+        while crashes
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > give_up.window)
+        {
+            crashes.pop_front();
+        }
+        if crashes.len() as u32 >= give_up.crashes {
+            let reason = format!(
+                "{} crashes within {} (restart.give-up = \"{give_up}\"); last: {why}",
+                crashes.len(),
+                humantime::format_duration(give_up.window)
+            );
+            tracing::error!(app = name, "failed: {reason}");
+            app.set_state(Report::Failed(reason));
+            let _ = shutdown.changed().await;
+            return Some(());
+        }
+    }
+    if started.elapsed() > restart.backoff_max * 2 {
+        *backoff = restart.backoff_min; // it had been running well
+    }
+    tracing::warn!(
+        app = name,
+        "{why}; restarting in {}",
+        humantime::format_duration(*backoff)
+    );
+    app.set_state(Report::Backoff(why.clone()));
+    tokio::select! {
+        () = tokio::time::sleep(*backoff) => {}
+        _ = shutdown.changed() => return Some(()),
+    }
+    *backoff = (*backoff * 2).min(restart.backoff_max);
+    None
+}
+
+/// Wait until one of `listeners` has a connection waiting, without
+/// accepting it: it stays in the backlog for a worker.
+pub(super) async fn wait_for_connection(listeners: &[OwnedFd]) -> anyhow::Result<()> {
+    let mut watched = Vec::new();
+    for fd in listeners {
+        watched.push(register(fd.try_clone()?, tokio::io::Interest::READABLE)?);
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut waits = Vec::new();
+    for fd in watched {
+        let tx = tx.clone();
+        waits.push(tokio::spawn(async move {
+            if let Ok(guard) = fd.readable().await {
+                drop(guard);
+                let _ = tx.send(()).await;
+            }
+        }));
+    }
+    rx.recv().await;
+    for w in waits {
+        w.abort();
+    }
+    Ok(())
+}
+
+/// Start a zygote, hand it the app, and follow it until it exits.
+pub(super) async fn run_zygote(
+    app: &App,
+    ready: &mut Option<oneshot::Sender<()>>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<ZygoteEnd> {
+    let name = &app.spec.name;
+    let (ours, theirs) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )
+    .context("creating the control socketpair")?;
+    let stdout = std::io::stderr().as_fd().try_clone_to_owned()?;
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.arg("zygote")
+        .stdin(Stdio::from(theirs))
+        .stdout(Stdio::from(stdout))
+        .process_group(0);
+    for var in PRIVATE_ENV {
+        cmd.env_remove(var);
+    }
+    let mut child = ZygoteProcess::new(cmd.spawn().context("starting the zygote")?);
+    let pid = child.child.id();
+    let exited = register(
+        rustix::process::pidfd_open(child.pid(), rustix::process::PidfdFlags::empty())
+            .context("pidfd_open of the zygote")?,
+        tokio::io::Interest::READABLE,
+    )?;
+    tracing::debug!(app = name, pid, "zygote started");
+    app.record(|info| info.cold_starts += 1);
+
+    let metrics_page = app.registry.metrics.fd_for_zygote(name);
+    let start = Start {
+        app: app.spec.clone(),
+        listeners: app.spec.listen.iter().map(ToString::to_string).collect(),
+        artifact: app.artifact.handoff(),
+        metrics: metrics_page.is_some(),
+    };
+    let mut fds: Vec<BorrowedFd<'_>> = app.listeners.iter().map(AsFd::as_fd).collect();
+    fds.push(app.artifact.file().as_fd());
+    fds.extend(metrics_page.as_ref().map(AsFd::as_fd));
+    protocol::send(&ours, &ToZygote::Start(Box::new(start)), &fds)?;
+    rustix::io::ioctl_fionbio(&ours, true)?;
+    let control = register(
+        ours,
+        tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
+    )?;
+
+    let mut seen = Reported::default();
+    let mut draining = false;
+    let mut control_open = true;
+    let drain_deadline = tokio::time::sleep(Duration::from_secs(86400 * 365));
+    tokio::pin!(drain_deadline);
+    loop {
+        tokio::select! {
+            msg = recv_from(&control), if control_open => match msg {
+                Ok(Some(msg)) => seen.handle(msg, app, ready, pid),
+                Ok(None) => control_open = false,
+                Err(e) => {
+                    tracing::warn!(app = name, "control socket: {e}");
+                    control_open = false;
+                }
+            },
+            guard = exited.readable() => {
+                drop(guard);
+                let status = child.wait()?;
+                // Everything it said before exiting is queued on the socket,
+                // whatever the reactor has noticed yet: read it first.
+                while let Ok(Some((msg, _))) =
+                    protocol::recv::<FromZygote>(control.get_ref(), RecvFlags::DONTWAIT)
+                {
+                    seen.handle(msg, app, ready, pid);
+                }
+                if draining {
+                    return Ok(ZygoteEnd::Shutdown);
+                }
+                if let Some((how, success)) = seen.finished {
+                    return Ok(ZygoteEnd::Finished { how, success });
+                }
+                if let Some(why) = seen.artifact_damaged {
+                    return Ok(ZygoteEnd::ArtifactDamaged(why));
+                }
+                if seen.idle && status.success() {
+                    return Ok(ZygoteEnd::Idle);
+                }
+                let why = seen.failed.unwrap_or_else(|| format!("exit status {status}"));
+                return Ok(ZygoteEnd::Crashed(why));
+            }
+            _ = shutdown.changed(), if !draining => {
+                if app.spec.kind == AppKind::Command {
+                    // One long-running instance, no requests to finish; a
+                    // guest cannot take a signal, so it is stopped.
+                    tracing::info!(app = name, "stopping the command");
+                    drop(child); // kills the process group
+                    return Ok(ZygoteEnd::Shutdown);
+                }
+                draining = true;
+                let _ = protocol::send(control.get_ref(), &ToZygote::Drain, &[]);
+                drain_deadline.as_mut().reset(tokio::time::Instant::now() + app.drain_timeout);
+            }
+            () = &mut drain_deadline, if draining => {
+                tracing::warn!(app = name, "drain-timeout passed: killing the app's processes");
+                drop(child); // kills the process group
+                return Ok(ZygoteEnd::Shutdown);
+            }
+        }
+    }
+}
+
+/// What a zygote said that decides how its exit is read.
+#[derive(Debug, Default)]
+pub(super) struct Reported {
+    idle: bool,
+    finished: Option<(String, bool)>,
+    failed: Option<String>,
+    artifact_damaged: Option<String>,
+}
+
+impl Reported {
+    fn handle(
+        &mut self,
+        msg: FromZygote,
+        app: &App,
+        ready: &mut Option<oneshot::Sender<()>>,
+        pid: u32,
+    ) {
+        let name = &app.spec.name;
+        match msg {
+            FromZygote::Ready { layers, missing: _ } => {
+                tracing::info!(app = name, pid, "serving ({layers})");
+                app.set_state(Report::Running {
+                    workers: 0,
+                    busy: 0,
+                });
+                app.record(|info| {
+                    info.sandbox = split_layers(&layers);
+                    info.zygote_pid = Some(pid);
+                });
+                if let Some(r) = ready.take() {
+                    let _ = r.send(());
+                }
+            }
+            FromZygote::Failed { error } => {
+                tracing::error!(app = name, "zygote failed: {error}");
+                self.failed = Some(error);
+            }
+            FromZygote::ArtifactDamaged { error } => self.artifact_damaged = Some(error),
+            FromZygote::Workers { live, busy } => {
+                app.set_state(Report::Running {
+                    workers: live,
+                    busy,
+                });
+            }
+            FromZygote::WorkerExited {
+                pid: worker,
+                how,
+                crashed,
+                status,
+            } => {
+                let kill = seccomp_report(name, worker, status);
+                if kill.is_some()
+                    && let Some(counters) = app.registry.metrics.counters(name)
+                {
+                    counters
+                        .sandbox_kills
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                let how = kill.unwrap_or(how);
+                if crashed {
+                    tracing::warn!(app = name, worker, "{how}; replacing it");
+                    app.record(|info| {
+                        info.errors += 1;
+                        info.last_error = Some(format!("worker {worker}: {how}"));
+                    });
+                } else {
+                    tracing::debug!(app = name, worker, "{how}");
+                }
+            }
+            FromZygote::Finished { how, success } => self.finished = Some((how, success)),
+            FromZygote::Idle => self.idle = true,
+        }
+    }
+}
+
+/// The zygote's one-line layer summary (`landlock=abi7(files,tcp)
+/// seccomp=on(97 calls)`) as a list: split at spaces outside parentheses.
+pub(super) fn split_layers(line: &str) -> Vec<String> {
+    let mut parts = Vec::new();
+    let (mut depth, mut current) = (0u32, String::new());
+    for c in line.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            ' ' if depth == 0 => {
+                if !current.is_empty() {
+                    parts.push(std::mem::take(&mut current));
+                }
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    if !current.is_empty() {
+        parts.push(current);
+    }
+    parts
+}
+
+/// For a worker killed by the seccomp filter: the report naming the system
+/// call, from the kernel's audit record when corrald may read it.
+pub(super) fn seccomp_report(app: &str, pid: i32, raw_status: i32) -> Option<String> {
+    use std::os::unix::process::ExitStatusExt as _;
+    let status = std::process::ExitStatus::from_raw(raw_status);
+    let kill = corral_runtime::sandbox::seccomp_kill(u32::try_from(pid).ok()?, status)?;
+    Some(kill.describe(app))
+}
+
+/// A zygote process: dropped before it was reaped, it and its workers (its
+/// process group) are killed.
+pub(super) struct ZygoteProcess {
+    child: std::process::Child,
+    reaped: bool,
+}
+
+impl ZygoteProcess {
+    fn new(child: std::process::Child) -> ZygoteProcess {
+        ZygoteProcess {
+            child,
+            reaped: false,
+        }
+    }
+
+    fn pid(&self) -> rustix::process::Pid {
+        rustix::process::Pid::from_child(&self.child)
+    }
+
+    /// Reap it (it has exited: its pidfd was readable).
+    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        let status = self.child.wait()?;
+        self.reaped = true;
+        Ok(status)
+    }
+}
+
+impl Drop for ZygoteProcess {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = rustix::process::kill_process_group(self.pid(), rustix::process::Signal::KILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Register `fd` with the runtime's reactor.
+pub(super) fn register(
+    fd: OwnedFd,
+    interest: tokio::io::Interest,
+) -> std::io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd takes ownership of `fd`, so the descriptor stays
+    // open and names the same file description until the AsyncFd is dropped,
+    // and an OwnedFd's `as_raw_fd` always returns that same number.
+    Ok(unsafe { AsyncFd::register_with_interest(fd, interest) }?)
+}
+
+pub(super) async fn recv_from(control: &AsyncFd<OwnedFd>) -> std::io::Result<Option<FromZygote>> {
+    loop {
+        let mut guard = control.readable().await?;
+        match guard.try_io(|fd| protocol::recv::<FromZygote>(fd.get_ref(), RecvFlags::DONTWAIT)) {
+            Ok(result) => return result.map(|m| m.map(|(msg, _fds)| msg)),
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_layers_split_outside_parentheses() {
+        assert_eq!(
+            split_layers("landlock=abi7(files,tcp,scoping) seccomp=on(97 calls)"),
+            ["landlock=abi7(files,tcp,scoping)", "seccomp=on(97 calls)"]
+        );
+        assert_eq!(
+            split_layers("landlock=off seccomp=off"),
+            ["landlock=off", "seccomp=off"]
+        );
+    }
+}

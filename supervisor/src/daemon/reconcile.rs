@@ -1,0 +1,612 @@
+//! Reconciling: which app versions run. The daemon's loop is the only
+//! place that starts, stops, restarts or replaces an app (at start, on
+//! SIGHUP and on the API's mutations), so none of these can race.
+//!
+//! Invariants: a listening socket is bound once per address and kept by
+//! the [`Daemon`] across reloads, so an app switched by a reload never
+//! closes it (waiting connections stay in the backlog); an app version that
+//! was told to stop no longer writes its state, so `STATUS=` and
+//! `idle-exit` follow the live version.
+
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use corral_compiler::{Cache, EngineOptions, PinnedArtifact};
+use corral_policy::{AppKind, AppSpec, Environment, ListenAddr, Policy};
+use sd_notify::NotifyState;
+use tokio::sync::{oneshot, watch};
+
+use super::app::{App, Report, set_state, supervise};
+use super::listeners::{self};
+use super::service::{Daemon, RunningApp};
+use crate::manager::{self, AppState, ReloadReport, Request};
+
+impl Daemon {
+    pub(super) fn summary(&self) -> String {
+        super::status::summarize(&self.registry.states())
+    }
+
+    /// Every app has no process (idle, failed, stopped or finished), no
+    /// stopped app is still draining, and no API client is connected.
+    pub(super) fn all_idle(&self) -> bool {
+        self.registry
+            .states()
+            .iter()
+            .all(|(_, state, _, _)| state.is_quiet())
+            && self.retired.iter().all(|t| t.is_finished())
+            && self.manager.clients() == 0
+    }
+
+    /// The listening socket for `addr`: the one already bound (kept across
+    /// reloads), or a new one.
+    fn socket(&mut self, addr: &ListenAddr) -> anyhow::Result<OwnedFd> {
+        let key = addr.to_string();
+        if let Some(fd) = self.sockets.get(&key) {
+            return Ok(fd.try_clone()?);
+        }
+        let fd = listeners::open(addr, &self.systemd)?;
+        let copy = fd.try_clone()?;
+        self.sockets.insert(key, fd);
+        Ok(copy)
+    }
+
+    /// Sockets and artifact of `spec`.
+    async fn prepare(&mut self, spec: &AppSpec) -> anyhow::Result<(Vec<OwnedFd>, PinnedArtifact)> {
+        let mut sockets = Vec::new();
+        for addr in &spec.listen {
+            sockets.push(self.socket(addr)?);
+        }
+        let artifact = prepare(spec, sockets.len(), &self.cache).await?;
+        if let Some(counters) = self.registry.metrics.counters(&spec.name) {
+            let counter = match artifact.cache_hit {
+                true => &counters.cache_hits,
+                false => &counters.cache_misses,
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok((sockets, artifact))
+    }
+
+    /// Prepare and start `spec`; `None` if it failed (logged, state set).
+    pub(super) async fn start_app(&mut self, spec: &AppSpec) -> Option<oneshot::Receiver<()>> {
+        match self.prepare(spec).await {
+            Ok((listeners, artifact)) => Some(self.spawn_app(spec, listeners, artifact)),
+            Err(e) => {
+                self.not_started(spec, &e);
+                None
+            }
+        }
+    }
+
+    /// `spec` could not be prepared: retried with backoff (`restart.backoff`)
+    /// when the reason passes by itself ([`is_transient`]), failed
+    /// otherwise.
+    fn not_started(&mut self, spec: &AppSpec, e: &anyhow::Error) {
+        let name = &spec.name;
+        if !is_transient(e) {
+            self.retries.remove(name);
+            tracing::error!(app = name, "app failed: {e:#}");
+            set_state(&self.registry, name, Report::Failed(format!("{e:#}")));
+            return;
+        }
+        let backoff = spec.restart;
+        let retry = self.retries.entry(name.clone()).or_insert(Retry {
+            at: Instant::now(),
+            next_backoff: backoff.backoff_min,
+        });
+        let wait = retry.next_backoff;
+        retry.at = Instant::now() + wait;
+        retry.next_backoff = (wait * 2).min(backoff.backoff_max);
+        let wait = humantime::format_duration(wait);
+        tracing::warn!(app = name, "cannot start yet: {e:#}; retrying in {wait}");
+        set_state(
+            &self.registry,
+            name,
+            Report::Backoff(format!("{e:#} (retrying in {wait})")),
+        );
+    }
+
+    /// When the next retry is due, if any.
+    pub(super) fn next_retry(&self) -> Option<Instant> {
+        self.retries.values().map(|r| r.at).min()
+    }
+
+    /// Start the apps whose retry is due (see [`Daemon::not_started`]).
+    pub(super) async fn retry_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .retries
+            .iter()
+            .filter(|(_, r)| r.at <= now)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in due {
+            let spec = match self.policy.apps.get(&name) {
+                Some(spec) if !self.stopped.contains(&name) && !self.apps.contains_key(&name) => {
+                    spec.clone()
+                }
+                _ => {
+                    self.retries.remove(&name);
+                    continue;
+                }
+            };
+            tracing::info!(app = name, "trying to start it again");
+            // Its readiness is not waited for: READY=1 was sent.
+            let _ = self.start_app(&spec).await;
+        }
+    }
+
+    fn spawn_app(
+        &mut self,
+        spec: &AppSpec,
+        listeners: Vec<OwnedFd>,
+        artifact: PinnedArtifact,
+    ) -> oneshot::Receiver<()> {
+        self.retries.remove(&spec.name);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (stop, stop_rx) = watch::channel(false);
+        let key = artifact.key.clone();
+        set_state(&self.registry, &spec.name, Report::Starting);
+        self.registry.update(&spec.name, |info| {
+            info.artifact = Some(key.to_string());
+        });
+        let app = App {
+            spec: spec.clone(),
+            listeners,
+            artifact,
+            cache: self.cache.clone(),
+            drain_timeout: self.policy.daemon.drain_timeout,
+            registry: self.registry.clone(),
+            stopping: stop_rx.clone(),
+        };
+        let task = tokio::spawn(supervise(app, ready_tx, stop_rx));
+        let old = self.apps.insert(
+            spec.name.clone(),
+            RunningApp {
+                spec: spec.clone(),
+                artifact: key,
+                stop,
+                task,
+            },
+        );
+        if let Some(old) = old {
+            old.stop.send_replace(true);
+            self.retired.push(old.task);
+        }
+        ready_rx
+    }
+
+    /// SIGHUP or the API's Reload: read the policy again; switch changed
+    /// apps over, start new ones, drain removed ones. An invalid policy
+    /// changes nothing; its errors are logged and returned.
+    pub(super) async fn reload(&mut self) -> ReloadReport {
+        if let Ok(now) = NotifyState::monotonic_usec_now() {
+            let _ = sd_notify::notify(&[NotifyState::Reloading, now]);
+        }
+        let report = match corral_policy::load(&self.policy_path, &Environment::from_process()) {
+            Err(e) => {
+                let diagnostics = e.diagnostics();
+                if diagnostics.is_empty() {
+                    tracing::error!("reload refused, still serving the previous policy: {e}");
+                } else {
+                    for d in &diagnostics {
+                        tracing::error!("reload refused: {d}");
+                    }
+                    tracing::error!(
+                        "reload refused: the policy has errors; still serving the previous policy"
+                    );
+                }
+                let mut errors: Vec<_> = diagnostics.iter().map(Into::into).collect();
+                if errors.is_empty() {
+                    errors.push(manager::PolicyProblem {
+                        file: self.policy_path.display().to_string(),
+                        line: 0,
+                        column: 0,
+                        key: String::new(),
+                        message: e.to_string(),
+                        text: format!("{}: {e}", self.policy_path.display()),
+                    });
+                }
+                ReloadReport {
+                    applied: false,
+                    errors,
+                    ..ReloadReport::default()
+                }
+            }
+            Ok(policy) => self.apply(policy).await,
+        };
+        self.retired.retain(|t| !t.is_finished());
+        let summary = self.summary();
+        let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
+        report
+    }
+
+    async fn apply(&mut self, policy: Policy) -> ReloadReport {
+        let mut report = ReloadReport {
+            applied: true,
+            ..ReloadReport::default()
+        };
+        if policy.daemon != self.policy.daemon {
+            tracing::warn!("reload: changes to [daemon] take effect at the next start");
+        }
+        let removed: Vec<String> = self
+            .policy
+            .apps
+            .keys()
+            .filter(|name| !policy.apps.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(app) = self.apps.remove(&name) {
+                tracing::info!(app = name, "reload: removed; draining it");
+                app.stop.send_replace(true);
+                self.retired.push(app.task);
+            }
+            self.stopped.remove(&name);
+            self.retries.remove(&name);
+            self.registry.forget(&name);
+            report.removed.push(name);
+        }
+        let mut started = Vec::new();
+        for (name, spec) in &policy.apps {
+            let known = self.policy.apps.contains_key(name);
+            if self.stopped.contains(name) {
+                self.registry.declare(spec);
+                // Stays stopped; a start uses the new spec.
+                match self.policy.apps.get(name) {
+                    Some(old) if old == spec => report.unchanged.push(name.clone()),
+                    Some(_) => report.changed.push(name.clone()),
+                    None => report.added.push(name.clone()),
+                }
+                continue;
+            }
+            let prepared = match self.prepare(spec).await {
+                Ok(prepared) => prepared,
+                Err(e) => {
+                    let reason = format!("{e:#}");
+                    if self.apps.contains_key(name) {
+                        // Its record stays that of the version that serves
+                        // (listen, artifact); the next reload tries again.
+                        tracing::error!(
+                            app = name,
+                            "reload: cannot prepare the new version ({reason}); keeping the running one"
+                        );
+                        self.registry.update(name, |info| {
+                            info.last_error =
+                                Some(format!("reload: new version refused: {reason}"));
+                        });
+                    } else {
+                        self.registry.declare(spec);
+                        self.not_started(spec, &e);
+                    }
+                    report.refused.push(manager::RefusedApp {
+                        app: name.clone(),
+                        reason,
+                    });
+                    continue;
+                }
+            };
+            self.registry.declare(spec);
+            match self.apps.get(name) {
+                Some(running) if running.spec == *spec && running.artifact == prepared.1.key => {
+                    report.unchanged.push(name.clone());
+                }
+                Some(_) => {
+                    tracing::info!(app = name, "reload: changed; switching to the new version");
+                    started.push(self.spawn_app(spec, prepared.0, prepared.1));
+                    report.changed.push(name.clone());
+                }
+                None => {
+                    tracing::info!(app = name, "reload: new app");
+                    started.push(self.spawn_app(spec, prepared.0, prepared.1));
+                    if known {
+                        report.changed.push(name.clone());
+                    } else {
+                        report.added.push(name.clone());
+                    }
+                }
+            }
+        }
+        // Sockets no app listens on any more (nor a version that serves on
+        // because its new one was refused).
+        let used: std::collections::BTreeSet<String> = policy
+            .apps
+            .values()
+            .chain(self.apps.values().map(|a| &a.spec))
+            .flat_map(|a| a.listen.iter().map(ToString::to_string))
+            .collect();
+        self.sockets.retain(|addr, _| used.contains(addr));
+        self.manager.set_policy_files(policy_files(&policy));
+        self.policy = policy;
+        // READY=1 again once the new versions serve (bounded: a zygote that
+        // never answers is the restart logic's business).
+        wait_ready(started).await;
+        report
+    }
+
+    /// An API request (already authorized by the Manager).
+    pub(super) async fn handle(&mut self, request: Request) {
+        match request {
+            Request::Reload(reply) => {
+                let report = self.reload().await;
+                let _ = reply.send(report);
+            }
+            Request::Start(name, reply) => {
+                let pending = self.start_request(&name, false).await;
+                self.answer_when_done(pending, reply);
+            }
+            Request::Restart(name, reply) => {
+                let pending = self.start_request(&name, true).await;
+                self.answer_when_done(pending, reply);
+            }
+            Request::Stop(name, reply) => {
+                let pending = self.stop_request(&name);
+                self.answer_when_done(pending, reply);
+            }
+            Request::Recompile(name, reply) => {
+                let pending = self.recompile_request(&name).await;
+                self.answer_when_done(pending, reply);
+            }
+        }
+    }
+
+    /// Answer a request once what it started is done, from a task of its
+    /// own: the daemon's loop goes on serving signals and other requests
+    /// while an app starts (up to 30 s) or drains (up to drain-timeout).
+    fn answer_when_done(
+        &mut self,
+        pending: Result<Pending, manager::ManagerError>,
+        reply: oneshot::Sender<Result<(), manager::ManagerError>>,
+    ) {
+        match pending {
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+            Ok(Pending::Done) => {
+                let _ = reply.send(Ok(()));
+            }
+            Ok(Pending::Ready(ready)) => {
+                tokio::spawn(async move {
+                    wait_ready(vec![ready]).await;
+                    let _ = reply.send(Ok(()));
+                });
+            }
+            Ok(Pending::Exit(task)) => {
+                // Kept with the retired apps, so that shutdown and
+                // idle-exit wait for the drain as before.
+                self.retired.push(tokio::spawn(async move {
+                    let _ = task.await;
+                    let _ = reply.send(Ok(()));
+                }));
+            }
+        }
+    }
+
+    fn spec_of(&self, name: &str) -> Result<AppSpec, manager::ManagerError> {
+        self.policy
+            .apps
+            .get(name)
+            .cloned()
+            .ok_or_else(|| manager::ManagerError::NoSuchApp(name.to_string()))
+    }
+
+    /// Start `name` (or, with `always`, restart it even when it runs), and
+    /// wait until it serves.
+    async fn start_request(
+        &mut self,
+        name: &str,
+        always: bool,
+    ) -> Result<Pending, manager::ManagerError> {
+        let spec = self.spec_of(name)?;
+        let was_stopped = self.stopped.remove(name);
+        let state = self.registry.get(name).map(|i| i.state);
+        let serving = self.apps.contains_key(name)
+            && !matches!(state, Some(AppState::Failed | AppState::Finished));
+        if serving && !was_stopped && !always {
+            return Ok(Pending::Done);
+        }
+        tracing::info!(
+            app = name,
+            "{}",
+            if always { "restarting" } else { "starting" }
+        );
+        match self.prepare(&spec).await {
+            Ok((listeners, artifact)) => {
+                Ok(Pending::Ready(self.spawn_app(&spec, listeners, artifact)))
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                // A running version keeps serving; otherwise it failed (or
+                // is retried, for a reason that passes).
+                if serving {
+                    tracing::error!(app = name, "cannot start a new version: {why}");
+                } else {
+                    self.not_started(&spec, &e);
+                }
+                Err(manager::ManagerError::Failed(why))
+            }
+        }
+    }
+
+    /// Stop `name`: its processes finish their requests and exit (up to
+    /// drain-timeout), and the answer waits for that, so that once it comes
+    /// no process of the app accepts; its sockets stay bound, so new
+    /// connections wait in the backlog until it is started again.
+    fn stop_request(&mut self, name: &str) -> Result<Pending, manager::ManagerError> {
+        self.spec_of(name)?;
+        self.stopped.insert(name.to_string());
+        self.retries.remove(name);
+        let pending = match self.apps.remove(name) {
+            Some(app) => {
+                tracing::info!(app = name, "stopping: draining it");
+                app.stop.send_replace(true);
+                Pending::Exit(app.task)
+            }
+            None => Pending::Done,
+        };
+        let changed = self
+            .registry
+            .update(name, |info| info.set_quiet(AppState::Stopped));
+        if changed {
+            self.registry.status_changed.notify_one();
+        }
+        Ok(pending)
+    }
+
+    /// Compile `name`'s module again, ignoring the cache, and restart onto
+    /// the new artifact (a stopped app stays stopped).
+    async fn recompile_request(&mut self, name: &str) -> Result<Pending, manager::ManagerError> {
+        let spec = self.spec_of(name)?;
+        let cache = self.cache.clone();
+        let module = spec.module.clone();
+        let compiled = tokio::task::spawn_blocking(move || -> anyhow::Result<Duration> {
+            // The daemon's one engine, as for every other compile: an engine
+            // per call (with the app's pooling reservation) cost about 2 MiB
+            // and a thousand mappings that were never given back.
+            let engine = daemon_engine()?;
+            let artifact = cache
+                .recompile(&engine, &module)
+                .with_context(|| format!("compiling {}", module.display()))?;
+            Ok(artifact.compile_time.unwrap_or_default())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("the compile task failed: {e}"))
+        .and_then(|r| r);
+        match compiled {
+            Ok(took) => tracing::info!(
+                app = name,
+                "recompiled {} in {took:?}",
+                spec.module.display()
+            ),
+            Err(e) => {
+                tracing::error!(app = name, "recompile failed: {e:#}");
+                return Err(manager::ManagerError::Failed(format!("{e:#}")));
+            }
+        }
+        if self.stopped.contains(name) {
+            return Ok(Pending::Done);
+        }
+        self.start_request(name, true).await
+    }
+}
+
+/// When to try starting an app again, and the wait after that.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Retry {
+    at: Instant,
+    next_backoff: Duration,
+}
+
+/// Whether starting an app failed for a reason that passes by itself, so
+/// that it is retried with backoff instead of marking the app failed
+/// until an operator acts: an address in use (the processes of a killed
+/// corrald finishing their connections, another service restarting), an
+/// address not (yet) configured, no descriptor or buffer left.
+fn is_transient(e: &anyhow::Error) -> bool {
+    const TRANSIENT: [i32; 8] = [
+        libc::EADDRINUSE,
+        libc::EADDRNOTAVAIL,
+        libc::EMFILE,
+        libc::ENFILE,
+        libc::ENOBUFS,
+        libc::ENOMEM,
+        libc::EAGAIN,
+        libc::EINTR,
+    ];
+    e.chain().any(|cause| {
+        let code = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .or_else(|| {
+                cause
+                    .downcast_ref::<rustix::io::Errno>()
+                    .map(|e| e.raw_os_error())
+            });
+        code.is_some_and(|c| TRANSIENT.contains(&c))
+    })
+}
+
+/// Sleep until `at` (for ever if `None`).
+pub(super) async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What an API request waits for before it is answered.
+pub(super) enum Pending {
+    Done,
+    /// The new version serves.
+    Ready(oneshot::Receiver<()>),
+    /// The stopped version's task ends (its processes have exited).
+    Exit(tokio::task::JoinHandle<()>),
+}
+
+/// Wait (at most 30 s) until every one of `started` serves.
+pub(super) async fn wait_ready(started: Vec<oneshot::Receiver<()>>) {
+    let _ = tokio::time::timeout(Duration::from_secs(30), async {
+        for ready in started {
+            let _ = ready.await;
+        }
+    })
+    .await;
+}
+
+/// The policy's files, for `DaemonInfo`.
+pub(super) fn policy_files(policy: &Policy) -> Vec<String> {
+    policy
+        .sources
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect()
+}
+
+/// An app's artifact (compiled on a blocking thread), checked and loaded
+/// once, then kept only as an open file: corrald never runs it, and a
+/// loaded copy per app kept every artifact resident (issue 9, density).
+pub(super) async fn prepare(
+    spec: &AppSpec,
+    sockets: usize,
+    cache: &Cache,
+) -> anyhow::Result<PinnedArtifact> {
+    if spec.kind != AppKind::Command && sockets == 0 {
+        anyhow::bail!("a {} app needs at least one `listen` address", spec.kind);
+    }
+    let cache = cache.clone();
+    let module = spec.module.clone();
+    let artifact = tokio::task::spawn_blocking(move || -> anyhow::Result<PinnedArtifact> {
+        let engine = daemon_engine()?;
+        let artifact = cache
+            .load_or_compile(&engine, &module)
+            .with_context(|| format!("compiling {}", module.display()))?;
+        Ok(artifact.into_pinned())
+    })
+    .await??;
+    if !artifact.cache_hit {
+        tracing::info!(
+            app = spec.name,
+            "compiled {} in {:?}",
+            spec.module.display(),
+            artifact.compile_time.unwrap_or_default()
+        );
+    }
+    Ok(artifact)
+}
+
+/// The engine corrald compiles, checks and loads artifacts with: one for
+/// every app. Compiled code depends only on settings every app shares
+/// (`EngineOptions::for_app` differs in runtime-only limits and the pooling
+/// allocator; see `corral_compiler::engine`), so it finds the same cache
+/// entries as the zygotes' engines. An engine per app kept its pooling
+/// reservation (terabytes of address space) for as long as the app ran:
+/// about 30 apps exhausted the address space (issue 9, density).
+pub(super) fn daemon_engine() -> anyhow::Result<wasmtime::Engine> {
+    static ENGINE: std::sync::OnceLock<wasmtime::Engine> = std::sync::OnceLock::new();
+    if let Some(engine) = ENGINE.get() {
+        return Ok(engine.clone());
+    }
+    let engine = corral_compiler::new_engine(&EngineOptions::default_for_cli())?;
+    Ok(ENGINE.get_or_init(|| engine).clone())
+}
