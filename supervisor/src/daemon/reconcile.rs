@@ -51,8 +51,15 @@ impl Daemon {
         Ok(copy)
     }
 
-    /// Sockets and artifact of `spec`.
+    /// Sockets and artifact of `spec`; an error, before anything is bound
+    /// or compiled, when the app cannot run on this machine at all (see
+    /// [`crate::fitness`]): that is decided once, here, not by a zygote
+    /// crashing on it.
     async fn prepare(&mut self, spec: &AppSpec) -> anyhow::Result<(Vec<OwnedFd>, PinnedArtifact)> {
+        let refused = crate::fitness::refusals(spec, crate::fitness::kernel());
+        if !refused.is_empty() {
+            anyhow::bail!("not started: {}", refused.join("; "));
+        }
         let mut sockets = Vec::new();
         for addr in &spec.listen {
             sockets.push(self.socket(addr)?);
@@ -75,8 +82,39 @@ impl Daemon {
             Err(e) => {
                 tracing::error!(app = spec.name, "app failed: {e:#}");
                 set_state(&self.registry, &spec.name, Report::Failed(format!("{e:#}")));
+                self.turn_away(spec);
                 None
             }
+        }
+    }
+
+    /// `spec` failed before it started: connections to its sockets that
+    /// systemd holds (or that an earlier version bound) would wait in the
+    /// backlog for a worker that never comes, so they are accepted and
+    /// closed at once until a start or reload runs it. An address nothing
+    /// holds yet stays unbound (clients get "connection refused").
+    fn turn_away(&mut self, spec: &AppSpec) {
+        let mut held = Vec::new();
+        for addr in &spec.listen {
+            let fd = match addr {
+                ListenAddr::Systemd(_) => self.socket(addr).ok(),
+                _ => self
+                    .sockets
+                    .get(&addr.to_string())
+                    .and_then(|fd| fd.try_clone().ok()),
+            };
+            held.extend(fd);
+        }
+        if held.is_empty() {
+            return;
+        }
+        tracing::info!(
+            app = spec.name,
+            "closing connections to its sockets until it is started again"
+        );
+        let task = tokio::spawn(close_connections(spec.name.clone(), held));
+        if let Some(old) = self.turned_away.insert(spec.name.clone(), task) {
+            old.abort();
         }
     }
 
@@ -86,6 +124,9 @@ impl Daemon {
         listeners: Vec<OwnedFd>,
         artifact: PinnedArtifact,
     ) -> oneshot::Receiver<()> {
+        if let Some(task) = self.turned_away.remove(&spec.name) {
+            task.abort();
+        }
         let (ready_tx, ready_rx) = oneshot::channel();
         let (stop, stop_rx) = watch::channel(false);
         let key = artifact.key.clone();
@@ -184,6 +225,9 @@ impl Daemon {
                 app.stop.send_replace(true);
                 self.retired.push(app.task);
             }
+            if let Some(task) = self.turned_away.remove(&name) {
+                task.abort();
+            }
             self.stopped.remove(&name);
             self.registry.forget(&name);
             report.removed.push(name);
@@ -213,6 +257,7 @@ impl Daemon {
                     } else {
                         tracing::error!(app = name, "app failed: {e:#}");
                         set_state(&self.registry, name, Report::Failed(format!("{e:#}")));
+                        self.turn_away(spec);
                         if known {
                             report.changed.push(name.clone());
                         } else {
@@ -353,6 +398,7 @@ impl Daemon {
                 // A running version keeps serving; otherwise it failed.
                 if !serving {
                     set_state(&self.registry, name, Report::Failed(why.clone()));
+                    self.turn_away(&spec);
                 }
                 Err(manager::ManagerError::Failed(why))
             }
@@ -435,6 +481,44 @@ pub(super) async fn wait_ready(started: Vec<oneshot::Receiver<()>>) {
         }
     })
     .await;
+}
+
+/// Accept and close every connection to `listeners` (non-blocking
+/// listening sockets) until aborted: what an app that cannot start answers.
+async fn close_connections(app: String, listeners: Vec<OwnedFd>) {
+    let mut waiting = tokio::task::JoinSet::new();
+    for fd in listeners {
+        let app = app.clone();
+        waiting.spawn(async move {
+            let fd = match super::app::register(fd, tokio::io::Interest::READABLE) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    tracing::warn!(app = %app, "watching a socket of a failed app: {e}");
+                    return;
+                }
+            };
+            loop {
+                let Ok(mut ready) = fd.readable().await else {
+                    return;
+                };
+                loop {
+                    match rustix::net::accept(fd.get_ref()) {
+                        Ok(conn) => drop(conn),
+                        Err(rustix::io::Errno::AGAIN) => {
+                            ready.clear_ready();
+                            break;
+                        }
+                        Err(rustix::io::Errno::INTR | rustix::io::Errno::CONNABORTED) => {}
+                        Err(e) => {
+                            tracing::warn!(app = %app, "closing connections to a failed app: {e}");
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    while waiting.join_next().await.is_some() {}
 }
 
 /// The policy's files, for `DaemonInfo`.

@@ -95,6 +95,9 @@ pub(super) struct Daemon {
     pub(super) apps: BTreeMap<String, RunningApp>,
     /// Apps replaced or removed by a reload, still draining.
     pub(super) retired: Vec<tokio::task::JoinHandle<()>>,
+    /// Apps that failed before they started, whose held sockets close
+    /// each connection at once (see `Daemon::turn_away`).
+    pub(super) turned_away: BTreeMap<String, tokio::task::JoinHandle<()>>,
 }
 
 async fn serve(
@@ -129,6 +132,7 @@ async fn serve(
         sockets: BTreeMap::new(),
         apps: BTreeMap::new(),
         retired: Vec::new(),
+        turned_away: BTreeMap::new(),
         policy,
     };
     let apps = daemon.policy.apps.clone();
