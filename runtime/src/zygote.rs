@@ -277,7 +277,7 @@ impl Zygote {
         );
         let layers = guest.layers();
         for missing in &layers.missing {
-            tracing::warn!(app = app.name, "sandbox (best-effort): {missing}");
+            tracing::warn!(app = app.name, "sandbox: not enforced: {missing}");
         }
         protocol::send(
             control,

@@ -8,4 +8,5 @@ pub mod api;
 pub mod cli;
 pub mod daemon;
 pub mod dbus;
+pub mod fitness;
 pub mod manager;

@@ -483,10 +483,10 @@ fn killed_worker_is_replaced_and_other_connections_complete() {
 #[test]
 fn crash_loop_marks_only_that_app_failed() {
     let (bad, good) = (free_port(), free_port());
-    // A core module where a component is needed: the zygote refuses it,
-    // every time.
+    // An http component without a handler: it passes the checks before
+    // start, and the zygote refuses it every time.
     let daemon = Daemon::start(&format!(
-        "[apps.bad]\nmodule = \"{{guests}}/stdio-echo.wasm\"\nkind = \"http\"\n\
+        "[apps.bad]\nmodule = \"{{guests}}/http-no-handler.wat\"\nkind = \"http\"\n\
          listen = [\"127.0.0.1:{bad}\"]\npool = {{ min = 1 }}\n\
          restart = {{ backoff = \"50ms..200ms\", give-up = \"3 in 1m\" }}\n\n{}",
         http_app("good", good, "{ min = 1 }")
@@ -1028,7 +1028,7 @@ fn an_app_that_never_starts_does_not_hold_back_ready() {
     let (bad, good) = (free_port(), free_port());
     // No give-up: restarted forever; READY=1 must still come.
     let daemon = Daemon::start(&format!(
-        "[apps.bad]\nmodule = \"{{guests}}/stdio-echo.wasm\"\nkind = \"http\"\n\
+        "[apps.bad]\nmodule = \"{{guests}}/http-no-handler.wat\"\nkind = \"http\"\n\
          listen = [\"127.0.0.1:{bad}\"]\npool = {{ min = 1 }}\n\
          restart = {{ backoff = \"1s..2s\" }}\n\n{}",
         http_app("good", good, "{ min = 1 }")
@@ -1424,4 +1424,193 @@ fn http2_streams_count_against_pool_concurrency() {
     let mut response = String::new();
     h1.read_to_string(&mut response).unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+}
+
+impl Daemon {
+    /// `GET path` on corrald's API socket; the JSON body.
+    fn api_get(&self, path: &str) -> serde_json::Value {
+        let mut s = std::os::unix::net::UnixStream::connect(self.dir.path().join("api.sock"))
+            .expect("connecting to the API socket");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: corral\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{raw}");
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            let mut out = String::new();
+            let mut rest = body;
+            while let Some((len, tail)) = rest.split_once("\r\n") {
+                let n = usize::from_str_radix(len.trim(), 16).unwrap();
+                if n == 0 {
+                    break;
+                }
+                out.push_str(&tail[..n]);
+                rest = &tail[n + 2..];
+            }
+            return serde_json::from_str(&out).unwrap();
+        }
+        serde_json::from_str(body).unwrap()
+    }
+}
+
+/// An app that is failed, with its reason, by reconcile: no zygote ever
+/// started, no restart logged.
+fn assert_failed_before_start(daemon: &Daemon, app: &str, reason: &[&str]) {
+    let info = wait_for(
+        &format!("{app} to be failed"),
+        Duration::from_secs(20),
+        || {
+            let info = daemon.api_get(&format!("/v1/apps/{app}"));
+            (info["state"] == "failed").then_some(info)
+        },
+    );
+    let why = info["last_error"].as_str().unwrap_or_default();
+    for part in reason {
+        assert!(why.contains(part), "{app}: {part:?} not in {why:?}");
+    }
+    assert!(why.contains(&format!("`{app}`")), "names the app: {why}");
+    assert_eq!(info["cold_starts"], 0, "{app}: no zygote started: {info}");
+    assert_eq!(info["errors"], 0, "{app}: nothing crashed: {info}");
+    assert_eq!(info["zygote_pid"], serde_json::Value::Null, "{info}");
+}
+
+/// Issue 15 item 10: what the module and the policy decide is found by
+/// reconcile, once: a module whose memory minimum (4 GiB) is above
+/// `limits.memory` and a stdio app pointing at an http component are
+/// failed at once with the reason, no zygote and no restart, while their
+/// neighbour serves.
+#[test]
+fn an_app_whose_module_cannot_run_is_failed_at_once_without_a_zygote() {
+    let (huge, wrong, good) = (free_port(), free_port(), free_port());
+    let daemon = Daemon::start(&format!(
+        "[apps.huge]\nmodule = \"{{guests}}/huge-memory.wat\"\nkind = \"stdio\"\n\
+         listen = [\"127.0.0.1:{huge}\"]\npool = {{ min = 1 }}\nlimits = {{ memory = \"64MiB\" }}\n\
+         restart = {{ backoff = \"50ms..100ms\" }}\n\n\
+         [apps.wrong-world]\nmodule = \"{{guests}}/http-hello.wasm\"\nkind = \"stdio\"\n\
+         listen = [\"127.0.0.1:{wrong}\"]\npool = {{ min = 1 }}\n\
+         restart = {{ backoff = \"50ms..100ms\" }}\n\n{}",
+        http_app("good", good, "{ min = 1 }")
+    ));
+    assert_failed_before_start(&daemon, "huge", &["4294967296", "limits.memory"]);
+    assert_failed_before_start(&daemon, "wrong-world", &["kind = \"stdio\"", "component"]);
+    assert_eq!(http_get(good).unwrap().0, 200);
+    // Their addresses are not bound: a client is refused, not left waiting.
+    for port in [huge, wrong] {
+        let err = TcpStream::connect(("127.0.0.1", port)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+    std::thread::sleep(Duration::from_millis(500)); // what a restart loop would log meanwhile
+    let log = daemon.stderr();
+    assert!(!log.contains("restarting in"), "{log}");
+    assert_eq!(
+        daemon.descendants().len(),
+        2,
+        "only good's zygote and worker"
+    );
+    let status = daemon
+        .notes
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("STATUS="))
+        .cloned()
+        .unwrap();
+    assert!(
+        status.contains("huge FAILED") && status.contains("wrong-world FAILED"),
+        "{status}"
+    );
+}
+
+/// A reload that makes a running app unfit keeps the running version
+/// serving and logs why; an app added unfit by a reload is failed at once.
+#[test]
+fn a_reload_that_makes_an_app_unfit_keeps_the_running_version() {
+    let (echo, web) = (free_port(), free_port());
+    let daemon = Daemon::start(&format!(
+        "{}{}",
+        stdio_app("echo", echo, "{ min = 1 }"),
+        http_app("web", web, "{ min = 1 }")
+    ));
+    assert_eq!(stdio_roundtrip(echo, b"before\n").unwrap(), b"before\n");
+    wait_for(
+        "two zygotes and their workers",
+        Duration::from_secs(10),
+        || (daemon.descendants().len() == 4).then_some(()),
+    );
+    let before = daemon.descendants();
+    daemon.edit_policy(
+        "stdio-echo.wasm\"\nkind = \"stdio\"",
+        "huge-memory.wat\"\nkind = \"stdio\"\nlimits = { memory = \"64MiB\" }",
+    );
+    let added = free_port();
+    let text = std::fs::read_to_string(daemon.policy_path()).unwrap();
+    let guests = guest("").display().to_string();
+    std::fs::write(
+        daemon.policy_path(),
+        format!(
+            "{text}\n[apps.added]\nmodule = \"{guests}/http-hello.wasm\"\nkind = \"stdio\"\n\
+             listen = [\"127.0.0.1:{added}\"]\npool = {{ min = 1 }}\n"
+        ),
+    )
+    .unwrap();
+    daemon.reload();
+    daemon.wait_log("keeping the running one");
+    let log = daemon.stderr();
+    assert!(log.contains("limits.memory"), "{log}");
+    assert_eq!(stdio_roundtrip(echo, b"after\n").unwrap(), b"after\n");
+    assert_eq!(http_get(web).unwrap().0, 200);
+    assert_eq!(daemon.descendants(), before, "the same zygotes and workers");
+    assert_failed_before_start(&daemon, "added", &["kind = \"stdio\""]);
+}
+
+/// A failed app's socket that systemd holds (and passed to corrald) does
+/// not leave clients waiting in its backlog: corrald accepts and closes
+/// each connection.
+#[test]
+fn a_systemd_socket_of_an_app_that_cannot_run_closes_connections() {
+    let Ok(launcher) = which("systemd-socket-activate") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI needs systemd-socket-activate (package systemd)"
+        );
+        eprintln!("SKIP: no systemd-socket-activate on this machine");
+        return;
+    };
+    let (web, huge) = (free_port(), free_port());
+    let launcher = vec![
+        launcher,
+        format!("--listen=127.0.0.1:{web}"),
+        format!("--listen=127.0.0.1:{huge}"),
+        "--fdname=web-http:huge-stdio".to_string(),
+    ];
+    let daemon = Daemon::spawn(
+        "",
+        "[apps.web]\nmodule = \"{guests}/http-hello.wasm\"\nkind = \"http\"\n\
+         listen = [\"systemd:web-http\"]\npool = { min = 1 }\n\n\
+         [apps.huge]\nmodule = \"{guests}/huge-memory.wat\"\nkind = \"stdio\"\n\
+         listen = [\"systemd:huge-stdio\"]\npool = { min = 1 }\nlimits = { memory = \"64MiB\" }\n",
+        &[],
+        Some(&launcher),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(http_get(web).unwrap().0, 200); // starts corrald
+    daemon.wait_note("READY=1", Duration::from_secs(30));
+    assert_failed_before_start(&daemon, "huge", &["limits.memory"]);
+    let mut s = TcpStream::connect(("127.0.0.1", huge)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the connection to a failed app was not closed: {other:?}"),
+    }
 }

@@ -5,22 +5,31 @@ use std::process::Command;
 
 const CORRAL: &str = env!("CARGO_BIN_EXE_corral");
 
+fn guest(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/guests")
+        .join(name)
+}
+
 fn policy(dir: &std::path::Path) -> std::path::PathBuf {
-    std::fs::write(dir.join("m.wat"), "(module)").unwrap();
+    std::fs::write(dir.join("m.wat"), "(module (func (export \"_start\")))").unwrap();
     let path = dir.join("policy.toml");
     std::fs::write(
         &path,
-        r#"
+        format!(
+            r#"
 [apps.web]
-module = "m.wat"
+module = "{}"
 kind = "http"
 listen = ["127.0.0.1:1"]
 
 [apps.job]
 module = "m.wat"
 kind = "command"
-sandbox = { landlock = "best-effort", seccomp = "best-effort" }
+sandbox = {{ landlock = "best-effort", seccomp = "best-effort" }}
 "#,
+            guest("http-hello.wasm").display()
+        ),
     )
     .unwrap();
     path
@@ -90,4 +99,75 @@ fn check_shows_the_layers_each_app_would_get() {
         web.contains("landlock=") && web.contains("seccomp="),
         "{web}"
     );
+}
+
+/// Issue 15 item 10: what the module and the policy decide (a memory
+/// minimum above `limits.memory`, a world that does not fit the kind) fails
+/// `corral check`, one line per problem naming the app, and the apps that
+/// fit are still listed.
+#[test]
+fn check_exits_non_zero_for_an_app_whose_module_cannot_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[apps.huge]
+module = "{}"
+kind = "command"
+limits = {{ memory = "64MiB" }}
+
+[apps.wrong-world]
+module = "{}"
+kind = "stdio"
+listen = ["127.0.0.1:1"]
+
+[apps.fine]
+module = "{}"
+kind = "http"
+listen = ["127.0.0.1:2"]
+"#,
+            guest("huge-memory.wat").display(),
+            guest("http-hello.wasm").display(),
+            guest("http-hello.wasm").display(),
+        ),
+    )
+    .unwrap();
+    let out = Command::new(CORRAL)
+        .args(["check", "--policy"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.lines().any(|l| l.starts_with("fine ")), "{stdout}");
+    let huge = stderr
+        .lines()
+        .find(|l| l.contains("`huge`"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        huge.contains("4294967296") && huge.contains("limits.memory"),
+        "{huge}"
+    );
+    let wrong = stderr
+        .lines()
+        .find(|l| l.contains("`wrong-world`"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        wrong.contains("kind = \"stdio\"") && wrong.contains("component"),
+        "{wrong}"
+    );
+    assert!(!stderr.contains("`fine`"), "{stderr}");
+    // The same as JSON.
+    let out = Command::new(CORRAL)
+        .args(["check", "--json", "--policy"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["runnable"], false);
+    assert_eq!(v["refused"].as_array().unwrap().len(), 2, "{v}");
 }

@@ -66,10 +66,36 @@ pub fn open_fds() -> Vec<RawFd> {
 /// The open-file bound a worker gets unless the plan says otherwise.
 pub const DEFAULT_OPEN_FILES: u64 = 1024;
 
-/// The lowest landlock ABI that `sandbox.landlock = "require"` accepts:
-/// 4, the first with TCP bind/connect rules, because the policy's
-/// `network.connect` is part of what the layer promises.
-pub const REQUIRED_LANDLOCK_ABI: u32 = 4;
+/// The lowest landlock ABI that `sandbox.landlock = "require"` accepts for
+/// any app: 1, file rules. An app's grants may need more, see
+/// [`TCP_LANDLOCK_ABI`].
+pub const REQUIRED_LANDLOCK_ABI: u32 = 1;
+
+/// The landlock ABI with TCP bind/connect rules (Linux 6.7): what
+/// `require` needs for an app with a `network.connect` grant. An app with
+/// none has no socket at all (its seccomp list has no `socket`), so TCP
+/// rules add nothing for it.
+pub const TCP_LANDLOCK_ABI: u32 = 4;
+
+/// What a landlock ABI below each number cannot restrict, and what holds
+/// instead; reported in [`ActiveLayers::missing`], never a refusal.
+const LANDLOCK_FILE_GAPS: [(u32, &str); 3] = [
+    (
+        2,
+        "no `refer` right (needs ABI 2, Linux 5.19): a file can't be renamed or linked \
+         into another directory at all, even between rw dirs",
+    ),
+    (
+        3,
+        "no truncate right (needs ABI 3, Linux 6.2): truncation follows write access, \
+         and seccomp allows only ftruncate on an open fd",
+    ),
+    (
+        5,
+        "no ioctl right on devices (needs ABI 5, Linux 6.10): seccomp allows only \
+         FIONBIO, FIOCLEX and TCGETS",
+    ),
+];
 
 /// A sandbox layer whose presence the policy controls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -93,14 +119,13 @@ impl fmt::Display for Layer {
 /// exit without running guest code.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error(
-        "app {app}: sandbox.{layer} = \"require\", but {reason}; \
-         set sandbox.{layer} = \"best-effort\" to run it without that layer"
-    )]
+    #[error("app {app}: sandbox.{layer} = \"require\", but {reason}; {fix}")]
     Required {
         app: String,
         layer: Layer,
         reason: String,
+        /// What would make it run.
+        fix: String,
     },
     #[error(
         "the sandbox must be entered while the process has one thread, but it has {threads} \
@@ -326,12 +351,21 @@ impl SandboxPlan {
         honour_require: bool,
     ) -> Result<(ActiveLayers, Option<&'static seccomp_bpf::Precompiled>), SandboxError> {
         let mut missing = Vec::new();
-        let refuse = |layer, enforcement, reason: String, missing: &mut Vec<String>| {
+        let refuse = |layer: Layer,
+                      enforcement,
+                      reason: String,
+                      fix: Option<String>,
+                      missing: &mut Vec<String>| {
             if honour_require && enforcement == Enforcement::Require {
                 Err(SandboxError::Required {
                     app: self.app.clone(),
                     layer,
                     reason,
+                    fix: fix.unwrap_or_else(|| {
+                        format!(
+                            "set sandbox.{layer} = \"best-effort\" to run it without that layer"
+                        )
+                    }),
                 })
             } else {
                 missing.push(format!("{layer}: {reason}"));
@@ -347,14 +381,36 @@ impl SandboxPlan {
         } else {
             match kernel.landlock {
                 LandlockSupport::Available { abi } => {
-                    if abi < REQUIRED_LANDLOCK_ABI {
+                    let tcp = abi >= TCP_LANDLOCK_ABI;
+                    if self.network && !tcp {
+                        let ports: Vec<String> =
+                            self.connect_ports.iter().map(u16::to_string).collect();
                         refuse(
                             Layer::Landlock,
                             self.landlock,
-                            format!("this kernel's landlock ABI {abi} has no TCP rules (needs 4)"),
+                            format!(
+                                "its grant network.connect (ports {}) needs landlock TCP rules \
+                                 to hold it to those ports, and this kernel's landlock ABI {abi} \
+                                 has none (needs ABI {TCP_LANDLOCK_ABI}, Linux 6.7+): without \
+                                 them it could connect to any TCP port",
+                                ports.join(", ")
+                            ),
+                            Some(format!(
+                                "run it on Linux 6.7 or later, or set sandbox.landlock = \
+                                 \"best-effort\" for app {} to let it connect to any TCP port \
+                                 on this kernel (its files stay restricted)",
+                                self.app
+                            )),
                             &mut missing,
                         )?;
                     }
+                    for (needs, gap) in LANDLOCK_FILE_GAPS {
+                        if abi < needs {
+                            missing.push(format!("landlock: ABI {abi} has {gap}"));
+                        }
+                    }
+                    // No TCP rules for an app without network.connect is
+                    // not a gap: it has no socket to use them on.
                     if abi < 6 {
                         missing.push(format!(
                             "landlock: ABI {abi} has no scoping of signals and abstract sockets (needs 6)"
@@ -363,7 +419,7 @@ impl SandboxPlan {
                     Some(LandlockLayer {
                         abi,
                         filesystem: true,
-                        tcp: abi >= 4,
+                        tcp,
                         scoping: abi >= 6,
                     })
                 }
@@ -372,6 +428,7 @@ impl SandboxPlan {
                         Layer::Landlock,
                         self.landlock,
                         "landlock is built in but not enabled at boot (add it to lsm=)".into(),
+                        None,
                         &mut missing,
                     )?;
                     None
@@ -380,7 +437,8 @@ impl SandboxPlan {
                     refuse(
                         Layer::Landlock,
                         self.landlock,
-                        "this kernel has no landlock".into(),
+                        "this kernel has no landlock (file rules need Linux 5.13+)".into(),
+                        None,
                         &mut missing,
                     )?;
                     None
@@ -409,6 +467,7 @@ impl SandboxPlan {
                         Layer::Seccomp,
                         self.seccomp,
                         format!("corral has no syscall list for {}", std::env::consts::ARCH),
+                        None,
                         &mut missing,
                     )?;
                     None
@@ -419,6 +478,7 @@ impl SandboxPlan {
                         Layer::Seccomp,
                         self.seccomp,
                         format!("this kernel has no seccomp filters ({why})"),
+                        None,
                         &mut missing,
                     )?;
                     None
@@ -530,11 +590,17 @@ mod tests {
     use super::*;
 
     fn plan(sandbox: &str) -> SandboxPlan {
+        plan_with(
+            sandbox,
+            "network = { connect = [\"127.0.0.1:5432\", \"[::1]:5432\"] }",
+        )
+    }
+
+    fn plan_with(sandbox: &str, grants: &str) -> SandboxPlan {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("m.wat"), "(module)").unwrap();
         let text = format!(
-            "[apps.web]\nmodule = \"m.wat\"\nkind = \"command\"\nsandbox = {sandbox}\n\
-             network = {{ connect = [\"127.0.0.1:5432\", \"[::1]:5432\"] }}\n"
+            "[apps.web]\nmodule = \"m.wat\"\nkind = \"command\"\nsandbox = {sandbox}\n{grants}\n"
         );
         let policy = corral_policy::parse_str(
             &text,
@@ -588,7 +654,7 @@ mod tests {
         let err = p
             .predict(&kernel(LandlockSupport::Available { abi: 3 }, true))
             .unwrap_err();
-        assert!(err.to_string().contains("ABI 3 has no TCP rules"), "{err}");
+        assert!(err.to_string().contains("landlock ABI 3 has none"), "{err}");
         let err = p
             .predict(&kernel(LandlockSupport::Available { abi: 7 }, false))
             .unwrap_err();
@@ -641,6 +707,82 @@ mod tests {
             .predict(&kernel(LandlockSupport::Available { abi: 7 }, true))
             .unwrap();
         assert!(only_seccomp.landlock.is_none() && only_seccomp.seccomp.is_some());
+    }
+
+    /// The default enforcement (both `require`) on each landlock ABI, for an
+    /// app with no network grant and one with `network.connect`.
+    #[test]
+    fn require_asks_for_what_the_grants_need_on_each_abi() {
+        let files_only = plan_with(r#"{ landlock = "require" }"#, "");
+        let networked = plan(r#"{ landlock = "require" }"#);
+        for abi in [1, 2, 3, 4, 6] {
+            let k = kernel(LandlockSupport::Available { abi }, true);
+            // File rules: every app, any ABI.
+            let layers = files_only
+                .predict(&k)
+                .unwrap_or_else(|e| panic!("ABI {abi}: {e}"));
+            let l = layers.landlock.unwrap();
+            assert!(l.filesystem && l.abi == abi);
+            assert_eq!(l.tcp, abi >= 4, "ABI {abi}");
+            assert_eq!(l.scoping, abi >= 6, "ABI {abi}");
+            let said = |what: &str| layers.missing.iter().any(|m| m.contains(what));
+            assert_eq!(
+                said("no `refer` right"),
+                abi < 2,
+                "ABI {abi}: {:?}",
+                layers.missing
+            );
+            assert_eq!(
+                said("no truncate right"),
+                abi < 3,
+                "ABI {abi}: {:?}",
+                layers.missing
+            );
+            assert_eq!(
+                said("no ioctl right on devices"),
+                abi < 5,
+                "ABI {abi}: {:?}",
+                layers.missing
+            );
+            assert_eq!(
+                said("no scoping"),
+                abi < 6,
+                "ABI {abi}: {:?}",
+                layers.missing
+            );
+            // An app without network.connect lacks nothing without TCP rules.
+            assert!(!said("TCP"), "ABI {abi}: {:?}", layers.missing);
+            // TCP rules: only the app with network.connect needs them.
+            match networked.predict(&k) {
+                Ok(layers) => {
+                    assert!(abi >= 4, "ABI {abi} accepted a network grant");
+                    assert!(layers.landlock.unwrap().tcp);
+                }
+                Err(e) => {
+                    assert!(abi < 4, "ABI {abi} refused: {e}");
+                    let msg = e.to_string();
+                    for part in [
+                        "app web",
+                        "network.connect (ports 5432)",
+                        &format!("landlock ABI {abi} has none"),
+                        "Linux 6.7",
+                        "best-effort",
+                    ] {
+                        assert!(msg.contains(part), "ABI {abi}: {part:?} not in {msg}");
+                    }
+                    // best-effort runs it, and says connects are open.
+                    let layers = plan(r#"{ landlock = "best-effort" }"#).predict(&k).unwrap();
+                    assert!(
+                        layers
+                            .missing
+                            .iter()
+                            .any(|m| m.contains("network.connect") && m.contains("any TCP port")),
+                        "{:?}",
+                        layers.missing
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -8,9 +8,12 @@ use corral_policy::{Environment, Policy, PolicyError};
 /// Validate a policy file and its drop-ins (`policy.d/*.toml` beside it).
 ///
 /// Prints a table of the apps and exits 0, or prints every error as
-/// `file:line:col: key: problem` and exits 1. A valid policy that needs
-/// more open files than corrald would get here (the hard RLIMIT_NOFILE)
-/// gets a warning.
+/// `file:line:col: key: problem` and exits 1. A valid policy with an app
+/// that cannot run on this machine (its module does not fit its spec, or a
+/// `require`d sandbox layer its grants need is missing from this kernel)
+/// also exits 1, with one line per reason. A valid policy that needs more
+/// open files than corrald would get here (the hard RLIMIT_NOFILE) gets a
+/// warning.
 #[derive(Debug, clap::Args)]
 pub struct CheckCommand {
     /// The main policy file; drop-ins are read from `policy.d/` beside it.
@@ -29,13 +32,37 @@ impl CheckCommand {
             (Ok(policy), false) => {
                 print!("{}", render_table(&policy));
                 warn_about_open_files(&policy);
-                Ok(ExitCode::SUCCESS)
+                let refused = refusals(&policy);
+                for why in &refused {
+                    eprintln!("error: {why}");
+                }
+                if refused.is_empty() {
+                    Ok(ExitCode::SUCCESS)
+                } else {
+                    let n = refused.len();
+                    eprintln!(
+                        "{n} app problem{} on this machine: corrald would not start {}",
+                        if n == 1 { "" } else { "s" },
+                        if n == 1 { "that app" } else { "those apps" }
+                    );
+                    Ok(ExitCode::FAILURE)
+                }
             }
             (Ok(policy), true) => {
                 warn_about_open_files(&policy);
-                let out = serde_json::json!({ "valid": true, "policy": policy });
+                let refused = refusals(&policy);
+                let out = serde_json::json!({
+                    "valid": true,
+                    "runnable": refused.is_empty(),
+                    "refused": refused,
+                    "policy": policy,
+                });
                 println!("{}", serde_json::to_string_pretty(&out)?);
-                Ok(ExitCode::SUCCESS)
+                Ok(if refused.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
             }
             (Err(err), false) => {
                 print_errors(&err);
@@ -57,6 +84,16 @@ fn warn_about_open_files(policy: &Policy) {
     if let Some(warning) = open_files::shortfall(policy, open_files::hard_limit()) {
         eprintln!("warning: {warning}");
     }
+}
+
+/// Why each app that cannot run here cannot (see [`crate::fitness`]).
+fn refusals(policy: &Policy) -> Vec<String> {
+    let kernel = crate::fitness::kernel();
+    policy
+        .apps
+        .values()
+        .flat_map(|app| crate::fitness::refusals(app, kernel))
+        .collect()
 }
 
 fn print_errors(err: &PolicyError) {
@@ -88,7 +125,7 @@ pub(crate) fn render_table(policy: &Policy) -> String {
     let kernel = corral_runtime::sandbox::probe_kernel();
     for (name, app) in &policy.apps {
         // What a worker would get here if every layer were best-effort;
-        // `corral doctor` says whether `require` refuses the app.
+        // a refusal is printed below the table and fails the check.
         let plan = corral_runtime::sandbox::SandboxPlan::for_app(app);
         let mut layers = plan.predict_best_effort(&kernel).to_string();
         if plan.predict(&kernel).is_err() {

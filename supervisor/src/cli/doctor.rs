@@ -92,7 +92,7 @@ impl DoctorCommand {
                         (Some(layers), _) => {
                             println!("  {} ({}): {layers}", a.app, a.kind);
                             for m in &layers.missing {
-                                println!("    missing (best-effort): {m}");
+                                println!("    not enforced here: {m}");
                             }
                         }
                         (None, Some(why)) => println!("  {} ({}): REFUSED: {why}", a.app, a.kind),

@@ -182,7 +182,7 @@ impl RunCommand {
             .map(|l| l.missing.as_slice())
             .unwrap_or_default()
         {
-            eprintln!("corral: sandbox (best-effort): {missing}");
+            eprintln!("corral: sandbox: not enforced: {missing}");
         }
         match listener {
             None => {

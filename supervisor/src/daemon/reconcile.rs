@@ -51,8 +51,15 @@ impl Daemon {
         Ok(copy)
     }
 
-    /// Sockets and artifact of `spec`.
+    /// Sockets and artifact of `spec`; an error, before anything is bound
+    /// or compiled, when the app cannot run on this machine at all (see
+    /// [`crate::fitness`]): that is decided once, here, not by a zygote
+    /// crashing on it.
     async fn prepare(&mut self, spec: &AppSpec) -> anyhow::Result<(Vec<OwnedFd>, PinnedArtifact)> {
+        let refused = crate::fitness::refusals(spec, crate::fitness::kernel());
+        if !refused.is_empty() {
+            anyhow::bail!("not started: {}", refused.join("; "));
+        }
         let mut sockets = Vec::new();
         for addr in &spec.listen {
             sockets.push(self.socket(addr)?);
@@ -88,6 +95,7 @@ impl Daemon {
             self.retries.remove(name);
             tracing::error!(app = name, "app failed: {e:#}");
             set_state(&self.registry, name, Report::Failed(format!("{e:#}")));
+            self.turn_away(spec);
             return;
         }
         let backoff = spec.restart;
@@ -137,6 +145,36 @@ impl Daemon {
         }
     }
 
+    /// `spec` failed before it started: connections to its sockets that
+    /// systemd holds (or that an earlier version bound) would wait in the
+    /// backlog for a worker that never comes, so they are accepted and
+    /// closed at once until a start or reload runs it. An address nothing
+    /// holds yet stays unbound (clients get "connection refused").
+    fn turn_away(&mut self, spec: &AppSpec) {
+        let mut held = Vec::new();
+        for addr in &spec.listen {
+            let fd = match addr {
+                ListenAddr::Systemd(_) => self.socket(addr).ok(),
+                _ => self
+                    .sockets
+                    .get(&addr.to_string())
+                    .and_then(|fd| fd.try_clone().ok()),
+            };
+            held.extend(fd);
+        }
+        if held.is_empty() {
+            return;
+        }
+        tracing::info!(
+            app = spec.name,
+            "closing connections to its sockets until it is started again"
+        );
+        let task = tokio::spawn(close_connections(spec.name.clone(), held));
+        if let Some(old) = self.turned_away.insert(spec.name.clone(), task) {
+            old.abort();
+        }
+    }
+
     fn spawn_app(
         &mut self,
         spec: &AppSpec,
@@ -144,6 +182,9 @@ impl Daemon {
         artifact: PinnedArtifact,
     ) -> oneshot::Receiver<()> {
         self.retries.remove(&spec.name);
+        if let Some(task) = self.turned_away.remove(&spec.name) {
+            task.abort();
+        }
         let (ready_tx, ready_rx) = oneshot::channel();
         let (stop, stop_rx) = watch::channel(false);
         let key = artifact.key.clone();
@@ -242,6 +283,9 @@ impl Daemon {
                 tracing::info!(app = name, "reload: removed; draining it");
                 app.stop.send_replace(true);
                 self.retired.push(app.task);
+            }
+            if let Some(task) = self.turned_away.remove(&name) {
+                task.abort();
             }
             self.stopped.remove(&name);
             self.retries.remove(&name);
@@ -552,6 +596,44 @@ pub(super) async fn wait_ready(started: Vec<oneshot::Receiver<()>>) {
         }
     })
     .await;
+}
+
+/// Accept and close every connection to `listeners` (non-blocking
+/// listening sockets) until aborted: what an app that cannot start answers.
+async fn close_connections(app: String, listeners: Vec<OwnedFd>) {
+    let mut waiting = tokio::task::JoinSet::new();
+    for fd in listeners {
+        let app = app.clone();
+        waiting.spawn(async move {
+            let fd = match super::app::register(fd, tokio::io::Interest::READABLE) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    tracing::warn!(app = %app, "watching a socket of a failed app: {e}");
+                    return;
+                }
+            };
+            loop {
+                let Ok(mut ready) = fd.readable().await else {
+                    return;
+                };
+                loop {
+                    match rustix::net::accept(fd.get_ref()) {
+                        Ok(conn) => drop(conn),
+                        Err(rustix::io::Errno::AGAIN) => {
+                            ready.clear_ready();
+                            break;
+                        }
+                        Err(rustix::io::Errno::INTR | rustix::io::Errno::CONNABORTED) => {}
+                        Err(e) => {
+                            tracing::warn!(app = %app, "closing connections to a failed app: {e}");
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    while waiting.join_next().await.is_some() {}
 }
 
 /// The policy's files, for `DaemonInfo`.

@@ -113,6 +113,9 @@ pub(super) struct Daemon {
     /// still held by the processes of a killed corrald, no descriptor
     /// left): started again when their time comes (`reconcile.rs`).
     pub(super) retries: BTreeMap<String, super::reconcile::Retry>,
+    /// Apps that failed before they started, whose held sockets close
+    /// each connection at once (see `Daemon::turn_away`).
+    pub(super) turned_away: BTreeMap<String, tokio::task::JoinHandle<()>>,
 }
 
 async fn serve(
@@ -148,6 +151,7 @@ async fn serve(
         apps: BTreeMap::new(),
         retired: Vec::new(),
         retries: BTreeMap::new(),
+        turned_away: BTreeMap::new(),
         policy,
     };
     let apps = daemon.policy.apps.clone();
