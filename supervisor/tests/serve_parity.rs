@@ -1,0 +1,201 @@
+//! `corral run --serve` serves HTTP exactly as a corrald worker does: the
+//! same checks (corral_testkit::serve: keep-alive, HTTP/2 with prior
+//! knowledge, the concurrency limit, drain on stop) run against corrald
+//! serving an http app of a policy and against `corral run --serve` on
+//! the same policy and app. (The shim's task process runs them in
+//! shim/tests/serve_parity.rs.)
+
+use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use corral_testkit::{Log, free_port, guests_dir, serve, wait_for};
+
+const CORRALD: &str = env!("CARGO_BIN_EXE_corrald");
+const CORRAL: &str = env!("CARGO_BIN_EXE_corral");
+/// The app's `pool.concurrency`.
+const CONCURRENCY: usize = 2;
+
+/// Write a policy with one http app `web` (http-echo.wasm, one worker of
+/// [`CONCURRENCY`] slots) listening on `port`.
+fn write_policy(dir: &Path, port: u16) -> std::path::PathBuf {
+    let policy = format!(
+        "[daemon]\ncache-dir = \"cache\"\nstate-dir = \"state\"\napi-socket = \"api.sock\"\n\
+         drain-timeout = \"20s\"\n\n\
+         [defaults]\nsandbox = {{ landlock = \"best-effort\", seccomp = \"best-effort\" }}\n\n\
+         [apps.web]\nmodule = \"{}/http-echo.wasm\"\nkind = \"http\"\n\
+         listen = [\"127.0.0.1:{port}\"]\npool = {{ min = 1, max = 1, concurrency = {CONCURRENCY} }}\n",
+        guests_dir().display()
+    );
+    let path = dir.join("policy.toml");
+    std::fs::write(&path, policy).unwrap();
+    path
+}
+
+/// A server under test, killed on drop.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    log: Log,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// corrald serving the policy, once it said READY=1.
+    fn corrald() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let policy = write_policy(dir.path(), port);
+        let notify_path = dir.path().join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        let mut child = Command::new(CORRALD)
+            .arg("--policy")
+            .arg(&policy)
+            .args(["--bus", "none"])
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("CORRAL_LOG", "info")
+            .env_remove("LISTEN_FDS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Log::collect(child.stderr.take().unwrap());
+        notify
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        wait_for("corrald's READY=1", Duration::from_secs(120), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("corrald exited ({status}):\n{}", log.text());
+            }
+            let n = notify.recv(&mut buf).ok()?;
+            String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == "READY=1")
+                .then_some(())
+        });
+        Server {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// `corral run --serve 127.0.0.1:0 --policy P --app web`, once it
+    /// printed where it serves.
+    fn corral_run() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = write_policy(dir.path(), free_port());
+        let mut child = Command::new(CORRAL)
+            .args(["run", "--serve", "127.0.0.1:0", "--policy"])
+            .arg(&policy)
+            .args(["--app", "web"])
+            .env("CORRAL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Log::collect(child.stderr.take().unwrap());
+        let line = wait_for("`Serving HTTP on`", Duration::from_secs(120), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("corral run exited ({status}):\n{}", log.text());
+            }
+            let text = log.text();
+            let line = text
+                .lines()
+                .find(|l| l.contains("Serving HTTP on http://"))?;
+            Some(line.to_string())
+        });
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|a| a.trim_end().trim_end_matches('/').parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        Server {
+            child,
+            addr,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn sigterm(&self) {
+        rustix::process::kill_process(
+            rustix::process::Pid::from_child(&self.child),
+            rustix::process::Signal::TERM,
+        )
+        .unwrap();
+    }
+
+    /// Wait for the process to exit 0.
+    fn exits_zero(&mut self) {
+        let child = &mut self.child;
+        let status = wait_for("the server to exit", Duration::from_secs(30), || {
+            child.try_wait().unwrap()
+        });
+        assert!(status.success(), "{status}:\n{}", self.log.text());
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("the server's stderr:\n{}", self.log.text());
+        }
+    }
+}
+
+#[test]
+fn corrald_keeps_connections_alive() {
+    serve::keep_alive(Server::corrald().addr);
+}
+
+#[test]
+fn corral_run_keeps_connections_alive() {
+    serve::keep_alive(Server::corral_run().addr);
+}
+
+#[test]
+fn corrald_speaks_http2_with_prior_knowledge() {
+    serve::http2_prior_knowledge(Server::corrald().addr);
+}
+
+#[test]
+fn corral_run_speaks_http2_with_prior_knowledge() {
+    serve::http2_prior_knowledge(Server::corral_run().addr);
+}
+
+#[test]
+fn corrald_serves_pool_concurrency_requests_at_once_and_no_more() {
+    serve::concurrency_limit(Server::corrald().addr, CONCURRENCY);
+}
+
+#[test]
+fn corral_run_serves_pool_concurrency_requests_at_once_and_no_more() {
+    serve::concurrency_limit(Server::corral_run().addr, CONCURRENCY);
+}
+
+#[test]
+fn corrald_drains_an_in_flight_request_on_sigterm_and_exits_zero() {
+    let mut server = Server::corrald();
+    let addr = server.addr;
+    let stop = || server.sigterm();
+    serve::drain_on_stop(addr, stop);
+    server.exits_zero();
+}
+
+#[test]
+fn corral_run_drains_an_in_flight_request_on_sigterm_and_exits_zero() {
+    let mut server = Server::corral_run();
+    let addr = server.addr;
+    let stop = || server.sigterm();
+    serve::drain_on_stop(addr, stop);
+    server.exits_zero();
+}
