@@ -62,14 +62,7 @@ impl Task {
         let log = Log::collect(child.stderr.take().unwrap());
         let mut start = child.stdin.take().unwrap();
         start.write_all(b"s").unwrap();
-        let line = wait_for("`serving HTTP on`", Duration::from_secs(120), || {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("the task process exited ({status}):\n{}", log.text());
-            }
-            let text = log.text();
-            let line = text.lines().find(|l| l.contains("serving HTTP on "))?;
-            Some(line.to_string())
-        });
+        let line = log.wait_for_line(&mut child, "serving HTTP on ", Duration::from_secs(120));
         let addr = line
             .rsplit(' ')
             .next()
@@ -82,6 +75,33 @@ impl Task {
             _start: start,
             _bundle: bundle,
         }
+    }
+}
+
+impl serve::Served for Task {
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn sigterm(&self) {
+        rustix::process::kill_process(
+            rustix::process::Pid::from_child(&self.child),
+            rustix::process::Signal::TERM,
+        )
+        .unwrap();
+    }
+
+    fn exits_zero(&mut self) {
+        let child = &mut self.child;
+        let status = wait_for("the task process to exit", Duration::from_secs(30), || {
+            child.try_wait().unwrap()
+        });
+        assert!(
+            status.success(),
+            "{status}:
+{}",
+            self.log.text()
+        );
     }
 }
 
@@ -104,31 +124,6 @@ fn default_concurrency() -> usize {
     app.pool.concurrency as usize
 }
 
-#[test]
-fn shim_task_keeps_connections_alive() {
-    serve::keep_alive(Task::start().addr);
-}
-
-#[test]
-fn shim_task_speaks_http2_with_prior_knowledge() {
-    serve::http2_prior_knowledge(Task::start().addr);
-}
-
-#[test]
-fn shim_task_serves_pool_concurrency_requests_at_once_and_no_more() {
-    serve::concurrency_limit(Task::start().addr, default_concurrency());
-}
-
-#[test]
-fn shim_task_drains_an_in_flight_request_on_sigterm_and_exits_zero() {
-    let mut task = Task::start();
-    let pid = rustix::process::Pid::from_child(&task.child);
-    serve::drain_on_stop(task.addr, || {
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    });
-    let child = &mut task.child;
-    let status = wait_for("the task process to exit", Duration::from_secs(30), || {
-        child.try_wait().unwrap()
-    });
-    assert!(status.success(), "{status}:\n{}", task.log.text());
+mod shim_task {
+    corral_testkit::parity_tests!(super::Task::start(), super::default_concurrency());
 }

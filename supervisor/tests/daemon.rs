@@ -16,7 +16,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use corral_testkit::{Log, descendants_of, free_port, guest, parent_of, wait_for};
+use corral_testkit::{Log, Notes, descendants_of, free_port, guest, parent_of, wait_for};
 
 const CORRALD: &str = env!("CARGO_BIN_EXE_corrald");
 
@@ -25,7 +25,7 @@ struct Daemon {
     child: Option<Child>,
     pid: i32,
     dir: tempfile::TempDir,
-    notes: Arc<Mutex<Vec<String>>>,
+    notes: Notes,
     stderr: Log,
 }
 
@@ -70,18 +70,7 @@ impl Daemon {
         // A command that exits 0 at once.
         std::fs::write(root.join("ok.wat"), "(module (func (export \"_start\")))").unwrap();
         let notify_path = root.join("notify.sock");
-        let notify = UnixDatagram::bind(&notify_path).unwrap();
-        let notes = Arc::new(Mutex::new(Vec::new()));
-        {
-            let notes = notes.clone();
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 4096];
-                while let Ok(n) = notify.recv(&mut buf) {
-                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    notes.lock().unwrap().extend(text.lines().map(String::from));
-                }
-            });
-        }
+        let notes = Notes::bind(&notify_path);
         let notify_env = format!("NOTIFY_SOCKET={}", notify_path.display());
         let mut env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         env.push(notify_env);
@@ -128,14 +117,8 @@ impl Daemon {
     fn wait_note(&self, prefix: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(line) = self
-                .notes
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.starts_with(prefix))
-            {
-                return line.clone();
+            if let Some(line) = self.notes.find(prefix) {
+                return line;
             }
             let exited = self.child.as_ref().map(|c| c.id());
             if exited.is_some() && std::fs::metadata(format!("/proc/{}", self.pid)).is_err() {
@@ -144,7 +127,7 @@ impl Daemon {
             if Instant::now() > deadline {
                 panic!(
                     "no {prefix} from corrald within {timeout:?}; notes: {:?}\nstderr:\n{}",
-                    self.notes.lock().unwrap(),
+                    self.notes.lines(),
                     self.stderr()
                 );
             }
@@ -269,7 +252,7 @@ fn serves_http_and_stdio_apps_and_notifies_systemd() {
     let reply = stdio_roundtrip(echo, b"hello, stdio\n").unwrap();
     assert_eq!(reply, b"hello, stdio\n");
     // READY=1 came with a STATUS= naming every app.
-    let notes = daemon.notes.lock().unwrap().clone();
+    let notes = daemon.notes.lines();
     let ready = notes.iter().position(|l| l == "READY=1").unwrap();
     let status = notes[ready + 1..]
         .iter()
@@ -409,8 +392,7 @@ fn crash_loop_marks_only_that_app_failed() {
     wait_for("bad to be marked failed", Duration::from_secs(20), || {
         daemon
             .notes
-            .lock()
-            .unwrap()
+            .lines()
             .iter()
             .any(|l| l.starts_with("STATUS=") && l.contains("bad FAILED"))
             .then_some(())
@@ -571,8 +553,7 @@ impl Daemon {
 
     fn count_notes(&self, prefix: &str) -> usize {
         self.notes
-            .lock()
-            .unwrap()
+            .lines()
             .iter()
             .filter(|l| l.starts_with(prefix))
             .count()
@@ -746,8 +727,7 @@ fn command_app_failing_is_restarted_until_give_up() {
     wait_for("job to be marked failed", Duration::from_secs(20), || {
         daemon
             .notes
-            .lock()
-            .unwrap()
+            .lines()
             .iter()
             .any(|l| l.starts_with("STATUS=") && l.contains("job FAILED"))
             .then_some(())
@@ -785,8 +765,7 @@ fn command_app_restart_on_always_and_never() {
     wait_for("`once` to be finished", Duration::from_secs(10), || {
         daemon
             .notes
-            .lock()
-            .unwrap()
+            .lines()
             .iter()
             .any(|l| l.starts_with("STATUS=") && l.contains("once finished"))
             .then_some(())

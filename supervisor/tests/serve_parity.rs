@@ -101,16 +101,11 @@ impl Server {
             .spawn()
             .unwrap();
         let log = Log::collect(child.stderr.take().unwrap());
-        let line = wait_for("`Serving HTTP on`", Duration::from_secs(120), || {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("corral run exited ({status}):\n{}", log.text());
-            }
-            let text = log.text();
-            let line = text
-                .lines()
-                .find(|l| l.contains("Serving HTTP on http://"))?;
-            Some(line.to_string())
-        });
+        let line = log.wait_for_line(
+            &mut child,
+            "Serving HTTP on http://",
+            Duration::from_secs(120),
+        );
         let addr = line
             .split("http://")
             .nth(1)
@@ -123,6 +118,12 @@ impl Server {
             _dir: dir,
         }
     }
+}
+
+impl serve::Served for Server {
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
 
     fn sigterm(&self) {
         rustix::process::kill_process(
@@ -132,7 +133,6 @@ impl Server {
         .unwrap();
     }
 
-    /// Wait for the process to exit 0.
     fn exits_zero(&mut self) {
         let child = &mut self.child;
         let status = wait_for("the server to exit", Duration::from_secs(30), || {
@@ -152,50 +152,10 @@ impl Drop for Server {
     }
 }
 
-#[test]
-fn corrald_keeps_connections_alive() {
-    serve::keep_alive(Server::corrald().addr);
+mod corrald {
+    corral_testkit::parity_tests!(super::Server::corrald(), super::CONCURRENCY);
 }
 
-#[test]
-fn corral_run_keeps_connections_alive() {
-    serve::keep_alive(Server::corral_run().addr);
-}
-
-#[test]
-fn corrald_speaks_http2_with_prior_knowledge() {
-    serve::http2_prior_knowledge(Server::corrald().addr);
-}
-
-#[test]
-fn corral_run_speaks_http2_with_prior_knowledge() {
-    serve::http2_prior_knowledge(Server::corral_run().addr);
-}
-
-#[test]
-fn corrald_serves_pool_concurrency_requests_at_once_and_no_more() {
-    serve::concurrency_limit(Server::corrald().addr, CONCURRENCY);
-}
-
-#[test]
-fn corral_run_serves_pool_concurrency_requests_at_once_and_no_more() {
-    serve::concurrency_limit(Server::corral_run().addr, CONCURRENCY);
-}
-
-#[test]
-fn corrald_drains_an_in_flight_request_on_sigterm_and_exits_zero() {
-    let mut server = Server::corrald();
-    let addr = server.addr;
-    let stop = || server.sigterm();
-    serve::drain_on_stop(addr, stop);
-    server.exits_zero();
-}
-
-#[test]
-fn corral_run_drains_an_in_flight_request_on_sigterm_and_exits_zero() {
-    let mut server = Server::corral_run();
-    let addr = server.addr;
-    let stop = || server.sigterm();
-    serve::drain_on_stop(addr, stop);
-    server.exits_zero();
+mod corral_run {
+    corral_testkit::parity_tests!(super::Server::corral_run(), super::CONCURRENCY);
 }

@@ -7,6 +7,7 @@
 use std::io::Read;
 
 pub mod serve;
+pub mod tar;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -85,15 +86,22 @@ impl Log {
         }
     }
 
-    /// The first line containing `needle`, waiting for it as
-    /// [`Log::wait_for`] does.
-    pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> String {
-        self.wait_for(needle, timeout);
-        let text = self.text();
-        text.lines()
-            .find(|l| l.contains(needle))
-            .unwrap()
-            .to_string()
+    /// The first line of `child`'s log containing `needle`, once there;
+    /// panics (showing the log) if the child exits first or after
+    /// `timeout`.
+    pub fn wait_for_line(
+        &self,
+        child: &mut std::process::Child,
+        needle: &str,
+        timeout: Duration,
+    ) -> String {
+        wait_for(&format!("{needle:?} in the log"), timeout, || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the process exited ({status}):\n{}", self.text());
+            }
+            let text = self.text();
+            text.lines().find(|l| l.contains(needle)).map(String::from)
+        })
     }
 }
 
@@ -138,4 +146,51 @@ pub fn parent_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &stat[stat.rfind(')')? + 2..];
     after.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A `NOTIFY_SOCKET` for a child (`sd_notify` messages), its lines
+/// collected by a thread of their own.
+#[derive(Debug, Clone)]
+pub struct Notes(Arc<Mutex<Vec<String>>>);
+
+impl Notes {
+    /// Bind a datagram socket at `path` (give it to the child as
+    /// `NOTIFY_SOCKET`) and collect what arrives.
+    pub fn bind(path: &Path) -> Notes {
+        let socket = std::os::unix::net::UnixDatagram::bind(path).unwrap();
+        let notes = Notes(Arc::default());
+        let lines = notes.0.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = socket.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                lines.lock().unwrap().extend(text.lines().map(String::from));
+            }
+        });
+        notes
+    }
+
+    /// Every line received so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// The first line received starting with `prefix`, if any yet.
+    pub fn find(&self, prefix: &str) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.starts_with(prefix))
+            .cloned()
+    }
+}
+
+/// `program` on `PATH`, if it is there.
+pub fn which(program: &str) -> Option<PathBuf> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
 }

@@ -184,3 +184,50 @@ pub fn drain_on_stop(addr: SocketAddr, stop: impl FnOnce()) {
         String::from_utf8_lossy(&body)
     );
 }
+
+/// A running server of the `http-echo.wasm` fixture, for [`parity_tests!`].
+pub trait Served {
+    /// Where it serves.
+    fn addr(&self) -> SocketAddr;
+    /// Send it SIGTERM.
+    fn sigterm(&self);
+    /// Wait for it to exit, and check it exited 0.
+    fn exits_zero(&mut self);
+}
+
+/// Drain on stop ([`drain_on_stop`]), then the server exits 0.
+pub fn drains_and_exits_zero(mut server: impl Served) {
+    let addr = server.addr();
+    drain_on_stop(addr, || server.sigterm());
+    server.exits_zero();
+}
+
+/// The four checks as `#[test]` functions, against the server `$start`
+/// (an expression giving a [`Served`]) of `$concurrency` slots.
+#[macro_export]
+macro_rules! parity_tests {
+    ($start:expr, $concurrency:expr) => {
+        #[test]
+        fn keeps_connections_alive() {
+            use $crate::serve::Served as _;
+            $crate::serve::keep_alive($start.addr());
+        }
+
+        #[test]
+        fn speaks_http2_with_prior_knowledge() {
+            use $crate::serve::Served as _;
+            $crate::serve::http2_prior_knowledge($start.addr());
+        }
+
+        #[test]
+        fn serves_pool_concurrency_requests_at_once_and_no_more() {
+            use $crate::serve::Served as _;
+            $crate::serve::concurrency_limit($start.addr(), $concurrency);
+        }
+
+        #[test]
+        fn drains_an_in_flight_request_on_sigterm_and_exits_zero() {
+            $crate::serve::drains_and_exits_zero($start);
+        }
+    };
+}
