@@ -6,12 +6,12 @@
 //! shim/tests/serve_parity.rs.)
 
 use std::net::SocketAddr;
-use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use corral_testkit::{Log, free_port, guests_dir, serve, wait_for};
+use corral_testkit::serve::ServerProcess;
+use corral_testkit::{Notes, free_port, guests_dir, spawn_logged, wait_for};
 
 const CORRALD: &str = env!("CARGO_BIN_EXE_corrald");
 const CORRAL: &str = env!("CARGO_BIN_EXE_corral");
@@ -34,128 +34,60 @@ fn write_policy(dir: &Path, port: u16) -> std::path::PathBuf {
     path
 }
 
-/// A server under test, killed on drop.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    log: Log,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    /// corrald serving the policy, once it said READY=1.
-    fn corrald() -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let policy = write_policy(dir.path(), port);
-        let notify_path = dir.path().join("notify.sock");
-        let notify = UnixDatagram::bind(&notify_path).unwrap();
-        let mut child = Command::new(CORRALD)
+/// corrald serving the policy, once it said READY=1.
+fn corrald() -> ServerProcess {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let policy = write_policy(dir.path(), port);
+    let notify_path = dir.path().join("notify.sock");
+    let notes = Notes::bind(&notify_path);
+    let (mut child, log) = spawn_logged(
+        Command::new(CORRALD)
             .arg("--policy")
             .arg(&policy)
             .args(["--bus", "none"])
             .env("NOTIFY_SOCKET", &notify_path)
             .env("CORRAL_LOG", "info")
-            .env_remove("LISTEN_FDS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Log::collect(child.stderr.take().unwrap());
-        notify
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let mut buf = [0u8; 4096];
-        wait_for("corrald's READY=1", Duration::from_secs(120), || {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("corrald exited ({status}):\n{}", log.text());
-            }
-            let n = notify.recv(&mut buf).ok()?;
-            String::from_utf8_lossy(&buf[..n])
-                .lines()
-                .any(|l| l == "READY=1")
-                .then_some(())
-        });
-        Server {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            log,
-            _dir: dir,
+            .env_remove("LISTEN_FDS"),
+    );
+    wait_for("corrald's READY=1", Duration::from_secs(120), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("corrald exited ({status}):\n{}", log.text());
         }
-    }
+        notes.find("READY=1")
+    });
+    ServerProcess::new(child, SocketAddr::from(([127, 0, 0, 1], port)), log, dir)
+}
 
-    /// `corral run --serve 127.0.0.1:0 --policy P --app web`, once it
-    /// printed where it serves.
-    fn corral_run() -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let policy = write_policy(dir.path(), free_port());
-        let mut child = Command::new(CORRAL)
+/// `corral run --serve 127.0.0.1:0 --policy P --app web`, once it printed
+/// where it serves.
+fn corral_run() -> ServerProcess {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), free_port());
+    let (mut child, log) = spawn_logged(
+        Command::new(CORRAL)
             .args(["run", "--serve", "127.0.0.1:0", "--policy"])
             .arg(&policy)
             .args(["--app", "web"])
-            .env("CORRAL_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Log::collect(child.stderr.take().unwrap());
-        let line = log.wait_for_line(
-            &mut child,
-            "Serving HTTP on http://",
-            Duration::from_secs(120),
-        );
-        let addr = line
-            .split("http://")
-            .nth(1)
-            .and_then(|a| a.trim_end().trim_end_matches('/').parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        Server {
-            child,
-            addr,
-            log,
-            _dir: dir,
-        }
-    }
-}
-
-impl serve::Served for Server {
-    fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    fn sigterm(&self) {
-        rustix::process::kill_process(
-            rustix::process::Pid::from_child(&self.child),
-            rustix::process::Signal::TERM,
-        )
-        .unwrap();
-    }
-
-    fn exits_zero(&mut self) {
-        let child = &mut self.child;
-        let status = wait_for("the server to exit", Duration::from_secs(30), || {
-            child.try_wait().unwrap()
-        });
-        assert!(status.success(), "{status}:\n{}", self.log.text());
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("the server's stderr:\n{}", self.log.text());
-        }
-    }
+            .env("CORRAL_LOG", "info"),
+    );
+    let line = log.wait_for_line(
+        &mut child,
+        "Serving HTTP on http://",
+        Duration::from_secs(120),
+    );
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|a| a.trim_end().trim_end_matches('/').parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    ServerProcess::new(child, addr, log, dir)
 }
 
 mod corrald {
-    corral_testkit::parity_tests!(super::Server::corrald(), super::CONCURRENCY);
+    corral_testkit::parity_tests!(super::corrald(), super::CONCURRENCY);
 }
 
 mod corral_run {
-    corral_testkit::parity_tests!(super::Server::corral_run(), super::CONCURRENCY);
+    corral_testkit::parity_tests!(super::corral_run(), super::CONCURRENCY);
 }

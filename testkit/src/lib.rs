@@ -194,3 +194,17 @@ pub fn which(program: &str) -> Option<PathBuf> {
         .map(|dir| Path::new(dir).join(program))
         .find(|p| p.is_file())
 }
+
+/// Start `cmd` with stdin and stdout on /dev/null and its stderr
+/// collected into a [`Log`].
+pub fn spawn_logged(cmd: &mut std::process::Command) -> (std::process::Child, Log) {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Log::collect(child.stderr.take().unwrap());
+    (child, log)
+}

@@ -231,3 +231,63 @@ macro_rules! parity_tests {
         }
     };
 }
+
+/// A server process under test: its child, where it serves and its
+/// stderr; killed on drop (its log shown if the test failed).
+#[derive(Debug)]
+pub struct ServerProcess {
+    child: std::process::Child,
+    addr: SocketAddr,
+    log: crate::Log,
+    _keep: Box<dyn std::any::Any>,
+}
+
+impl ServerProcess {
+    /// `child` (from [`crate::spawn_logged`]) serving on `addr`; `keep`
+    /// (its temporary directory, say) lives as long as it does.
+    pub fn new(
+        child: std::process::Child,
+        addr: SocketAddr,
+        log: crate::Log,
+        keep: impl std::any::Any,
+    ) -> ServerProcess {
+        ServerProcess {
+            child,
+            addr,
+            log,
+            _keep: Box::new(keep),
+        }
+    }
+}
+
+impl Served for ServerProcess {
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn sigterm(&self) {
+        rustix::process::kill_process(
+            rustix::process::Pid::from_child(&self.child),
+            rustix::process::Signal::TERM,
+        )
+        .unwrap();
+    }
+
+    fn exits_zero(&mut self) {
+        let child = &mut self.child;
+        let status = crate::wait_for("the server to exit", Duration::from_secs(30), || {
+            child.try_wait().unwrap()
+        });
+        assert!(status.success(), "{status}:\n{}", self.log.text());
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("the server's stderr:\n{}", self.log.text());
+        }
+    }
+}
