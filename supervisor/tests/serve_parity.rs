@@ -76,10 +76,7 @@ fn corral_run() -> ServerProcess {
         "Serving HTTP on http://",
         Duration::from_secs(120),
     );
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|a| a.trim_end().trim_end_matches('/').parse().ok())
+    let addr = corral_testkit::serve::corral_run_address(&line)
         .unwrap_or_else(|| panic!("no address in {line:?}"));
     ServerProcess::new(child, addr, log, dir)
 }

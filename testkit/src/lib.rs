@@ -86,7 +86,7 @@ impl Log {
         }
     }
 
-    /// The first line of `child`'s log containing `needle`, once there;
+    /// The first complete line of `child`'s log containing `needle`, once there;
     /// panics (showing the log) if the child exits first or after
     /// `timeout`.
     pub fn wait_for_line(
@@ -99,8 +99,13 @@ impl Log {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("the process exited ({status}):\n{}", self.text());
             }
+            // Complete lines only: the reader may be mid-line.
             let text = self.text();
-            text.lines().find(|l| l.contains(needle)).map(String::from)
+            let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+            complete
+                .lines()
+                .find(|l| l.contains(needle))
+                .map(String::from)
         })
     }
 }

@@ -291,3 +291,12 @@ impl Drop for ServerProcess {
         }
     }
 }
+
+/// The address in `corral run --serve`'s first line,
+/// `Serving HTTP on http://ADDR/`.
+pub fn corral_run_address(line: &str) -> Option<SocketAddr> {
+    line.strip_prefix("Serving HTTP on http://")
+        .and_then(|rest| rest.trim_end().strip_suffix('/'))?
+        .parse()
+        .ok()
+}
