@@ -149,7 +149,9 @@ impl Guest {
 
     /// Enter the sandbox `plan` describes (`None`: run without one, as
     /// `corral run --no-sandbox` asks) for a process that runs the guest
-    /// itself. SIGTERM and SIGINT then make [`Standalone::serve`] drain.
+    /// itself. For a served guest (http, stdio), SIGTERM and SIGINT then
+    /// make [`Standalone::serve`] drain; a command guest keeps their
+    /// default action (they end it, as they end any program).
     pub fn enter_standalone(self, plan: Option<SandboxPlan>) -> anyhow::Result<Standalone> {
         // tokio's signal driver (compiled in when any crate of the build
         // enables tokio's `process` or `signal` feature) makes a
@@ -157,7 +159,11 @@ impl Guest {
         // sandbox refuses socketpair. Make it now (a runtime without
         // threads) and keep it.
         drop(current_thread_runtime()?);
-        crate::sys::on_stop_signals_drain().context("installing the SIGTERM handler")?;
+        if self.kind() != AppKind::Command {
+            // Only the serve loop looks at the flag: installed for a
+            // command, it would swallow SIGTERM and Ctrl-C.
+            crate::sys::on_stop_signals_drain().context("installing the SIGTERM handler")?;
+        }
         let layers = match plan {
             Some(plan) => Some(
                 plan.enter()

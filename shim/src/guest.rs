@@ -6,7 +6,7 @@
 
 use std::io::Read as _;
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::AsFd as _;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -16,6 +16,8 @@ use corral_policy::{Access, AppKind, AppSpec, DirGrant, Enforcement, ListenAddr}
 use corral_runtime::guest::Guest;
 use corral_runtime::host::{self, ComponentKind, GuestCaps, Program, StdioMode, exit_code};
 use corral_runtime::sandbox::{self, SandboxPlan};
+
+use rustix::thread::{LinkNameSpaceType, UnshareFlags};
 
 use crate::plan::{Mode, Namespace, TaskPlan};
 
@@ -52,10 +54,9 @@ fn run(plan_path: &Path) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         loop {
-            // SAFETY: pause(2) takes no arguments and only returns when a
-            // handled signal arrives; none is handled, so SIGTERM/SIGKILL
-            // end the process.
-            unsafe { libc::pause() };
+            // No signal is handled, so SIGTERM/SIGKILL end the process;
+            // nothing unparks this thread (and a spurious wake loops).
+            std::thread::park();
         }
     }
 
@@ -145,9 +146,8 @@ fn run(plan_path: &Path) -> anyhow::Result<ExitCode> {
 
 /// Blocks until the shim says start (`true`) or closes the pipe (`false`).
 fn wait_for_start() -> anyhow::Result<bool> {
-    // SAFETY: the shim hands the read end of its start pipe over as
-    // START_FD and nothing else in this process owns that fd.
-    let fd = unsafe { OwnedFd::from_raw_fd(START_FD) };
+    // The shim hands the read end of its start pipe over as START_FD.
+    let fd = crate::sys::take_inherited_fd(START_FD).context("the start pipe (fd 3)")?;
     let mut pipe = std::fs::File::from(fd);
     let mut byte = [0u8; 1];
     loop {
@@ -195,12 +195,18 @@ pub(crate) fn sandbox_enforcement() -> &'static str {
 fn enter_namespaces(namespaces: &[Namespace], hostname: Option<&str>) -> anyhow::Result<()> {
     let mut new_uts = false;
     for ns in namespaces {
-        let flag = match ns.kind.as_str() {
-            "network" => libc::CLONE_NEWNET,
-            "ipc" => libc::CLONE_NEWIPC,
-            "uts" => libc::CLONE_NEWUTS,
-            "mount" => libc::CLONE_NEWNS,
-            "cgroup" => libc::CLONE_NEWCGROUP,
+        let (kind, flag) = match ns.kind.as_str() {
+            "network" => (LinkNameSpaceType::Network, UnshareFlags::NEWNET),
+            "ipc" => (
+                LinkNameSpaceType::InterProcessCommunication,
+                UnshareFlags::NEWIPC,
+            ),
+            "uts" => (
+                LinkNameSpaceType::HostNameAndNISDomainName,
+                UnshareFlags::NEWUTS,
+            ),
+            "mount" => (LinkNameSpaceType::Mount, UnshareFlags::NEWNS),
+            "cgroup" => (LinkNameSpaceType::ControlGroup, UnshareFlags::NEWCGROUP),
             "pid" => continue,
             other => bail!("namespace type `{other}` is not supported"),
         };
@@ -208,29 +214,23 @@ fn enter_namespaces(namespaces: &[Namespace], hostname: Option<&str>) -> anyhow:
             Some(path) => {
                 let file = std::fs::File::open(path)
                     .with_context(|| format!("opening namespace {}", path.display()))?;
-                // SAFETY: setns on an fd we own, with the namespace type it
-                // was opened for; no memory is passed.
-                if unsafe { libc::setns(file.as_raw_fd(), flag) } != 0 {
-                    return Err(std::io::Error::last_os_error()).with_context(|| {
-                        format!("joining {} namespace {}", ns.kind, path.display())
-                    });
-                }
+                rustix::thread::move_into_link_name_space(file.as_fd(), Some(kind))
+                    .with_context(|| format!("joining {} namespace {}", ns.kind, path.display()))?;
             }
             None => {
-                // SAFETY: unshare takes only flags; this process is
-                // single-threaded (freshly executed, no threads yet).
-                if unsafe { libc::unshare(flag) } != 0 {
-                    return Err(std::io::Error::last_os_error())
-                        .with_context(|| format!("creating a {} namespace", ns.kind));
-                }
-                if flag == libc::CLONE_NEWNS {
+                // This process is single-threaded (freshly executed, no
+                // threads yet): run() calls this first.
+                crate::sys::unshare_single_threaded(flag)
+                    .with_context(|| format!("creating a {} namespace", ns.kind))?;
+                if flag == UnshareFlags::NEWNS {
                     // Nothing mounted here may reach the host.
-                    make_mounts_private()?;
+                    crate::sys::make_mounts_private()
+                        .context("making the new mount namespace private")?;
                 }
-                if flag == libc::CLONE_NEWNET {
+                if flag == UnshareFlags::NEWNET {
                     bring_loopback_up()?;
                 }
-                new_uts |= flag == libc::CLONE_NEWUTS;
+                new_uts |= flag == UnshareFlags::NEWUTS;
             }
         }
     }
@@ -240,47 +240,10 @@ fn enter_namespaces(namespaces: &[Namespace], hostname: Option<&str>) -> anyhow:
     Ok(())
 }
 
-/// `mount --make-rprivate /`: nothing mounted in the new namespace
-/// reaches the host.
-fn make_mounts_private() -> anyhow::Result<()> {
-    // SAFETY: string literals with NUL terminators and null data; the
-    // kernel only reads them.
-    let rc = unsafe {
-        libc::mount(
-            c"none".as_ptr(),
-            c"/".as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("making the new mount namespace private");
-    }
-    Ok(())
-}
-
 /// A new network namespace starts with `lo` down.
 fn bring_loopback_up() -> anyhow::Result<()> {
     let sock = std::net::UdpSocket::bind("0.0.0.0:0")
         .or_else(|_| std::net::UdpSocket::bind("[::]:0"))
         .context("a socket to configure lo")?;
-    // SAFETY: ifreq is plain data; zeroed is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we own,
-    // on a socket we own.
-    unsafe {
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) != 0 {
-            return Err(std::io::Error::last_os_error()).context("reading lo's flags");
-        }
-        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) != 0 {
-            return Err(std::io::Error::last_os_error()).context("bringing lo up");
-        }
-    }
-    Ok(())
+    crate::sys::set_interface_up(&sock, "lo").context("bringing lo up")
 }

@@ -9,6 +9,7 @@
 mod guest;
 mod plan;
 mod service;
+mod sys;
 
 use std::path::PathBuf;
 

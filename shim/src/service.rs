@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd as _, OwnedFd};
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -231,20 +230,7 @@ impl Service {
             .stdout(open_stdio(&req.stdout, true)?)
             .stderr(open_stdio(&req.stderr, true)?);
         let start_fd = start_r.as_raw_fd();
-        // SAFETY: between fork and exec only async-signal-safe calls:
-        // dup2 and fcntl on fds this process owns.
-        unsafe {
-            cmd.pre_exec(move || {
-                if start_fd == guest::START_FD {
-                    if libc::fcntl(start_fd, libc::F_SETFD, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(start_fd, guest::START_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::sys::hand_over_fd(&mut cmd, start_fd, guest::START_FD);
         Ok((cmd, start_r, start_w, plan.mode))
     }
 }
@@ -395,16 +381,10 @@ fn is_task_process(pid: i32, bundle: &Path) -> bool {
 
 /// Lazily unmount `rootfs` (EINVAL: it was not mounted).
 fn try_unmount(rootfs: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let path = std::ffi::CString::new(rootfs.as_os_str().as_bytes())?;
-    // SAFETY: a NUL-terminated path we own; umount2 only reads it.
-    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINVAL) {
-            return Err(e);
-        }
+    match crate::sys::unmount_detach(rootfs) {
+        Err(e) if e.raw_os_error() != Some(libc::EINVAL) => Err(e),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 fn cleanup_bundle(bundle: &Path) {
@@ -460,9 +440,10 @@ impl shim::Shim for Service {
             // The task may have ended long ago (containerd runs this action
             // for a dead shim's bundles at its own restart too) and its pid
             // be another process's now: kill only this bundle's guest.
-            if is_task_process(p, &bundle) {
-                // SAFETY: kill takes plain integers.
-                unsafe { libc::kill(p, libc::SIGKILL) };
+            if is_task_process(p, &bundle)
+                && let Some(p) = rustix::process::Pid::from_raw(p)
+            {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
             }
         }
         if let Ok(spec) = Spec::read(&bundle) {
@@ -644,10 +625,18 @@ impl shim::Task for Service {
             return Err(err(Code::NOT_FOUND, "process already finished"));
         }
         info!("{}: kill {} with signal {}", req.id, task.pid, req.signal);
-        // SAFETY: kill takes plain integers; the pid is our own child,
-        // not yet reaped (it is not Stopped), so it names no other process.
-        if unsafe { libc::kill(task.pid as i32, req.signal as i32) } != 0 {
-            let e = std::io::Error::last_os_error();
+        // The pid is our own child, not yet reaped (it is not Stopped),
+        // so it names no other process.
+        let pid = rustix::process::Pid::from_raw(task.pid as i32)
+            .ok_or_else(|| err(Code::INTERNAL, format!("kill: no pid {}", task.pid)))?;
+        let signal =
+            rustix::process::Signal::from_named_raw(req.signal as i32).ok_or_else(|| {
+                err(
+                    Code::INVALID_ARGUMENT,
+                    format!("kill: unknown signal {}", req.signal),
+                )
+            })?;
+        if let Err(e) = rustix::process::kill_process(pid, signal) {
             return Err(err(Code::INTERNAL, format!("kill: {e}")));
         }
         Ok(api::Empty::default())

@@ -8,27 +8,24 @@
 //! Needs root (containerd mounts snapshots); skipped, saying so, otherwise.
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
 
+use corral_testkit::tar::{tar, tar_with_links};
+use corral_testkit::{free_port, guest};
+use rustix::process::{Pid, Signal, kill_process};
+
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-corral-v1");
 const RUNTIME: &str = "io.containerd.corral.v1";
 const NS: &str = "corral-test";
 const IMAGE: &str = "corral.test/guests:1";
 
-fn guest(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/guests")
-        .join(name)
-}
-
 fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() == 0 };
+    let root = rustix::process::geteuid().is_root();
     // CI runs tests/run-tests as root: a skip there would hide the shim.
     assert!(
         root || std::env::var("CI").as_deref() != Ok("true"),
@@ -197,8 +194,7 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        // SAFETY: kill takes plain integers; the pid is our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = kill_process(Pid::from_child(&self.child), Signal::TERM);
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut stopped = false;
         while Instant::now() < deadline && !stopped {
@@ -213,16 +209,21 @@ impl Drop for Containerd {
         // may outlive it (a passing run has none left by then).
         for p in self.leftover_processes() {
             if let Some(pid) = p.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
-                // SAFETY: kill takes plain integers; the pid names a shim or
-                // task whose command line carries this test's directory.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                // The pid names a shim or task whose command line carries
+                // this test's directory.
+                if let Some(pid) = Pid::from_raw(pid) {
+                    let _ = kill_process(pid, Signal::KILL);
+                }
             }
         }
         for line in self.mounts_below_state() {
             if let Some(target) = line.split(' ').nth(4) {
-                let target = std::ffi::CString::new(target).unwrap();
-                // SAFETY: a NUL-terminated path; umount2 only reads it.
-                unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+                // umount(8) -l: umount2(MNT_DETACH) without unsafe here.
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(target)
+                    .stderr(Stdio::null())
+                    .status();
             }
         }
     }
@@ -234,48 +235,6 @@ fn text(b: &[u8]) -> String {
 
 fn sha256(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
-}
-
-/// A ustar archive of regular files (name, mode, bytes).
-fn tar(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
-    tar_with_links(files, &[])
-}
-
-/// A ustar archive of regular files and then symlinks (name, target).
-fn tar_with_links(files: &[(&str, u32, &[u8])], links: &[(&str, &str)]) -> Vec<u8> {
-    let mut entries: Vec<(&str, u32, &[u8], Option<&str>)> =
-        files.iter().map(|&(n, m, d)| (n, m, d, None)).collect();
-    entries.extend(links.iter().map(|&(n, t)| (n, 0o777, &[][..], Some(t))));
-    let mut out = Vec::new();
-    for (name, mode, data, link) in entries {
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        let octal = |field: &mut [u8], value: u64| {
-            let s = format!("{:0width$o}\0", value, width = field.len() - 1);
-            field.copy_from_slice(s.as_bytes());
-        };
-        octal(&mut h[100..108], u64::from(mode));
-        octal(&mut h[108..116], 0);
-        octal(&mut h[116..124], 0);
-        octal(&mut h[124..136], data.len() as u64);
-        octal(&mut h[136..148], 1_700_000_000);
-        h[156] = b'0';
-        if let Some(target) = link {
-            h[156] = b'2';
-            h[157..157 + target.len()].copy_from_slice(target.as_bytes());
-        }
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[263..265].copy_from_slice(b"00");
-        h[148..156].copy_from_slice(b"        ");
-        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-        let s = format!("{sum:06o}\0 ");
-        h[148..156].copy_from_slice(s.as_bytes());
-        out.extend_from_slice(&h);
-        out.extend_from_slice(data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-    }
-    out.resize(out.len() + 1024, 0);
-    out
 }
 
 /// An OCI image layout under construction: blobs and named images.
@@ -410,14 +369,6 @@ fn wasm_artifact_images(layout: &mut Layout, name: &str, module: Vec<u8>) {
     );
     layout.name(name, manifest);
     layout.name(&format!("{name}-index"), index);
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn http_get(addr: SocketAddr) -> std::io::Result<String> {
@@ -671,8 +622,10 @@ fn wasm_images_run_under_containerd() {
         .map(PathBuf::from)
         .expect("the shim's -socket");
     assert!(socket.exists());
-    // SAFETY: kill takes plain integers; the pid was just read from /proc.
-    unsafe { libc::kill(shim_pid, libc::SIGKILL) };
+    // The pid was just read from /proc.
+    if let Some(pid) = Pid::from_raw(shim_pid) {
+        let _ = kill_process(pid, Signal::KILL);
+    }
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
         || !c.mounts_below_state().is_empty()

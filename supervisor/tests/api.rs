@@ -9,28 +9,16 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use corral_testkit::{free_port, guests_dir as guests, wait_for};
 use serde_json::Value;
 
 const CORRALD: &str = env!("CARGO_BIN_EXE_corrald");
 const CORRAL: &str = env!("CARGO_BIN_EXE_corral");
-
-fn guests() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/guests")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn is_root() -> bool {
     rustix::process::geteuid().is_root()
@@ -47,17 +35,6 @@ fn need_root(what: &str) -> bool {
     );
     eprintln!("SKIP {what}: needs root (setpriv)");
     false
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
 }
 
 /// A running corrald, killed on drop.

@@ -9,49 +9,24 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use corral_testkit::{Log, Notes, descendants_of, free_port, guest, parent_of, wait_for};
+
 const CORRALD: &str = env!("CARGO_BIN_EXE_corrald");
-
-fn guest(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/guests")
-        .join(name)
-}
-
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Poll `check` until it returns `Some`, or panic after `timeout`.
-fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// A running corrald, killed (with its process groups) on drop.
 struct Daemon {
     child: Option<Child>,
     pid: i32,
     dir: tempfile::TempDir,
-    notes: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<String>>,
+    notes: Notes,
+    stderr: Log,
 }
 
 impl Daemon {
@@ -95,18 +70,7 @@ impl Daemon {
         // A command that exits 0 at once.
         std::fs::write(root.join("ok.wat"), "(module (func (export \"_start\")))").unwrap();
         let notify_path = root.join("notify.sock");
-        let notify = UnixDatagram::bind(&notify_path).unwrap();
-        let notes = Arc::new(Mutex::new(Vec::new()));
-        {
-            let notes = notes.clone();
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 4096];
-                while let Ok(n) = notify.recv(&mut buf) {
-                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    notes.lock().unwrap().extend(text.lines().map(String::from));
-                }
-            });
-        }
+        let notes = Notes::bind(&notify_path);
         let notify_env = format!("NOTIFY_SOCKET={}", notify_path.display());
         let mut env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         env.push(notify_env);
@@ -138,23 +102,7 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        {
-            let stderr = stderr.clone();
-            let mut pipe = child.stderr.take().unwrap();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    stderr
-                        .lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-        }
+        let stderr = Log::collect(child.stderr.take().unwrap());
         let pid = child.id() as i32;
         Daemon {
             child: Some(child),
@@ -169,14 +117,8 @@ impl Daemon {
     fn wait_note(&self, prefix: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(line) = self
-                .notes
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.starts_with(prefix))
-            {
-                return line.clone();
+            if let Some(line) = self.notes.find(prefix) {
+                return line;
             }
             let exited = self.child.as_ref().map(|c| c.id());
             if exited.is_some() && std::fs::metadata(format!("/proc/{}", self.pid)).is_err() {
@@ -185,7 +127,7 @@ impl Daemon {
             if Instant::now() > deadline {
                 panic!(
                     "no {prefix} from corrald within {timeout:?}; notes: {:?}\nstderr:\n{}",
-                    self.notes.lock().unwrap(),
+                    self.notes.lines(),
                     self.stderr()
                 );
             }
@@ -194,21 +136,13 @@ impl Daemon {
     }
 
     fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.stderr.text()
     }
 
     /// Wait until corrald's stderr (read by another thread, so it may lag
     /// behind notifications) contains `needle`.
     fn wait_log(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.stderr().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "{needle:?} not in corrald's stderr:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.stderr.wait_for(needle, Duration::from_secs(10));
     }
 
     /// corrald's descendants (zygotes and workers).
@@ -254,42 +188,6 @@ impl Drop for Daemon {
         }
         let _ = &self.dir;
     }
-}
-
-/// Every process below `root`, from the parent pids in /proc.
-fn descendants_of(root: i32) -> Vec<i32> {
-    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...; comm may contain spaces and parens.
-        let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-            continue;
-        };
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        if fields.first() == Some(&"Z") {
-            continue; // exited, not yet reaped
-        }
-        if let Some(ppid) = fields.get(1).and_then(|p| p.parse().ok()) {
-            children.entry(ppid).or_default().push(pid);
-        }
-    }
-    let mut out = Vec::new();
-    let mut seen = HashSet::new();
-    let mut todo = vec![root];
-    while let Some(pid) = todo.pop() {
-        for &c in children.get(&pid).map(Vec::as_slice).unwrap_or(&[]) {
-            if seen.insert(c) {
-                out.push(c);
-                todo.push(c);
-            }
-        }
-    }
-    out
 }
 
 /// One HTTP/1.1 GET on a fresh connection: (status, body).
@@ -354,7 +252,7 @@ fn serves_http_and_stdio_apps_and_notifies_systemd() {
     let reply = stdio_roundtrip(echo, b"hello, stdio\n").unwrap();
     assert_eq!(reply, b"hello, stdio\n");
     // READY=1 came with a STATUS= naming every app.
-    let notes = daemon.notes.lock().unwrap().clone();
+    let notes = daemon.notes.lines();
     let ready = notes.iter().position(|l| l == "READY=1").unwrap();
     let status = notes[ready + 1..]
         .iter()
@@ -494,8 +392,7 @@ fn crash_loop_marks_only_that_app_failed() {
     wait_for("bad to be marked failed", Duration::from_secs(20), || {
         daemon
             .notes
-            .lock()
-            .unwrap()
+            .lines()
             .iter()
             .any(|l| l.starts_with("STATUS=") && l.contains("bad FAILED"))
             .then_some(())
@@ -642,12 +539,6 @@ fn children_of(pid: i32) -> Vec<i32> {
         .collect()
 }
 
-fn parent_of(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 2..];
-    after.split_whitespace().nth(1)?.parse().ok()
-}
-
 impl Daemon {
     fn policy_path(&self) -> PathBuf {
         self.dir.path().join("policy.toml")
@@ -662,8 +553,7 @@ impl Daemon {
 
     fn count_notes(&self, prefix: &str) -> usize {
         self.notes
-            .lock()
-            .unwrap()
+            .lines()
             .iter()
             .filter(|l| l.starts_with(prefix))
             .count()
@@ -837,8 +727,7 @@ fn command_app_failing_is_restarted_until_give_up() {
     wait_for("job to be marked failed", Duration::from_secs(20), || {
         daemon
             .notes
-            .lock()
-            .unwrap()
+            .lines()
             .iter()
             .any(|l| l.starts_with("STATUS=") && l.contains("job FAILED"))
             .then_some(())
@@ -876,8 +765,7 @@ fn command_app_restart_on_always_and_never() {
     wait_for("`once` to be finished", Duration::from_secs(10), || {
         daemon
             .notes
-            .lock()
-            .unwrap()
+            .lines()
             .iter()
             .any(|l| l.starts_with("STATUS=") && l.contains("once finished"))
             .then_some(())

@@ -14,13 +14,15 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
+
+use corral_testkit::{Log, Notes, free_port, guest, wait_for, which};
 
 const CORRALD: &str = env!("CARGO_BIN_EXE_corrald");
 const CORRAL: &str = env!("CARGO_BIN_EXE_corral");
@@ -30,12 +32,6 @@ const NOBODY: &str = "65534";
 
 fn our_bus_policy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../units/dbus/org.corral.Manager1.conf")
-}
-
-fn guest(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/guests")
-        .join(name)
 }
 
 /// Whether this test can run here; says why not (and fails under CI).
@@ -58,26 +54,6 @@ fn can_run(test: &str) -> bool {
     );
     eprintln!("SKIPPED {test}: needs {}", missing.join(", "));
     false
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|dir| Path::new(dir).join(program))
-        .find(|p| p.is_file())
-}
-
-/// Poll `check` until it returns `Some`, or panic after `timeout`.
-fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
 }
 
 /// How much of our policy file the bus enforces.
@@ -184,16 +160,8 @@ impl Drop for Bus {
 struct Corrald {
     child: Option<Child>,
     dir: tempfile::TempDir,
-    notes: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<String>>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    notes: Notes,
+    stderr: Log,
 }
 
 fn app_toml(name: &str, kind: &str, module: &str, min: u32) -> String {
@@ -235,18 +203,7 @@ impl Corrald {
         );
         std::fs::write(root.join("policy.toml"), policy).unwrap();
         let notify_path = root.join("notify.sock");
-        let notify = UnixDatagram::bind(&notify_path).unwrap();
-        let notes = Arc::new(Mutex::new(Vec::new()));
-        {
-            let notes = notes.clone();
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 4096];
-                while let Ok(n) = notify.recv(&mut buf) {
-                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    notes.lock().unwrap().extend(text.lines().map(String::from));
-                }
-            });
-        }
+        let notes = Notes::bind(&notify_path);
         let mut child = Command::new(CORRALD)
             .arg("--policy")
             .arg(root.join("policy.toml"))
@@ -259,23 +216,7 @@ impl Corrald {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        {
-            let stderr = stderr.clone();
-            let mut pipe = child.stderr.take().unwrap();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    stderr
-                        .lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-        }
+        let stderr = Log::collect(child.stderr.take().unwrap());
         let corrald = Corrald {
             child: Some(child),
             dir,
@@ -285,8 +226,7 @@ impl Corrald {
         wait_for("READY=1 from corrald", Duration::from_secs(60), || {
             corrald
                 .notes
-                .lock()
-                .unwrap()
+                .lines()
                 .iter()
                 .any(|n| n == "READY=1")
                 .then_some(())
@@ -295,7 +235,7 @@ impl Corrald {
     }
 
     fn log(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.stderr.text()
     }
 
     fn api_socket(&self) -> PathBuf {

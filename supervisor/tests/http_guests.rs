@@ -3,19 +3,15 @@
 //! outbound request is allowed or denied by `network.connect`. Each test
 //! starts the real binary on a free port and talks HTTP/1.1 to it.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-fn guest(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/guests")
-        .join(name)
-}
+use corral_testkit::{guest, serve, spawn_logged};
 
 /// A `corral run --serve` process, killed on drop.
 struct Server {
@@ -37,26 +33,12 @@ impl Server {
         if let Some(file) = file {
             cmd.arg(file);
         }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        stderr.read_line(&mut line).unwrap();
-        let addr = line
-            .strip_prefix("Serving HTTP on http://")
-            .and_then(|rest| rest.trim_end().strip_suffix('/'))
-            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-            .parse()
-            .unwrap();
-        // Keep draining stderr so the server never blocks on it.
-        std::thread::spawn(move || {
-            let mut sink = String::new();
-            let _ = stderr.read_to_string(&mut sink);
-        });
+        let (child, log) = spawn_logged(&mut cmd);
+        // The first line says where it serves.
+        log.wait_for("\n", Duration::from_secs(120));
+        let line = log.text().lines().next().unwrap_or_default().to_string();
+        let addr = serve::corral_run_address(&line)
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
         Server {
             child,
             addr,

@@ -5,14 +5,10 @@
 //! Every test runs the real binary.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-fn guest(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/guests")
-        .join(name)
-}
+use corral_testkit::guest;
 
 /// `corral run --cache <tmp> ARGS...` with `stdin` as input.
 fn corral_run(cache: &Path, args: &[&str], stdin: &[u8]) -> Output {
@@ -298,5 +294,50 @@ fn more_core_instances_than_limits_instances_exits_127_naming_the_limit() {
     }
     for (app, out) in run_policy_apps("instances.wasm", "instances = 4") {
         assert_eq!(out.status.code(), Some(0), "{app}: {}", text(&out.stderr));
+    }
+}
+
+/// SIGTERM and SIGINT end a command guest as they end any program (only
+/// `--serve` turns them into a drain): a guest blocked reading stdin is
+/// not left running.
+#[test]
+fn sigterm_and_sigint_end_a_running_command() {
+    use std::io::Read as _;
+    use std::os::unix::process::ExitStatusExt as _;
+    let cache = tempfile::tempdir().unwrap();
+    for signal in [rustix::process::Signal::TERM, rustix::process::Signal::INT] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_corral"))
+            .arg("run")
+            .arg("--cache")
+            .arg(cache.path())
+            .arg(guest("stdio-echo.wasm"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Echoed: the guest runs (past the sandbox and the signal setup).
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"ping\n").unwrap();
+        let mut echoed = [0u8; 5];
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_exact(&mut echoed)
+            .unwrap();
+        assert_eq!(&echoed, b"ping\n");
+        rustix::process::kill_process(rustix::process::Pid::from_child(&child), signal).unwrap();
+        let status = corral_testkit::wait_for(
+            "corral run to end on the signal",
+            std::time::Duration::from_secs(20),
+            || child.try_wait().unwrap(),
+        );
+        assert_eq!(
+            status.signal(),
+            Some(signal.as_raw()),
+            "{signal:?}: {status:?}"
+        );
+        drop(stdin);
     }
 }

@@ -598,10 +598,7 @@ pub(super) fn register(
     fd: OwnedFd,
     interest: tokio::io::Interest,
 ) -> std::io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: the AsyncFd takes ownership of `fd`, so the descriptor stays
-    // open and names the same file description until the AsyncFd is dropped,
-    // and an OwnedFd's `as_raw_fd` always returns that same number.
-    Ok(unsafe { AsyncFd::register_with_interest(fd, interest) }?)
+    super::sys::register(fd, interest)
 }
 
 pub(super) async fn recv_from(control: &AsyncFd<OwnedFd>) -> std::io::Result<Option<FromZygote>> {

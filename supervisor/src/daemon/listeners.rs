@@ -3,7 +3,7 @@
 //! `listen = ["systemd:NAME"]`).
 
 use std::collections::HashMap;
-use std::os::fd::{FromRawFd as _, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use anyhow::Context as _;
 use corral_policy::ListenAddr;
@@ -21,12 +21,7 @@ impl SystemdSockets {
     /// Take the sockets of `LISTEN_FDS`.
     pub(crate) fn from_env() -> anyhow::Result<SystemdSockets> {
         let mut by_name = HashMap::new();
-        let fds = sd_notify::listen_fds_with_names().context("reading LISTEN_FDS")?;
-        for (fd, name) in fds {
-            // SAFETY: systemd passed `fd` to this process for us (LISTEN_PID
-            // is ours, checked by sd-notify); nothing else in corrald owns or
-            // closes it, and it is taken here once.
-            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        for (owned, name) in super::sys::take_listen_fds()? {
             rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)?;
             by_name.insert(name, owned);
         }

@@ -1,5 +1,6 @@
 //! corrald's raw OS calls and their `unsafe`: the signals it waits for on
-//! a thread of its own.
+//! a thread of its own, the sockets systemd passed, and fds registered
+//! with tokio's reactor.
 
 /// The signals corrald handles on a thread of its own with `sigwait`.
 pub(crate) const HANDLED_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
@@ -51,4 +52,32 @@ pub(crate) fn wait_for_signal() -> std::io::Result<i32> {
     } else {
         Err(std::io::Error::from_raw_os_error(rc))
     }
+}
+
+/// Take the sockets systemd passed to corrald (`LISTEN_FDS`, with their
+/// `LISTEN_FDNAMES`). Called once, at start.
+pub(crate) fn take_listen_fds() -> anyhow::Result<Vec<(std::os::fd::OwnedFd, String)>> {
+    use anyhow::Context as _;
+    use std::os::fd::FromRawFd as _;
+    let fds = sd_notify::listen_fds_with_names().context("reading LISTEN_FDS")?;
+    Ok(fds
+        .into_iter()
+        .map(|(fd, name)| {
+            // SAFETY: systemd passed `fd` to this process for us (LISTEN_PID
+            // is ours, checked by sd-notify); nothing else in corrald owns or
+            // closes it, and it is taken here once.
+            (unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }, name)
+        })
+        .collect())
+}
+
+/// Register `fd` with the current tokio runtime's reactor.
+pub(crate) fn register(
+    fd: std::os::fd::OwnedFd,
+    interest: tokio::io::Interest,
+) -> std::io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // SAFETY: the AsyncFd takes ownership of `fd`, so the descriptor stays
+    // open and names the same file description until the AsyncFd is dropped,
+    // and an OwnedFd's `as_raw_fd` always returns that same number.
+    Ok(unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }?)
 }
