@@ -1405,8 +1405,7 @@ fn an_app_whose_module_cannot_run_is_failed_at_once_without_a_zygote() {
     );
     let status = daemon
         .notes
-        .lock()
-        .unwrap()
+        .lines()
         .iter()
         .rev()
         .find(|l| l.starts_with("STATUS="))
