@@ -6,7 +6,6 @@
 //! Every wait has a deadline; the [`Corrald`] guard kills corrald and its
 //! process tree when a test ends, however it ends.
 
-use std::collections::{HashMap, HashSet};
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixDatagram, UnixStream};
@@ -15,6 +14,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use corral_testkit::{descendants_of, free_port, guests_dir as guests, wait_for};
 use serde_json::Value;
 
 const CORRALD: &str = env!("CARGO_BIN_EXE_corrald");
@@ -23,30 +23,6 @@ const CORRAL: &str = env!("CARGO_BIN_EXE_corral");
 /// systemd ignores a notify datagram of this many bytes or more
 /// ("Received notify message exceeded maximum size. Ignoring.").
 const SYSTEMD_NOTIFY_MAX: usize = 4096;
-
-fn guests() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/guests")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Poll `check` until it returns `Some`, or panic after `timeout`.
-fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// The `[daemon]` and `[defaults]` every policy here starts with; paths
 /// are relative to the policy's directory.
@@ -291,41 +267,6 @@ fn dechunk(mut data: &str) -> String {
         }
         out.push_str(&rest[..n]);
         data = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-/// Every process below `root`, from the parent pids in /proc.
-fn descendants_of(root: i32) -> Vec<i32> {
-    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-            continue;
-        };
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        if fields.first() == Some(&"Z") {
-            continue;
-        }
-        if let Some(ppid) = fields.get(1).and_then(|p| p.parse().ok()) {
-            children.entry(ppid).or_default().push(pid);
-        }
-    }
-    let mut out = Vec::new();
-    let mut seen = HashSet::new();
-    let mut todo = vec![root];
-    while let Some(pid) = todo.pop() {
-        for &c in children.get(&pid).map(Vec::as_slice).unwrap_or(&[]) {
-            if seen.insert(c) {
-                out.push(c);
-                todo.push(c);
-            }
-        }
     }
     out
 }
