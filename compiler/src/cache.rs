@@ -492,37 +492,6 @@ impl Cache {
         }
     }
 
-    /// Discard a damaged entry and give the artifact of `module` again: for
-    /// the daemon, when a process it handed `damaged` to (a zygote) reports
-    /// that the file failed its size or digest check ([`load_handed_over`]),
-    /// e.g. because it was truncated in place under the running app.
-    ///
-    /// Under the entry's lock the entry on disk is checked again: if it is
-    /// damaged it is removed (unlinked: processes that still map the old
-    /// file keep their mapping), and then [`Cache::load_or_compile`] builds
-    /// a new one, which appears by rename as a new file. If the entry on
-    /// disk is sound (another caller rebuilt it first, or the file was
-    /// replaced meanwhile) it is loaded as it is, not compiled again.
-    /// `module` is the app's module; if it changed since `damaged` was made,
-    /// the artifact of what it holds now is returned.
-    pub fn rebuild_damaged(
-        &self,
-        engine: &Engine,
-        module: &Path,
-        damaged: &Handoff,
-    ) -> Result<Artifact, CompileError> {
-        let paths = EntryPaths::new(&self.root, &damaged.key);
-        if paths.dir.is_dir() {
-            let _lock = lock_entry(&paths, self.owner)?;
-            match open_entry(&paths, None)? {
-                Probe::Corrupt(reason) => discard(&paths, &reason)?,
-                // Without an engine nothing is loaded, so nothing is refused.
-                Probe::Hit(_) | Probe::Missing | Probe::Refused(_) => {}
-            }
-        }
-        self.load_or_compile(engine, module)
-    }
-
     /// Make sure the cache holds `source` compiled by `engine` for
     /// `target` (a triple; the engine must have been configured for it with
     /// `cpu`), without loading it: the way to fill another machine's

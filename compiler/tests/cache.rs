@@ -676,7 +676,8 @@ fn run_add(engine: &wasmtime::Engine, program: &Program) -> i32 {
 /// An entry is only ever replaced by rename: a recompile while the old
 /// artifact is mapped leaves that mapping intact. And when a zygote finds
 /// its handed-over artifact damaged (here: truncated in place),
-/// `rebuild_damaged` discards the entry and builds a new file, once.
+/// loading it again through the cache (what corrald does then) discards
+/// the entry and builds a new file, once.
 #[test]
 fn a_damaged_handed_over_entry_is_rebuilt_as_a_new_file() {
     let tmp = tempfile::tempdir().unwrap();
@@ -707,7 +708,7 @@ fn a_damaged_handed_over_entry_is_rebuilt_as_a_new_file() {
     let err = corral_compiler::load_handed_over(&engine, pinned.file(), &handoff).unwrap_err();
     assert!(err.to_string().contains("bytes"), "{err}");
 
-    let rebuilt = cache.rebuild_damaged(&engine, &module, &handoff).unwrap();
+    let rebuilt = cache.load_or_compile(&engine, &module).unwrap();
     assert!(!rebuilt.cache_hit);
     assert_eq!(rebuilt.path, pinned.path);
     assert_ne!(inode(rebuilt.file()), damaged_inode, "rewritten in place");
@@ -718,7 +719,7 @@ fn a_damaged_handed_over_entry_is_rebuilt_as_a_new_file() {
 
     // A second report of the same damage (another zygote of the app) finds
     // the new entry sound and loads it.
-    let again = cache.rebuild_damaged(&engine, &module, &handoff).unwrap();
+    let again = cache.load_or_compile(&engine, &module).unwrap();
     assert!(again.cache_hit);
     assert_eq!(inode(again.file()), inode(rebuilt.file()));
 }

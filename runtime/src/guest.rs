@@ -56,7 +56,6 @@ impl std::fmt::Debug for Guest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Guest")
             .field("kind", &self.kind())
-            .field("world", &self.world())
             .finish_non_exhaustive()
     }
 }
@@ -110,22 +109,6 @@ impl Guest {
             Guest::Http { .. } => AppKind::Http,
             Guest::Stdio { .. } => AppKind::Stdio,
             Guest::Command { .. } => AppKind::Command,
-        }
-    }
-
-    /// The world the guest targets, as `corral status` names it.
-    pub fn world(&self) -> &'static str {
-        match self {
-            Guest::Http { .. } => "wasi:http/proxy@0.2",
-            Guest::Stdio { .. } => "wasi preview1 command",
-            Guest::Command {
-                program: Program::Module(_),
-                ..
-            } => "wasi preview1 command",
-            Guest::Command {
-                program: Program::Component(_),
-                ..
-            } => "wasi:cli/command@0.2",
         }
     }
 
