@@ -122,13 +122,13 @@ pub(crate) fn render_table(policy: &Policy) -> String {
         .map(String::from)
         .to_vec(),
     ];
-    let kernel = corral_runtime::sandbox::probe_kernel();
+    let kernel = crate::fitness::kernel();
     for (name, app) in &policy.apps {
         // What a worker would get here if every layer were best-effort;
         // a refusal is printed below the table and fails the check.
         let plan = corral_runtime::sandbox::SandboxPlan::for_app(app);
-        let mut layers = plan.predict_best_effort(&kernel).to_string();
-        if plan.predict(&kernel).is_err() {
+        let mut layers = plan.predict_best_effort(kernel).to_string();
+        if plan.predict(kernel).is_err() {
             layers.push_str(" (require: refused)");
         }
         let listen: Vec<String> = app.listen.iter().map(ToString::to_string).collect();

@@ -316,7 +316,10 @@ pub(super) async fn crashed(
 pub(super) async fn wait_for_connection(listeners: &[OwnedFd]) -> anyhow::Result<()> {
     let mut watched = Vec::new();
     for fd in listeners {
-        watched.push(register(fd.try_clone()?, tokio::io::Interest::READABLE)?);
+        watched.push(super::sys::register(
+            fd.try_clone()?,
+            tokio::io::Interest::READABLE,
+        )?);
     }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut waits = Vec::new();
@@ -362,7 +365,7 @@ pub(super) async fn run_zygote(
     }
     let mut child = ZygoteProcess::new(cmd.spawn().context("starting the zygote")?);
     let pid = child.child.id();
-    let exited = register(
+    let exited = super::sys::register(
         rustix::process::pidfd_open(child.pid(), rustix::process::PidfdFlags::empty())
             .context("pidfd_open of the zygote")?,
         tokio::io::Interest::READABLE,
@@ -382,7 +385,7 @@ pub(super) async fn run_zygote(
     fds.extend(metrics_page.as_ref().map(AsFd::as_fd));
     protocol::send(&ours, &ToZygote::Start(Box::new(start)), &fds)?;
     rustix::io::ioctl_fionbio(&ours, true)?;
-    let control = register(
+    let control = super::sys::register(
         ours,
         tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
     )?;
@@ -591,14 +594,6 @@ impl Drop for ZygoteProcess {
             let _ = self.child.wait();
         }
     }
-}
-
-/// Register `fd` with the runtime's reactor.
-pub(super) fn register(
-    fd: OwnedFd,
-    interest: tokio::io::Interest,
-) -> std::io::Result<AsyncFd<OwnedFd>> {
-    super::sys::register(fd, interest)
 }
 
 pub(super) async fn recv_from(control: &AsyncFd<OwnedFd>) -> std::io::Result<Option<FromZygote>> {

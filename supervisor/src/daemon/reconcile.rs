@@ -605,7 +605,7 @@ async fn close_connections(app: String, listeners: Vec<OwnedFd>) {
     for fd in listeners {
         let app = app.clone();
         waiting.spawn(async move {
-            let fd = match super::app::register(fd, tokio::io::Interest::READABLE) {
+            let fd = match super::sys::register(fd, tokio::io::Interest::READABLE) {
                 Ok(fd) => fd,
                 Err(e) => {
                     tracing::warn!(app = %app, "watching a socket of a failed app: {e}");
