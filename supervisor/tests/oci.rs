@@ -660,6 +660,12 @@ fn apps_from_registries_are_pinned_verified_and_served_from_the_cache() {
     let info = daemon.api_get(dir, "/v1/apps/hello");
     assert_eq!(info["digest"], format!("sha256:{hello_digest}"), "{info}");
     assert_eq!(info["module"], hello_ref.as_str(), "{info}");
+    let (ok, out, err) = corral(dir, &["status", "hello", "--socket", "api.sock"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!("Digest: sha256:{hello_digest}")),
+        "{out}"
+    );
     let pins = std::fs::read_to_string(dir.join("state/oci-pins.json")).unwrap();
     assert!(pins.contains(&hello_digest), "{pins}");
 

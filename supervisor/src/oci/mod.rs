@@ -189,7 +189,12 @@ pub async fn fetch(
         .expect("image::parse checks digests")
         .to_string();
     let path = store_path(cache_dir, &hex);
-    if stored_intact(&path, &hex) {
+    // Reading and hashing a large module is blocking work.
+    let intact = {
+        let (path, hex) = (path.clone(), hex.clone());
+        tokio::task::spawn_blocking(move || stored_intact(&path, &hex)).await?
+    };
+    if intact {
         return Ok(Fetched {
             reference: r.clone(),
             manifest,
@@ -200,13 +205,20 @@ pub async fn fetch(
         });
     }
     let data = download(&client, &top, &layer, limit, progress, r).await?;
-    let got = hex::encode(Sha256::digest(&data));
+    let (data, got) = tokio::task::spawn_blocking(move || {
+        let got = hex::encode(Sha256::digest(&data));
+        (data, got)
+    })
+    .await?;
     if got != hex {
         bail!(
             "the module layer does not match its digest (the manifest says sha256:{hex}, the registry sent sha256:{got})"
         );
     }
-    write_store(&path, &data)?;
+    let data = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || write_store(&path, &data).map(|()| data)).await??
+    };
     Ok(Fetched {
         reference: r.clone(),
         manifest,
