@@ -98,3 +98,58 @@ pub(crate) fn check_private(mode: u32) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use crate::{Environment, parse_str};
+
+    fn errors(text: &str, dir: &std::path::Path) -> String {
+        match parse_str(text, &dir.join("policy.toml"), &Environment::default()) {
+            Ok(p) => panic!("accepted: {:?}", p.registries),
+            Err(e) => e
+                .diagnostics()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    }
+
+    #[test]
+    fn registry_tables_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = dir.path().join("auth.json");
+        std::fs::write(&auth, "{}").unwrap();
+        std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "").unwrap();
+        let ok = parse_str(
+            "[registries.\"reg.example:5000\"]\nauth-file = \"auth.json\"\nca-file = \"ca.pem\"\n\
+             [registries.\"10.0.0.5:5000\"]\nplain-http = true\n",
+            &dir.path().join("policy.toml"),
+            &Environment::default(),
+        )
+        .unwrap();
+        let reg = &ok.registries["reg.example:5000"];
+        assert_eq!(reg.auth_file.as_deref(), Some(auth.as_path()));
+        assert!(!reg.plain_http && ok.registries["10.0.0.5:5000"].plain_http);
+
+        let text = errors(
+            "[registries.\"bad host:1\"]\nplain-http = true\n\
+             [registries.\"r:1\"]\nplain-http = \"yes\"\nca-fil = \"x\"\n\
+             [registries.\"r:2\"]\nplain-http = true\nca-file = \"ca.pem\"\n\
+             [registries.\"r:3\"]\nauth-file = \"missing.json\"\n",
+            dir.path(),
+        );
+        for want in [
+            "registries.bad host:1: `bad host` is not a registry host name",
+            "registries.r:1.plain-http: expected true or false, found a string",
+            "ca-fil",
+            "registries.r:2: plain-http = true and ca-file contradict each other",
+            "registries.r:3.auth-file: `missing.json`",
+        ] {
+            assert!(text.contains(want), "no {want:?} in:\n{text}");
+        }
+    }
+}
