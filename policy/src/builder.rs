@@ -258,6 +258,7 @@ impl AppSpecBuilder {
             limits: self.limits,
             sandbox: self.sandbox,
             restart: defaults::RESTART,
+            tls: None,
         })
     }
 }
