@@ -902,7 +902,10 @@ fn tls_names_its_files_and_keeps_the_key_private() {
     let tls = p.apps["web"].tls.as_ref().expect("tls");
     assert_eq!(tls.cert, f.path("tls/web.crt"));
     assert_eq!(tls.key, f.path("tls/web.key"));
-    assert_eq!(tls.client_ca.as_deref(), Some(f.path("tls/ca.crt").as_path()));
+    assert_eq!(
+        tls.client_ca.as_deref(),
+        Some(f.path("tls/ca.crt").as_path())
+    );
     assert!(tls.cert_at.ends_with("policy.toml:5:16"), "{}", tls.cert_at);
     assert!(tls.key_at.ends_with("policy.toml:5:37"), "{}", tls.key_at);
     assert!(f.ok(MINIMAL).apps["web"].tls.is_none());
@@ -923,16 +926,32 @@ fn tls_names_its_files_and_keeps_the_key_private() {
     let errors = f.errors(&format!(
         "{MINIMAL}tls = {{ cert = \"tls/nope.crt\", kye = \"tls/web.key\" }}\n"
     ));
-    assert_one_error(&errors, "5:16", "apps.web.tls.cert: `tls/nope.crt` does not exist");
-    assert_one_error(&errors, "5:7", "apps.web.tls.key: missing: the PEM private key");
-    assert_one_error(&errors, "5:32", "apps.web.tls.kye: unknown key; did you mean `key`?");
+    assert_one_error(
+        &errors,
+        "5:16",
+        "apps.web.tls.cert: `tls/nope.crt` does not exist",
+    );
+    assert_one_error(
+        &errors,
+        "5:7",
+        "apps.web.tls.key: missing: the PEM private key",
+    );
+    assert_one_error(
+        &errors,
+        "5:32",
+        "apps.web.tls.kye: unknown key; did you mean `key`?",
+    );
 
     // Misfits: a command app, only unix sockets, a key the guest could read.
     let tls = "tls = { cert = \"tls/web.crt\", key = \"tls/web.key\" }";
     let errors = f.errors(&format!(
         "[apps.job]\nmodule = \"app.wasm\"\nkind = \"command\"\n{tls}\n"
     ));
-    assert_one_error(&errors, "4:7", "apps.job.tls: a command app accepts no connections");
+    assert_one_error(
+        &errors,
+        "4:7",
+        "apps.job.tls: a command app accepts no connections",
+    );
     let errors = f.errors(&format!(
         "[apps.web]\nmodule = \"app.wasm\"\nkind = \"http\"\nlisten = [\"unix:/run/web.sock\"]\n{tls}\n"
     ));
