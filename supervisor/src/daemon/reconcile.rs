@@ -51,14 +51,21 @@ impl Daemon {
         Ok(copy)
     }
 
-    /// Sockets and artifact of `spec`; an error, before anything is bound
-    /// or compiled, when the app cannot run on this machine at all (see
-    /// [`crate::fitness`]): that is decided once, here, not by a zygote
-    /// crashing on it.
-    async fn prepare(&mut self, spec: &AppSpec) -> anyhow::Result<(Vec<OwnedFd>, PinnedArtifact)> {
+    /// Sockets, artifact and certificate of `spec`; an error, before
+    /// anything is bound or compiled, when the app cannot run on this
+    /// machine at all (see [`crate::fitness`]) or its certificate and key
+    /// are not usable: that is decided once, here, not by a zygote crashing
+    /// on it (and on reload, the running version keeps serving).
+    async fn prepare(&mut self, spec: &AppSpec) -> anyhow::Result<Prepared> {
         let refused = crate::fitness::refusals(spec, crate::fitness::kernel());
         if !refused.is_empty() {
             anyhow::bail!("not started: {}", refused.join("; "));
+        }
+        let tls = crate::tls::load(spec, std::time::SystemTime::now())?;
+        if let Some(tls) = &tls {
+            for warning in &tls.warnings {
+                tracing::warn!(app = spec.name, "{warning}");
+            }
         }
         let mut sockets = Vec::new();
         for addr in &spec.listen {
@@ -72,13 +79,17 @@ impl Daemon {
             };
             counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        Ok((sockets, artifact))
+        Ok(Prepared {
+            sockets,
+            artifact,
+            tls,
+        })
     }
 
     /// Prepare and start `spec`; `None` if it failed (logged, state set).
     pub(super) async fn start_app(&mut self, spec: &AppSpec) -> Option<oneshot::Receiver<()>> {
         match self.prepare(spec).await {
-            Ok((listeners, artifact)) => Some(self.spawn_app(spec, listeners, artifact)),
+            Ok(prepared) => Some(self.spawn_app(spec, prepared)),
             Err(e) => {
                 self.not_started(spec, &e);
                 None
@@ -175,12 +186,12 @@ impl Daemon {
         }
     }
 
-    fn spawn_app(
-        &mut self,
-        spec: &AppSpec,
-        listeners: Vec<OwnedFd>,
-        artifact: PinnedArtifact,
-    ) -> oneshot::Receiver<()> {
+    fn spawn_app(&mut self, spec: &AppSpec, prepared: Prepared) -> oneshot::Receiver<()> {
+        let Prepared {
+            sockets: listeners,
+            artifact,
+            tls,
+        } = prepared;
         self.retries.remove(&spec.name);
         if let Some(task) = self.turned_away.remove(&spec.name) {
             task.abort();
@@ -189,13 +200,17 @@ impl Daemon {
         let (stop, stop_rx) = watch::channel(false);
         let key = artifact.key.clone();
         set_state(&self.registry, &spec.name, Report::Starting);
+        let cert = tls.as_ref().map(|t| t.cert.clone());
         self.registry.update(&spec.name, |info| {
             info.artifact = Some(key.to_string());
+            info.tls = cert;
         });
+        let tls = tls.map(|t| t.material);
         let app = App {
             spec: spec.clone(),
             listeners,
             artifact,
+            tls: tls.clone(),
             cache: self.cache.clone(),
             drain_timeout: self.policy.daemon.drain_timeout,
             registry: self.registry.clone(),
@@ -207,6 +222,7 @@ impl Daemon {
             RunningApp {
                 spec: spec.clone(),
                 artifact: key,
+                tls,
                 stop,
                 task,
             },
@@ -333,17 +349,21 @@ impl Daemon {
             };
             self.registry.declare(spec);
             match self.apps.get(name) {
-                Some(running) if running.spec == *spec && running.artifact == prepared.1.key => {
+                Some(running)
+                    if running.spec == *spec
+                        && running.artifact == prepared.artifact.key
+                        && running.tls == prepared.tls.as_ref().map(|t| t.material.clone()) =>
+                {
                     report.unchanged.push(name.clone());
                 }
                 Some(_) => {
                     tracing::info!(app = name, "reload: changed; switching to the new version");
-                    started.push(self.spawn_app(spec, prepared.0, prepared.1));
+                    started.push(self.spawn_app(spec, prepared));
                     report.changed.push(name.clone());
                 }
                 None => {
                     tracing::info!(app = name, "reload: new app");
-                    started.push(self.spawn_app(spec, prepared.0, prepared.1));
+                    started.push(self.spawn_app(spec, prepared));
                     if known {
                         report.changed.push(name.clone());
                     } else {
@@ -456,9 +476,7 @@ impl Daemon {
             if always { "restarting" } else { "starting" }
         );
         match self.prepare(&spec).await {
-            Ok((listeners, artifact)) => {
-                Ok(Pending::Ready(self.spawn_app(&spec, listeners, artifact)))
-            }
+            Ok(prepared) => Ok(Pending::Ready(self.spawn_app(&spec, prepared))),
             Err(e) => {
                 let why = format!("{e:#}");
                 // A running version keeps serving; otherwise it failed (or
@@ -533,6 +551,14 @@ impl Daemon {
         }
         self.start_request(name, true).await
     }
+}
+
+/// What an app version needs before its zygote starts.
+pub(super) struct Prepared {
+    sockets: Vec<OwnedFd>,
+    artifact: PinnedArtifact,
+    /// Its certificate and key, read and checked (`tls`).
+    tls: Option<crate::tls::LoadedTls>,
 }
 
 /// When to try starting an app again, and the wait after that.

@@ -85,6 +85,7 @@ impl Registry {
             sandbox: Vec::new(),
             listen: Vec::new(),
             zygote_pid: None,
+            tls: None,
         });
         info.kind = spec.kind.to_string();
         info.module = spec.module.display().to_string();
@@ -468,6 +469,7 @@ mod tests {
                 sandbox: vec![],
                 listen: vec![],
                 zygote_pid: None,
+                tls: None,
             },
         );
         assert!(registry.update("a", |i| i.state = AppState::Running));
