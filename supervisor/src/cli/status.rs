@@ -330,12 +330,12 @@ mod tests {
         let out = render_app(&tls_app, 1_000_000);
         assert!(
             out.contains(
-                "         TLS: CN=web.test, names web.test 127.0.0.1, expires 1970-03-02T00:16:40Z (in 90 days)\n"
+                "         TLS: CN=web.test, names web.test 127.0.0.1, expires 1970-04-01T00:16:40Z (in 90 days)\n"
             ),
             "{out}"
         );
         let table = render_apps(&serde_json::json!([tls_app]));
-        assert!(table.contains("1970-03-02T00:16:40Z"), "{table}");
+        assert!(table.contains("1970-04-01T00:16:40Z"), "{table}");
         let table = render_apps(&serde_json::json!([app]));
         assert_eq!(table.lines().count(), 3, "{table}");
         assert!(
