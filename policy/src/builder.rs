@@ -287,6 +287,7 @@ impl AppSpecBuilder {
             limits: self.limits,
             sandbox: self.sandbox,
             restart: defaults::RESTART,
+            tls: None,
         })
     }
 }

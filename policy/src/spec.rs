@@ -101,6 +101,48 @@ pub struct AppSpec {
     pub limits: Limits,
     pub sandbox: SandboxSpec,
     pub restart: RestartSpec,
+    /// `tls`: the app's TCP addresses speak TLS (`None`: plain).
+    #[serde(default)]
+    pub tls: Option<TlsSpec>,
+}
+
+/// `tls = { cert = "PATH", key = "PATH", client-ca = "PATH" }`: every TCP
+/// address in the app's `listen` speaks TLS with this certificate chain
+/// and key (PEM); with `client-ca`, clients must present a certificate
+/// signed by that CA. Unix-socket addresses stay plain.
+///
+/// Validation checks that the files exist and that the key is neither
+/// readable nor writable by others; what is in them (that they parse, the
+/// key matches, the dates) is checked when corrald reads them, and the
+/// errors then name the place in the policy (`*_at`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub struct TlsSpec {
+    /// Absolute path of the PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Absolute path of the PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// Absolute path of the PEM CA certificates client certificates must
+    /// chain to; `None`: no client certificates asked for.
+    pub client_ca: Option<PathBuf>,
+    /// Where `cert` was written, `file:line:col`.
+    #[serde(default)]
+    pub cert_at: String,
+    /// Where `key` was written.
+    #[serde(default)]
+    pub key_at: String,
+    /// Where `client-ca` was written.
+    #[serde(default)]
+    pub client_ca_at: Option<String>,
+}
+
+/// Equal when the same files are named, wherever in the policy: moving a
+/// line does not change the app.
+impl PartialEq for TlsSpec {
+    fn eq(&self, other: &TlsSpec) -> bool {
+        self.cert == other.cert && self.key == other.key && self.client_ca == other.client_ca
+    }
 }
 
 /// What kind of guest an app is and how it is driven.

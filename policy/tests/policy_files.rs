@@ -884,3 +884,80 @@ fn the_reference_states_the_defaults() {
         );
     }
 }
+
+/// `tls = { cert, key, client-ca }`: the files resolved against the policy's
+/// directory, where each was written kept for later errors; a key others
+/// may read, missing files and misfits refused at their line.
+#[test]
+fn tls_names_its_files_and_keeps_the_key_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let f = Fixture::new();
+    f.write("tls/web.crt", "not read by the policy");
+    let key = f.write("tls/web.key", "not read by the policy");
+    f.write("tls/ca.crt", "not read by the policy");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let p = f.ok(&format!(
+        "{MINIMAL}tls = {{ cert = \"tls/web.crt\", key = \"tls/web.key\", client-ca = \"tls/ca.crt\" }}\n"
+    ));
+    let tls = p.apps["web"].tls.as_ref().expect("tls");
+    assert_eq!(tls.cert, f.path("tls/web.crt"));
+    assert_eq!(tls.key, f.path("tls/web.key"));
+    assert_eq!(
+        tls.client_ca.as_deref(),
+        Some(f.path("tls/ca.crt").as_path())
+    );
+    assert!(tls.cert_at.ends_with("policy.toml:5:16"), "{}", tls.cert_at);
+    assert!(tls.key_at.ends_with("policy.toml:5:37"), "{}", tls.key_at);
+    assert!(f.ok(MINIMAL).apps["web"].tls.is_none());
+
+    // Readable by others: refused, naming the mode and the fix.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let errors = f.errors(&format!(
+        "{MINIMAL}tls = {{ cert = \"tls/web.crt\", key = \"tls/web.key\" }}\n"
+    ));
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert_one_error(
+        &errors,
+        "5:37",
+        "apps.web.tls.key: `tls/web.key` is readable by every user (mode 0644)",
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+
+    let errors = f.errors(&format!(
+        "{MINIMAL}tls = {{ cert = \"tls/nope.crt\", kye = \"tls/web.key\" }}\n"
+    ));
+    assert_one_error(
+        &errors,
+        "5:16",
+        "apps.web.tls.cert: `tls/nope.crt` does not exist",
+    );
+    assert_one_error(
+        &errors,
+        "5:7",
+        "apps.web.tls.key: missing: the PEM private key",
+    );
+    assert_one_error(
+        &errors,
+        "5:32",
+        "apps.web.tls.kye: unknown key; did you mean `key`?",
+    );
+
+    // Misfits: a command app, only unix sockets, a key the guest could read.
+    let tls = "tls = { cert = \"tls/web.crt\", key = \"tls/web.key\" }";
+    let errors = f.errors(&format!(
+        "[apps.job]\nmodule = \"app.wasm\"\nkind = \"command\"\n{tls}\n"
+    ));
+    assert_one_error(
+        &errors,
+        "4:7",
+        "apps.job.tls: a command app accepts no connections",
+    );
+    let errors = f.errors(&format!(
+        "[apps.web]\nmodule = \"app.wasm\"\nkind = \"http\"\nlisten = [\"unix:/run/web.sock\"]\n{tls}\n"
+    ));
+    assert_one_error(&errors, "5:7", "apps.web.tls: tls applies to TCP addresses");
+    let errors = f.errors(&format!(
+        "{MINIMAL}dirs = [{{ host = \"tls\", guest = \"/etc/tls\" }}]\n{tls}\n"
+    ));
+    assert_one_error(&errors, "6:7", "the guest could read it");
+}

@@ -294,6 +294,7 @@ impl Standalone {
             pool,
             slot: 0,
             counters: AppCounters::private(),
+            tls: None,
             parent: Parent::None,
         };
         match worker::main(ctx, &self.guest) {

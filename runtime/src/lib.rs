@@ -15,6 +15,8 @@
 //!   and the serve loops (HTTP/1.1, HTTP/2, stdio) that workers and the
 //!   standalone runners share; [`protocol`]: the zygote ↔ corrald messages.
 //! - [`counters`]: the per-app metrics page workers write and corrald reads.
+//! - [`tls`]: an app's certificate and key, read by corrald, made into a
+//!   rustls server configuration by its zygote, used by its workers.
 //!
 //! Crate arrows point one way: `runtime → compiler → policy`; corrald
 //! (`supervisor`) and the shim depend on this crate, never the reverse.
@@ -26,6 +28,7 @@ mod pool;
 pub mod protocol;
 pub mod sandbox;
 pub mod sys;
+pub mod tls;
 mod worker;
 pub mod zygote;
 

@@ -7,7 +7,8 @@
 //! - corrald → zygote: [`ToZygote::Start`] first, carrying the listening
 //!   sockets (in [`Start::listeners`] order), then the artifact's file,
 //!   then (when [`Start::metrics`]) the app's metrics page (a memfd, see
-//!   `metrics.rs`); later [`ToZygote::Drain`].
+//!   `metrics.rs`); later [`ToZygote::Drain`]. An app with `tls` gets its
+//!   certificate and key as bytes in [`Start::tls`].
 //! - zygote → corrald: [`FromZygote::Ready`] once it is sandboxed and has
 //!   forked its first workers (or [`FromZygote::Failed`]), then pool
 //!   events; [`FromZygote::Idle`] right before it exits because its last
@@ -49,6 +50,10 @@ pub struct Start {
     /// The app's metrics page comes last among the fds.
     #[serde(default)]
     pub metrics: bool,
+    /// The app's certificate chain and key (`tls` in its policy), read by
+    /// corrald: the zygote never opens the files.
+    #[serde(default)]
+    pub tls: Option<crate::tls::TlsMaterial>,
 }
 
 /// What a zygote tells corrald.

@@ -86,6 +86,9 @@ pub(crate) struct WorkerCtx<'a> {
     pub(crate) slot: usize,
     /// The app's metrics page: requests, errors, latency.
     pub(crate) counters: &'static AppCounters,
+    /// The app's TLS configuration (`tls` in its policy): its TCP
+    /// connections start with a handshake. Unix-socket ones stay plain.
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     pub(crate) parent: Parent<'a>,
 }
 
@@ -380,8 +383,13 @@ async fn serve(
     // accepting, it closes it.
     for fd in listeners {
         let listener = Listener::new(fd)?;
+        let tls = match listener {
+            Listener::Tcp(_) => ctx.tls.clone(),
+            Listener::Unix(_) => None,
+        };
         accept_tasks.push(tokio::spawn(accept_loop(
             listener,
+            tls,
             serving.clone(),
             guest.clone(),
         )));
@@ -455,7 +463,12 @@ enum Conn {
     },
 }
 
-async fn accept_loop(listener: Listener, serving: Arc<Serving>, conn: Arc<Conn>) {
+async fn accept_loop(
+    listener: Listener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    serving: Arc<Serving>,
+    conn: Arc<Conn>,
+) {
     // A stdio connection is an instance (one guest per connection): it
     // holds a permit for its life. An http connection holds none; its
     // requests do.
@@ -519,19 +532,60 @@ async fn accept_loop(listener: Listener, serving: Arc<Serving>, conn: Arc<Conn>)
         let (id, state) = serving.register(u32::from(per_connection));
         let serving = serving.clone();
         let conn = conn.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let serve = ConnCtx {
                 serving: &serving,
                 state: &state,
                 accepted_at,
             };
-            match stream {
-                Stream::Tcp(s) => serve_connection(s, &serve, &conn).await,
-                Stream::Unix(s) => serve_connection(s, &serve, &conn).await,
+            match (stream, tls) {
+                (Stream::Tcp(s), Some(tls)) => {
+                    if let Some(s) = handshake(&tls, s, &serve).await {
+                        serve_connection(s, &serve, &conn).await;
+                    }
+                }
+                (Stream::Tcp(s), None) => serve_connection(s, &serve, &conn).await,
+                (Stream::Unix(s), _) => serve_connection(s, &serve, &conn).await,
             }
             drop(slot);
             serving.unregister(id);
         });
+    }
+}
+
+/// The TLS handshake of a new connection, in the worker: done within
+/// [`HEAD_DEADLINE`] of the accept (within [`DRAIN_GRACE`] once the worker
+/// stops accepting), else the connection is closed, as is one asked to
+/// make room. `None`: it failed or took too long (logged at debug: a
+/// client's mistake, not the app's).
+async fn handshake(
+    tls: &tokio_rustls::TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    cx: &ConnCtx<'_>,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    let mut stop = cx.serving.stop.subscribe();
+    let mut deadline = cx.accepted_at + HEAD_DEADLINE;
+    let accept = tls.accept(stream);
+    tokio::pin!(accept);
+    loop {
+        tokio::select! {
+            done = &mut accept => match done {
+                Ok(stream) => return Some(stream),
+                Err(e) => {
+                    tracing::debug!("TLS handshake failed: {e}");
+                    return None;
+                }
+            },
+            () = tokio::time::sleep_until(deadline.into()) => {
+                tracing::debug!("TLS handshake not done in time: closed");
+                return None;
+            }
+            () = cx.state.evict.notified() => return None,
+            _ = stop.wait_for(|stopped| *stopped), if !*stop.borrow() => {
+                deadline = deadline.min(Instant::now() + DRAIN_GRACE);
+            }
+        }
     }
 }
 

@@ -1,8 +1,9 @@
 //! The zygote: one per app, a fresh single-threaded image of corrald's own
 //! binary (`corrald zygote`, control socket on stdin).
 //!
-//! It receives the spec, listening sockets and artifact from corrald
-//! (`protocol::Start`), builds the engine, loads the artifact from the
+//! It receives the spec, listening sockets and artifact (and the TLS
+//! certificate and key, as bytes) from corrald (`protocol::Start`), builds
+//! the TLS configuration and the engine, loads the artifact from the
 //! inherited fd (digest checked again), pre-instantiates, enters the
 //! sandbox, and then only forks, reaps and counts workers.
 //!
@@ -160,6 +161,8 @@ struct Zygote {
     stop_rx: Option<OwnedFd>,
     /// Kept open: wasmtime maps it, and it pins the cache entry.
     _artifact: File,
+    /// The app's TLS configuration (`tls` in its policy), for its workers.
+    tls: Option<tokio_rustls::TlsAcceptor>,
     last_report: (u32, u32),
     /// A `command` app's instance ended and stays ended.
     finished: bool,
@@ -198,6 +201,17 @@ impl Zygote {
             );
         }
         let artifact = File::from(artifact);
+        // The rustls configuration, built before the sandbox from the bytes
+        // corrald read: workers inherit it (and the key in it) with the
+        // fork; the key file is never opened here.
+        let tls = match &start.tls {
+            Some(material) => Some(tokio_rustls::TlsAcceptor::from(
+                crate::tls::server_config(material, app.kind)
+                    .context("the app's TLS certificate and key")?,
+            )),
+            None => None,
+        };
+        drop(start.tls);
         let built = corral_compiler::build_engine(&EngineOptions::for_app(&app), None)?;
         if let corral_compiler::Allocation::OnDemandFallback { reason } = &built.allocation {
             tracing::warn!(app = app.name, "pooling allocator unavailable ({reason})");
@@ -305,6 +319,7 @@ impl Zygote {
             stop_tx: Some(stop_tx),
             stop_rx: Some(stop_rx),
             _artifact: artifact,
+            tls,
             last_report: (u32::MAX, u32::MAX),
             finished: false,
         })
@@ -441,6 +456,7 @@ impl Zygote {
                     pool: self.pool,
                     slot,
                     counters: self.counters,
+                    tls: self.tls.clone(),
                     parent: Parent::Zygote {
                         pid: rustix::process::getppid(),
                         wake: self.wake_tx.as_fd(),

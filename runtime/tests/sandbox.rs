@@ -49,7 +49,8 @@ enum Outcome {
 /// A policy with two apps in a temporary directory:
 /// `web` (http; ro `ro/`, rw `rw/`, may connect to `allowed_port`) and
 /// `other` (command; its own dir `other/`). `cache/` stands for the daemon's
-/// cache, `outside/` for the rest of the host.
+/// cache, `outside/` for the rest of the host, `tls/` for web's certificate
+/// and key (`tls` in its policy: corrald reads them, a worker must not).
 struct Fixture {
     dir: tempfile::TempDir,
     allowed: TcpListener,
@@ -59,7 +60,7 @@ impl Fixture {
     fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        for d in ["ro", "rw", "other", "cache", "outside"] {
+        for d in ["ro", "rw", "other", "cache", "outside", "tls"] {
             std::fs::create_dir(root.join(d)).unwrap();
         }
         std::fs::write(root.join("ro/data.txt"), "ro data\n").unwrap();
@@ -68,6 +69,13 @@ impl Fixture {
         std::fs::write(root.join("outside/host.txt"), "host\n").unwrap();
         std::os::unix::fs::symlink(root.join("outside/host.txt"), root.join("ro/escape")).unwrap();
         std::fs::write(root.join("m.wat"), "(module)").unwrap();
+        std::fs::write(root.join("tls/web.crt"), "certificate\n").unwrap();
+        std::fs::write(root.join("tls/web.key"), "private key\n").unwrap();
+        std::fs::set_permissions(
+            root.join("tls/web.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         let allowed = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = allowed.local_addr().unwrap().port();
         std::fs::write(
@@ -83,6 +91,7 @@ kind = "http"
 listen = ["127.0.0.1:1"]
 dirs = [{{ host = "ro", guest = "/ro", access = "ro" }}, {{ host = "rw", guest = "/rw", access = "rw" }}]
 network = {{ connect = ["127.0.0.1:{port}"] }}
+tls = {{ cert = "tls/web.crt", key = "tls/web.key" }}
 
 [apps.other]
 module = "m.wat"
@@ -215,6 +224,22 @@ fn read_other_apps_dir_is_denied() {
     require_kernel!();
     let f = Fixture::new();
     assert_eq!(f.probe(&["read", s(&f.path("other/secret.txt"))]), EACCES);
+}
+
+/// An app with `tls`: its workers get the key's bytes from the zygote,
+/// never the file (landlock grants neither it nor its directory).
+#[test]
+fn read_own_tls_key_is_denied() {
+    require_kernel!();
+    let f = Fixture::new();
+    let key = f.path("tls/web.key");
+    assert_eq!(
+        f.probe_with(&["--no-sandbox"], &["read", s(&key)]),
+        Outcome::Ok
+    );
+    assert_eq!(f.probe(&["read", s(&key)]), EACCES);
+    assert_eq!(f.probe(&["read", s(&f.path("tls/web.crt"))]), EACCES);
+    assert_eq!(f.probe(&["read", s(&f.path("tls"))]), EACCES);
 }
 
 #[test]

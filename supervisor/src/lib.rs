@@ -11,3 +11,4 @@ pub mod dbus;
 pub mod fitness;
 pub mod manager;
 pub mod oci;
+pub mod tls;

@@ -26,10 +26,13 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 GUESTS = os.path.join(ROOT, "tests", "guests")
 OUT = os.path.join(ROOT, "target", "bench")
-CORRALD = os.path.join(ROOT, "target", "release", "corrald")
-CORRAL = os.path.join(ROOT, "target", "release", "corral")
-NATIVE_HELLO = os.path.join(ROOT, "target", "release", "examples", "native-hello")
-CACHE_BENCH = os.path.join(ROOT, "target", "release", "examples", "cache-bench")
+# The binaries measured: tests/bench/run builds them in target/release;
+# CORRAL_BENCH_BIN=target/debug points at others (a quick look, not figures).
+BIN = os.path.join(ROOT, os.environ.get("CORRAL_BENCH_BIN", os.path.join("target", "release")))
+CORRALD = os.path.join(BIN, "corrald")
+CORRAL = os.path.join(BIN, "corral")
+NATIVE_HELLO = os.path.join(BIN, "examples", "native-hello")
+CACHE_BENCH = os.path.join(BIN, "examples", "cache-bench")
 
 started = []  # Popen objects, stopped at exit
 
@@ -109,8 +112,10 @@ class Corrald:
     """corrald on a policy of `apps`, started like supervisor/tests/daemon.rs:
     a NOTIFY_SOCKET bound here, READY=1 awaited."""
 
-    def __init__(self, apps, cache="cache", log_filter=None):
+    def __init__(self, apps, cache="cache", log_filter=None, before_start=None):
         self.dir = tempfile.mkdtemp(prefix="corral-bench-")
+        if before_start:
+            before_start(self.dir)
         policy = os.path.join(self.dir, "policy.toml")
         with open(policy, "w") as f:
             f.write(f'[daemon]\ncache-dir = "{cache}"\nstate-dir = "state"\n'
@@ -154,11 +159,11 @@ class Corrald:
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def wrk(port, connections, seconds):
+def wrk(port, connections, seconds, scheme="http"):
     """requests/s, p50 ms, p99 ms from `wrk --latency` (2 threads)."""
     out = subprocess.run(
         ["wrk", "--latency", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s",
-         f"http://127.0.0.1:{port}/"],
+         f"{scheme}://127.0.0.1:{port}/"],
         capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
 
     def lat(pct):
@@ -185,11 +190,11 @@ HELLO_APP = ('[apps.hello]\nmodule = "{{guests}}/http-hello.wasm"\nkind = "http"
              'pool = {{ min = 2, max = 2, concurrency = 128 }}\n')
 
 
-def wrk_all(args, port):
+def wrk_all(args, port, scheme="http"):
     out = {}
     for c in args.connections:
-        wrk(port, c, 2)  # warm-up
-        out[c] = wrk(port, c, args.seconds)
+        wrk(port, c, 2, scheme)  # warm-up
+        out[c] = wrk(port, c, args.seconds, scheme)
     return out
 
 
@@ -296,6 +301,97 @@ def scenario_sandbox(args, results):
         results.append(row(f"sandbox cost, HTTP hello, {c} connections",
                            "p99 latency (ms), on (peer: off)", o["p99_ms"], t["p99_ms"],
                            "the same corrald, sandbox off"))
+
+
+# ---------------------------------------------------------------- scenario 7
+
+NEW_CONNS_CLIENT = r"""
+import socket, ssl, sys, time
+port, seconds, tls = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3] == "tls"
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ctx.options |= ssl.OP_NO_TICKET  # a full handshake every time
+request = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+n = errors = 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if tls:
+            s = ctx.wrap_socket(s, server_hostname="localhost")
+        s.sendall(request)
+        data = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ssl.SSLEOFError:
+                chunk = b""
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        if data.startswith(b"HTTP/1.1 200"):
+            n += 1
+        else:
+            errors += 1
+    except OSError:
+        errors += 1
+print(n, errors)
+"""
+
+
+def new_conns_per_s(port, seconds, clients, tls):
+    """`clients` processes, each a loop of connect, (TLS handshake, no
+    resumption,) one GET with `Connection: close`; answered connections
+    per second."""
+    procs = [spawn([sys.executable, "-c", NEW_CONNS_CLIENT, str(port), str(seconds),
+                    "tls" if tls else "plain"], stdout=subprocess.PIPE, text=True)
+             for _ in range(clients)]
+    n = errors = 0
+    for p in procs:
+        out, _ = p.communicate(timeout=seconds + 60)
+        started.remove(p)
+        a, b = out.split()
+        n, errors = n + int(a), errors + int(b)
+    return n / seconds, errors
+
+
+def scenario_https(args, results):
+    """Scenario 1's app with `tls` (an ECDSA P-256 certificate made here),
+    wrk over https against the same corrald's plain http on a second
+    address, in the same run; then new connections per second, each with
+    a full TLS handshake (peer: plain TCP connections)."""
+    port, plain = free_port(), free_port()
+    app = HELLO_APP.format(port=port)
+    d = Corrald(app + 'tls = { cert = "tls.crt", key = "tls.key" }\n'
+                + HELLO_APP.format(port=plain).replace("[apps.hello]", "[apps.plain]"),
+                before_start=make_certificate)
+    http_get_ok(plain)
+    ours = wrk_all(args, port, "https")
+    theirs = wrk_all(args, plain, "http")
+    new_conns_per_s(port, 1, args.clients, True)  # warm-up
+    tls_conns, tls_errors = new_conns_per_s(port, args.seconds, args.clients, True)
+    plain_conns, plain_errors = new_conns_per_s(plain, args.seconds, args.clients, False)
+    d.close()
+    http_rows(results, "HTTPS hello (TLS 1.3, ECDSA P-256)", ours, theirs,
+              "the same corrald, plain http (another app, same pool)")
+    results.append(row(f"new TLS connections, {args.clients} clients in a "
+                       "connect-handshake-GET-close loop (python ssl, no resumption)",
+                       "connections/s", tls_conns, plain_conns,
+                       "the same loop over plain TCP", higher_is_better=True,
+                       errors=[f"{tls_errors} failed", f"{plain_errors} failed"]
+                       if tls_errors or plain_errors else None))
+
+
+def make_certificate(d):
+    """A self-signed ECDSA P-256 certificate for localhost in corrald's dir."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-days", "90", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", os.path.join(d, "tls.key"), "-out", os.path.join(d, "tls.crt")],
+                   check=True, capture_output=True, timeout=60)
+    os.chmod(os.path.join(d, "tls.key"), 0o600)
 
 
 # ---------------------------------------------------------------- scenario 2
@@ -713,8 +809,9 @@ def write_report(meta, results):
     print("\n".join(lines))
 
 
-SCENARIOS = {"http": scenario_http, "http3": scenario_http3, "sandbox": scenario_sandbox, "cold": scenario_cold,
-             "stdio": scenario_stdio, "cache": scenario_cache, "density": scenario_density}
+SCENARIOS = {"http": scenario_http, "http3": scenario_http3, "sandbox": scenario_sandbox,
+             "https": scenario_https, "cold": scenario_cold, "stdio": scenario_stdio,
+             "cache": scenario_cache, "density": scenario_density}
 
 
 def main():

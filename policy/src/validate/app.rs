@@ -25,7 +25,9 @@ pub(super) const APP_KEYS: &[&str] = &[
     "limits",
     "sandbox",
     "restart",
+    "tls",
 ];
+pub(super) const TLS_KEYS: &[&str] = &["cert", "key", "client-ca"];
 pub(super) const DIR_KEYS: &[&str] = &["host", "guest", "access"];
 pub(super) const NETWORK_KEYS: &[&str] = &["connect"];
 pub(super) const KINDS: &[(&str, AppKind)] = &[
@@ -152,6 +154,16 @@ pub(super) fn app_spec(
     let limits = limits_spec(cx, t.get("limits").map(|e| &e.value), &key("limits"), kind);
     let sandbox = sandbox_spec(cx, t.get("sandbox").map(|e| &e.value), &key("sandbox"));
     let restart = restart_spec(cx, t.get("restart").map(|e| &e.value), &key("restart"));
+    let tls = match t.get("tls") {
+        Some(e) => tls_spec(cx, &e.value, &key("tls")).map(Some),
+        None => Some(None),
+    };
+    if partial == Partial::No
+        && let (Some(e), Some(Some(tls))) = (t.get("tls"), &tls)
+        && let Some(why) = tls_misfit(tls, kind, listen.as_deref(), dirs.as_deref())
+    {
+        cx.error(e.value.at, &key("tls"), why);
+    }
 
     if cx.error_count() != before || partial == Partial::Yes {
         return None;
@@ -172,7 +184,120 @@ pub(super) fn app_spec(
         limits: limits?,
         sandbox: sandbox?,
         restart: restart?,
+        tls: tls?,
     })
+}
+
+/// `tls = { cert, key, client-ca }`: the files exist, and the key is
+/// neither readable nor writable by others (it stays corrald's: workers get
+/// its bytes, never the file).
+fn tls_spec(cx: &mut Checker<'_>, node: &Node, path: &str) -> Option<TlsSpec> {
+    let t = cx.table(node, path)?;
+    cx.check_keys(t, path, TLS_KEYS);
+    let before = cx.error_count();
+    let file = |cx: &mut Checker<'_>, k: &str, what: &str| -> Option<(PathBuf, String)> {
+        let p = join(path, k);
+        let Some(e) = t.get(k) else {
+            cx.error(node.at, &p, format!("missing: {what}"));
+            return None;
+        };
+        let written = cx.string(&e.value, &p)?;
+        let resolved = cx.resolve(e.value.at, written);
+        let checked = check_module(written, resolved).and_then(|f| {
+            if k == "key" {
+                check_key_mode(written, &f)?;
+            }
+            Ok(f)
+        });
+        match checked {
+            Ok(f) => Some((f, cx.place(e.value.at))),
+            Err(why) => {
+                cx.error(e.value.at, &p, why);
+                None
+            }
+        }
+    };
+    let cert = file(
+        cx,
+        "cert",
+        "the PEM certificate chain, e.g. cert = \"/etc/corral/tls/web.crt\"",
+    );
+    let key = file(
+        cx,
+        "key",
+        "the PEM private key, e.g. key = \"/etc/corral/tls/web.key\"",
+    );
+    let client_ca = match t.get("client-ca") {
+        Some(_) => file(cx, "client-ca", "").map(Some),
+        None => Some(None),
+    };
+    if cx.error_count() != before {
+        return None;
+    }
+    let ((cert, cert_at), (key, key_at), client_ca) = (cert?, key?, client_ca?);
+    let (client_ca, client_ca_at) = client_ca.unzip();
+    Some(TlsSpec {
+        cert,
+        key,
+        client_ca,
+        cert_at,
+        key_at,
+        client_ca_at,
+    })
+}
+
+/// A private key file that others may read or write is refused.
+pub(crate) fn check_key_mode(written: &str, key: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(key)
+        .map_err(|e| format!("`{written}`: {e}"))?
+        .permissions()
+        .mode();
+    if mode & 0o006 != 0 {
+        return Err(format!(
+            "`{written}` is {} by every user (mode {:04o}): a TLS key must be readable by corrald only; `chmod o-rw {}`",
+            if mode & 0o004 != 0 {
+                "readable"
+            } else {
+                "writable"
+            },
+            mode & 0o7777,
+            key.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Why `tls` does not fit the rest of the app, if it does not: a command
+/// app listens on nothing, TLS is for TCP addresses, and a key the guest
+/// could read through its own `dirs` would be its own to leak.
+fn tls_misfit(
+    tls: &TlsSpec,
+    kind: Option<AppKind>,
+    listen: Option<&[ListenAddr]>,
+    dirs: Option<&[DirGrant]>,
+) -> Option<String> {
+    if kind == Some(AppKind::Command) {
+        return Some("a command app accepts no connections: tls is for http and stdio apps".into());
+    }
+    if let Some(listen) = listen
+        && !listen.is_empty()
+        && listen.iter().all(|a| matches!(a, ListenAddr::Unix(_)))
+    {
+        return Some(
+            "tls applies to TCP addresses, and this app listens only on unix sockets".into(),
+        );
+    }
+    let granted = dirs
+        .unwrap_or_default()
+        .iter()
+        .find(|d| tls.key.starts_with(&d.host))?;
+    Some(format!(
+        "the key {} is inside a directory granted to the guest ({} as {}): the guest could read it; keep the key outside its dirs",
+        tls.key.display(),
+        granted.host.display(),
+        granted.guest
+    ))
 }
 
 fn listen_addrs(cx: &mut Checker<'_>, node: &Node, path: &str) -> Option<Vec<ListenAddr>> {

@@ -53,6 +53,16 @@ impl<'s> Checker<'s> {
             .collect()
     }
 
+    /// Where `at` is, as `file:line:col`, for problems found later (when
+    /// corrald reads the files a value names).
+    pub(super) fn place(&self, at: Loc) -> String {
+        let (line, column) = self.sources.line_col(at);
+        format!(
+            "{}:{line}:{column}",
+            self.sources.file(at.file).path.display()
+        )
+    }
+
     /// The directory of the file a value was written in: relative paths in
     /// a policy are relative to it.
     pub(super) fn base_dir(&self, at: Loc) -> PathBuf {

@@ -132,7 +132,7 @@ pub(crate) fn validate_sockets(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use app::{APP_KEYS, DIR_KEYS, NETWORK_KEYS};
+    use app::{APP_KEYS, DIR_KEYS, NETWORK_KEYS, TLS_KEYS};
     use daemon::DAEMON_KEYS;
     use sockets::SOCKET_KEYS;
     use tables::{LIMIT_KEYS, POOL_KEYS, RESTART_KEYS, SANDBOX_KEYS};
@@ -144,7 +144,8 @@ mod tests {
         let doc =
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/policy.md"))
                 .expect("docs/policy.md");
-        let nested: [(&str, &[&str]); 6] = [
+        let nested: [(&str, &[&str]); 7] = [
+            ("tls.", TLS_KEYS),
             ("network.", NETWORK_KEYS),
             ("pool.", POOL_KEYS),
             ("limits.", LIMIT_KEYS),

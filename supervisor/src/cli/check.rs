@@ -14,6 +14,13 @@ use corral_policy::{Environment, Policy, PolicyError};
 /// also exits 1, with one line per reason. A valid policy that needs more
 /// open files than corrald would get here (the hard RLIMIT_NOFILE) gets a
 /// warning.
+///
+/// An app with `tls` has its certificate and key read and checked as
+/// corrald would: they parse, the key matches the certificate, the
+/// certificate has not expired (each refusal names the policy's
+/// file:line). A certificate that expires within 30 days, is not valid
+/// yet, or has no subjectAltName gets a warning; the names it is valid for
+/// and its expiry are listed.
 #[derive(Debug, clap::Args)]
 pub struct CheckCommand {
     /// The main policy file; drop-ins are read from `policy.d/` beside it.
@@ -32,7 +39,20 @@ impl CheckCommand {
             (Ok(policy), false) => {
                 print!("{}", render_table(&policy));
                 warn_about_open_files(&policy);
-                let refused = refusals(&policy);
+                let (certs, mut refused) = certificates(&policy);
+                for (app, cert) in &certs {
+                    println!(
+                        "app {app}: TLS certificate {}, valid for {}, until {}",
+                        cert.subject,
+                        if cert.names.is_empty() {
+                            "no names".to_string()
+                        } else {
+                            cert.names.join(", ")
+                        },
+                        cert.expires()
+                    );
+                }
+                refused.extend(refusals(&policy));
                 for why in &refused {
                     eprintln!("error: {why}");
                 }
@@ -50,7 +70,8 @@ impl CheckCommand {
             }
             (Ok(policy), true) => {
                 warn_about_open_files(&policy);
-                let refused = refusals(&policy);
+                let (certs, mut refused) = certificates(&policy);
+                refused.extend(refusals(&policy));
                 let worlds: std::collections::BTreeMap<&str, Option<String>> = policy
                     .apps
                     .iter()
@@ -66,6 +87,7 @@ impl CheckCommand {
                     "runnable": refused.is_empty(),
                     "refused": refused,
                     "worlds": worlds,
+                    "certificates": certs,
                     "policy": policy,
                 });
                 println!("{}", serde_json::to_string_pretty(&out)?);
@@ -95,6 +117,32 @@ fn warn_about_open_files(policy: &Policy) {
     if let Some(warning) = open_files::shortfall(policy, open_files::hard_limit()) {
         eprintln!("warning: {warning}");
     }
+}
+
+/// Each app's certificate (for apps with `tls`), and why each one that
+/// corrald would refuse is refused; warnings go to stderr.
+fn certificates(
+    policy: &Policy,
+) -> (
+    std::collections::BTreeMap<String, crate::tls::CertInfo>,
+    Vec<String>,
+) {
+    let now = std::time::SystemTime::now();
+    let mut certs = std::collections::BTreeMap::new();
+    let mut refused = Vec::new();
+    for app in policy.apps.values() {
+        match crate::tls::load(app, now) {
+            Ok(Some(loaded)) => {
+                for warning in &loaded.warnings {
+                    eprintln!("warning: {warning}");
+                }
+                certs.insert(app.name.clone(), loaded.cert);
+            }
+            Ok(None) => {}
+            Err(e) => refused.push(format!("{e:#}")),
+        }
+    }
+    (certs, refused)
 }
 
 /// Why each app that cannot run here cannot (see [`crate::fitness`]).

@@ -178,7 +178,37 @@ pub(crate) fn render_app(a: &Value, now: u64) -> String {
     for (label, value) in rows {
         out.push_str(&format!("{label:>12}: {value}\n"));
     }
+    if let Some(tls) = a["tls"].as_object() {
+        let not_after = tls.get("not_after").and_then(Value::as_i64).unwrap_or(0);
+        let left = not_after.saturating_sub((now / 1000) as i64);
+        let days = |s: i64| match s / 86400 {
+            0 => format!("{}h", s / 3600),
+            1 => "1 day".to_string(),
+            n => format!("{n} days"),
+        };
+        let expiry = if left < 0 {
+            format!("expired {} ago", days(-left))
+        } else {
+            format!("in {}", days(left))
+        };
+        out.push_str(&format!(
+            "{:>12}: {}, names {}, expires {} ({expiry})\n",
+            "TLS",
+            text(&tls["subject"]),
+            text(&tls["names"]),
+            expires(not_after),
+        ));
+    }
     out
+}
+
+fn secs(s: i64) -> Duration {
+    Duration::from_secs(u64::try_from(s).unwrap_or(0))
+}
+
+/// A certificate's `not_after` (Unix seconds) as an RFC 3339 time.
+fn expires(not_after: i64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + secs(not_after)).to_string()
 }
 
 /// corrald itself, from `GET /v1/info`.
@@ -233,20 +263,31 @@ pub(crate) fn render_daemon(i: &Value, now: u64) -> String {
 pub(crate) fn render_apps(apps: &Value) -> String {
     let mut rows: Vec<Vec<String>> = vec![
         [
-            "APP", "KIND", "STATE", "WORKERS", "BUSY", "REQUESTS", "ERRORS", "LISTEN",
+            "APP",
+            "KIND",
+            "STATE",
+            "WORKERS",
+            "BUSY",
+            "REQUESTS",
+            "ERRORS",
+            "LISTEN",
+            "CERT EXPIRES",
         ]
         .map(String::from)
         .to_vec(),
     ];
     for a in apps.as_array().into_iter().flatten() {
-        rows.push(
-            [
-                "name", "kind", "state", "workers", "busy", "requests", "errors", "listen",
-            ]
-            .iter()
-            .map(|k| text(&a[*k]))
-            .collect(),
-        );
+        let mut row: Vec<String> = [
+            "name", "kind", "state", "workers", "busy", "requests", "errors", "listen",
+        ]
+        .iter()
+        .map(|k| text(&a[*k]))
+        .collect();
+        row.push(match a["tls"]["not_after"].as_i64() {
+            Some(t) => expires(t),
+            None => "-".into(),
+        });
+        rows.push(row);
     }
     let mut out = super::table(&rows);
     let n = rows.len() - 1;
@@ -282,6 +323,21 @@ mod tests {
             out.contains("     Sandbox: landlock=abi7 seccomp=on\n"),
             "{out}"
         );
+        assert!(!out.contains("TLS:"), "{out}");
+        let mut tls_app = app.clone();
+        tls_app["tls"] = serde_json::json!({
+            "subject": "CN=web.test", "names": ["web.test", "127.0.0.1"],
+            "not_before": 0, "not_after": 1_000 + 90 * 86400
+        });
+        let out = render_app(&tls_app, 1_000_000);
+        assert!(
+            out.contains(
+                "         TLS: CN=web.test, names web.test 127.0.0.1, expires 1970-04-01T00:16:40Z (in 90 days)\n"
+            ),
+            "{out}"
+        );
+        let table = render_apps(&serde_json::json!([tls_app]));
+        assert!(table.contains("1970-04-01T00:16:40Z"), "{table}");
         let table = render_apps(&serde_json::json!([app]));
         assert_eq!(table.lines().count(), 3, "{table}");
         assert!(

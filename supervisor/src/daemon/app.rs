@@ -74,6 +74,8 @@ pub(super) struct App {
     pub(super) spec: AppSpec,
     pub(super) listeners: Vec<OwnedFd>,
     pub(super) artifact: PinnedArtifact,
+    /// Its certificate and key, read by corrald (`tls`), for each zygote.
+    pub(super) tls: Option<corral_runtime::tls::TlsMaterial>,
     /// To rebuild a damaged artifact.
     pub(super) cache: corral_compiler::Cache,
     pub(super) drain_timeout: Duration,
@@ -379,6 +381,7 @@ pub(super) async fn run_zygote(
         listeners: app.spec.listen.iter().map(ToString::to_string).collect(),
         artifact: app.artifact.handoff(),
         metrics: metrics_page.is_some(),
+        tls: app.tls.clone(),
     };
     let mut fds: Vec<BorrowedFd<'_>> = app.listeners.iter().map(AsFd::as_fd).collect();
     fds.push(app.artifact.file().as_fd());

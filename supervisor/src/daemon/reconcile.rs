@@ -51,17 +51,23 @@ impl Daemon {
         Ok(copy)
     }
 
-    /// Sockets and artifact of `spec`; an error, before anything is bound
-    /// or compiled, when the app cannot run on this machine at all (see
-    /// [`crate::fitness`]): that is decided once, here, not by a zygote
-    /// crashing on it.
-    async fn prepare(&mut self, spec: &AppSpec) -> anyhow::Result<(Vec<OwnedFd>, PinnedArtifact)> {
+    /// Sockets, artifact and certificate of `spec`; an error, before
+    /// anything is bound or compiled, when the app cannot run on this
+    /// machine at all (see [`crate::fitness`]) or its certificate and key
+    /// are not usable: that is decided once, here, not by a zygote crashing
+    /// on it (and on reload, the running version keeps serving).
+    async fn prepare(&mut self, spec: &AppSpec) -> anyhow::Result<Prepared> {
         let refused = crate::fitness::refusals(spec, crate::fitness::kernel());
         if !refused.is_empty() {
             anyhow::bail!("not started: {}", refused.join("; "));
         }
         let world = crate::fitness::world(spec).map(|w| w.to_string());
-        self.registry.update(&spec.name, |info| info.world = world);
+        let tls = crate::tls::load(spec, std::time::SystemTime::now())?;
+        if let Some(tls) = &tls {
+            for warning in &tls.warnings {
+                tracing::warn!(app = spec.name, "{warning}");
+            }
+        }
         let mut sockets = Vec::new();
         for addr in &spec.listen {
             sockets.push(self.socket(addr)?);
@@ -74,7 +80,12 @@ impl Daemon {
             };
             counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        Ok((sockets, artifact))
+        Ok(Prepared {
+            sockets,
+            artifact,
+            tls,
+            world,
+        })
     }
 
     /// Prepare and start `spec`; `None` if it failed (logged, state set).
@@ -88,9 +99,7 @@ impl Daemon {
             Err(e) => Err(e),
         };
         match prepared {
-            Ok((resolved, (listeners, artifact))) => {
-                Some(self.spawn_app(&resolved, listeners, artifact))
-            }
+            Ok((resolved, prepared)) => Some(self.spawn_app(&resolved, prepared)),
             Err(e) => {
                 self.not_started(spec, &e);
                 None
@@ -270,12 +279,13 @@ impl Daemon {
         }
     }
 
-    fn spawn_app(
-        &mut self,
-        spec: &AppSpec,
-        listeners: Vec<OwnedFd>,
-        artifact: PinnedArtifact,
-    ) -> oneshot::Receiver<()> {
+    fn spawn_app(&mut self, spec: &AppSpec, prepared: Prepared) -> oneshot::Receiver<()> {
+        let Prepared {
+            sockets: listeners,
+            artifact,
+            tls,
+            world,
+        } = prepared;
         self.retries.remove(&spec.name);
         if let Some(task) = self.turned_away.remove(&spec.name) {
             task.abort();
@@ -284,13 +294,18 @@ impl Daemon {
         let (stop, stop_rx) = watch::channel(false);
         let key = artifact.key.clone();
         set_state(&self.registry, &spec.name, Report::Starting);
+        let cert = tls.as_ref().map(|t| t.cert.clone());
         self.registry.update(&spec.name, |info| {
             info.artifact = Some(key.to_string());
+            info.world = world;
+            info.tls = cert;
         });
+        let tls = tls.map(|t| t.material);
         let app = App {
             spec: spec.clone(),
             listeners,
             artifact,
+            tls: tls.clone(),
             cache: self.cache.clone(),
             drain_timeout: self.policy.daemon.drain_timeout,
             registry: self.registry.clone(),
@@ -302,6 +317,7 @@ impl Daemon {
             RunningApp {
                 spec: spec.clone(),
                 artifact: key,
+                tls,
                 stop,
                 task,
             },
@@ -434,17 +450,21 @@ impl Daemon {
             let spec = &resolved;
             self.registry.declare(spec);
             match self.apps.get(name) {
-                Some(running) if running.spec == *spec && running.artifact == prepared.1.key => {
+                Some(running)
+                    if running.spec == *spec
+                        && running.artifact == prepared.artifact.key
+                        && running.tls == prepared.tls.as_ref().map(|t| t.material.clone()) =>
+                {
                     report.unchanged.push(name.clone());
                 }
                 Some(_) => {
                     tracing::info!(app = name, "reload: changed; switching to the new version");
-                    started.push(self.spawn_app(spec, prepared.0, prepared.1));
+                    started.push(self.spawn_app(spec, prepared));
                     report.changed.push(name.clone());
                 }
                 None => {
                     tracing::info!(app = name, "reload: new app");
-                    started.push(self.spawn_app(spec, prepared.0, prepared.1));
+                    started.push(self.spawn_app(spec, prepared));
                     if known {
                         report.changed.push(name.clone());
                     } else {
@@ -561,9 +581,7 @@ impl Daemon {
             Err(e) => Err(e),
         };
         match prepared {
-            Ok((resolved, (listeners, artifact))) => Ok(Pending::Ready(
-                self.spawn_app(&resolved, listeners, artifact),
-            )),
+            Ok((resolved, prepared)) => Ok(Pending::Ready(self.spawn_app(&resolved, prepared))),
             Err(e) => {
                 let why = format!("{e:#}");
                 // A running version keeps serving; otherwise it failed (or
@@ -651,6 +669,16 @@ impl Daemon {
 pub(crate) enum Resolve {
     Fresh,
     Pinned,
+}
+
+/// What an app version needs before its zygote starts.
+pub(super) struct Prepared {
+    sockets: Vec<OwnedFd>,
+    artifact: PinnedArtifact,
+    /// Its certificate and key, read and checked (`tls`).
+    tls: Option<crate::tls::LoadedTls>,
+    /// The world its module targets, for status.
+    world: Option<String>,
 }
 
 /// When to try starting an app again, and the wait after that.

@@ -88,6 +88,9 @@ pub fn run(policy_path: &Path, front_ends: impl super::FrontEnds) -> ExitCode {
 pub(super) struct RunningApp {
     pub(super) spec: AppSpec,
     pub(super) artifact: corral_compiler::ArtifactKey,
+    /// The certificate and key it was handed (`tls`): a reload that reads
+    /// other bytes switches it over like any other change.
+    pub(super) tls: Option<corral_runtime::tls::TlsMaterial>,
     pub(super) stop: watch::Sender<bool>,
     pub(super) task: tokio::task::JoinHandle<()>,
 }

@@ -637,6 +637,7 @@ mod tests {
             sandbox: vec!["seccomp=on".into()],
             listen: vec!["127.0.0.1:8080".into()],
             zygote_pid: None,
+            tls: None,
         };
         let props = app_properties(&info);
         // One property per field of the JSON object, named in CamelCase.

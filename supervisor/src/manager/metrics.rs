@@ -214,6 +214,21 @@ impl Blocks {
             let _ = writeln!(out, "{name}_sum{{app=\"{app}\"}} {sum}");
             let _ = writeln!(out, "{name}_count{{app=\"{app}\"}} {cumulative}");
         }
+        let name = "corral_app_tls_cert_expiry_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} When the certificate the app serves expires (notAfter), Unix time in seconds; apps without tls have none.\n# TYPE {name} gauge"
+        );
+        for (a, _) in &pages {
+            if let Some(tls) = &a.tls {
+                let _ = writeln!(
+                    out,
+                    "{name}{{app=\"{}\"}} {}",
+                    escape_label(&a.name),
+                    tls.not_after
+                );
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP corral_build_info corral's version and the wasmtime it embeds.\n# TYPE corral_build_info gauge\ncorral_build_info{{version=\"{}\",wasmtime_version=\"{}\"}} 1",
@@ -267,6 +282,7 @@ mod tests {
             sandbox: vec![],
             listen: vec![],
             zygote_pid: None,
+            tls: None,
         };
         blocks.fill(&mut info);
         assert_eq!((info.requests, info.errors), (2, 2));

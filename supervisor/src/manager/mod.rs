@@ -87,6 +87,7 @@ impl Registry {
             sandbox: Vec::new(),
             listen: Vec::new(),
             zygote_pid: None,
+            tls: None,
         });
         info.kind = spec.kind.to_string();
         info.module = match &spec.oci {
@@ -475,6 +476,7 @@ mod tests {
                 sandbox: vec![],
                 listen: vec![],
                 zygote_pid: None,
+                tls: None,
             },
         );
         assert!(registry.update("a", |i| i.state = AppState::Running));

@@ -91,6 +91,9 @@ pub struct AppInfo {
     /// Listen addresses as the policy writes them.
     pub listen: Vec<String>,
     pub zygote_pid: Option<u32>,
+    /// The certificate its TCP addresses serve (`tls` in its policy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::CertInfo>,
 }
 
 impl AppInfo {
