@@ -508,7 +508,14 @@ async fn accept_loop(
         }
         let accept = async {
             match &listener {
-                Listener::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
+                Listener::Tcp(l) => l.accept().await.map(|(s, _)| {
+                    // A response whose body ends after its head was
+                    // written (a 0.3 body streamed from a guest task) goes
+                    // out in two writes; with Nagle the second waited for
+                    // the client's delayed ACK, 40 ms.
+                    let _ = s.set_nodelay(true);
+                    Stream::Tcp(s)
+                }),
                 Listener::Unix(l) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
             }
         };
