@@ -230,6 +230,11 @@ impl AppSpecBuilder {
         for (key, why) in check_limits(&self.limits) {
             problem(format!("limits.{key}"), why);
         }
+        if let Some(n) = self.limits.processes
+            && let Err(why) = crate::validate::tables::check_processes(n, defaults::POOL.max)
+        {
+            problem("limits.processes".to_string(), why);
+        }
 
         if !problems.is_empty() {
             let app = self.name;

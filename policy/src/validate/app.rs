@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use super::checker::{Checker, join};
-use super::tables::{limits_spec, pool_spec, restart_spec, sandbox_spec};
+use super::tables::{check_processes, limits_spec, pool_spec, restart_spec, sandbox_spec};
 use crate::addr::{parse_connect, parse_listen};
 use crate::parse::normalize_guest_path;
 use crate::source::{Loc, Node, NodeKind, Table};
@@ -146,6 +146,22 @@ pub(super) fn app_spec(
     let limits = limits_spec(cx, t.get("limits").map(|e| &e.value), &key("limits"), kind);
     let sandbox = sandbox_spec(cx, t.get("sandbox").map(|e| &e.value), &key("sandbox"));
     let restart = restart_spec(cx, t.get("restart").map(|e| &e.value), &key("restart"));
+    if partial == Partial::No
+        && let (Some(pool), Some(limits)) = (&pool, &limits)
+        && let Some(processes) = limits.processes
+        && let Err(why) = check_processes(processes, pool.max)
+    {
+        // Point at the key in this table, else at the app's header (the
+        // value came from [defaults]).
+        let at = t
+            .get("limits")
+            .and_then(|e| match &e.value.kind {
+                NodeKind::Table(lt) => lt.get("processes").map(|p| p.value.at),
+                _ => None,
+            })
+            .unwrap_or(header);
+        cx.error(at, &key("limits.processes"), why);
+    }
 
     if cx.error_count() != before || partial == Partial::Yes {
         return None;
