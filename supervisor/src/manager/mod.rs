@@ -85,6 +85,7 @@ impl Registry {
             sandbox: Vec::new(),
             listen: Vec::new(),
             zygote_pid: None,
+            cgroup: None,
         });
         info.kind = spec.kind.to_string();
         info.module = spec.module.display().to_string();
@@ -134,6 +135,7 @@ impl Registry {
     pub(crate) fn get(&self, app: &str) -> Option<AppInfo> {
         let mut info = self.lock().get(app).cloned()?;
         self.metrics.fill(&mut info);
+        read_cgroup(&mut info);
         Some(info)
     }
 
@@ -142,6 +144,7 @@ impl Registry {
         let mut all: Vec<AppInfo> = self.lock().values().cloned().collect();
         for info in &mut all {
             self.metrics.fill(info);
+            read_cgroup(info);
         }
         all
     }
@@ -152,6 +155,15 @@ impl Registry {
             .values()
             .map(|i| (i.name.clone(), i.state, i.workers, i.busy))
             .collect()
+    }
+}
+
+/// Fill the app's cgroup figures from its cgroup's files.
+fn read_cgroup(info: &mut AppInfo) {
+    if let Some(usage) = &mut info.cgroup
+        && let Some(now) = crate::cgroup::usage(std::path::Path::new(&usage.path))
+    {
+        *usage = now;
     }
 }
 
@@ -280,6 +292,10 @@ impl Manager {
                 dir: fixed.cache.root().display().to_string(),
                 entries,
                 bytes,
+            },
+            cgroups: match crate::cgroup::tree() {
+                Ok(tree) => tree.apps.display().to_string(),
+                Err(why) => format!("none: {why}"),
             },
         }
     }
@@ -468,6 +484,7 @@ mod tests {
                 sandbox: vec![],
                 listen: vec![],
                 zygote_pid: None,
+                cgroup: None,
             },
         );
         assert!(registry.update("a", |i| i.state = AppState::Running));

@@ -84,6 +84,10 @@ pub struct AppInfo {
     /// Listen addresses as the policy writes them.
     pub listen: Vec<String>,
     pub zygote_pid: Option<u32>,
+    /// The app's cgroup and what it says (CPU time, memory, tasks, OOM
+    /// kills, the limits in force); `None` when it has none (no delegated
+    /// cgroup v2 subtree: `DaemonInfo::cgroups` says why).
+    pub cgroup: Option<crate::cgroup::Usage>,
 }
 
 impl AppInfo {
@@ -122,6 +126,9 @@ pub struct DaemonInfo {
     pub api_group: String,
     pub apps: usize,
     pub cache: CacheStats,
+    /// Where the apps' cgroups are (`apps/` of corrald's delegated
+    /// subtree), or why they have none: `"none: ..."`.
+    pub cgroups: String,
 }
 
 /// One problem of a refused reload.
