@@ -482,7 +482,8 @@ pub(super) async fn run_zygote(
                     return Ok(ZygoteEnd::Idle);
                 }
                 let mut why = seen.failed.take().unwrap_or_else(|| format!("exit status {status}"));
-                if let Some(oom) = seen.new_oom_kills(app) {
+                let sigkill = std::os::unix::process::ExitStatusExt::signal(&status) == Some(9);
+                if let Some(oom) = seen.new_oom_kills(app, sigkill) {
                     why = format!("{why}; {oom}");
                 }
                 return Ok(ZygoteEnd::Crashed(why));
@@ -522,9 +523,20 @@ pub(super) struct Reported {
 impl Reported {
     /// When the app's cgroup counts OOM kills not seen yet: what to say of
     /// the process that died (the kernel killed it at `limits.app-memory`).
-    fn new_oom_kills(&mut self, app: &App) -> Option<String> {
+    ///
+    /// `sigkill`: the process died of SIGKILL. The kernel counts an OOM
+    /// kill in `memory.events` only after it sent the signal, so the
+    /// victim can be reaped (and reported here) before the count moves:
+    /// for a SIGKILL the count is read again for up to 200 ms.
+    fn new_oom_kills(&mut self, app: &App, sigkill: bool) -> Option<String> {
         let dir = app.cgroup.as_deref()?;
-        let now = crate::cgroup::oom_kills(dir);
+        let mut now = crate::cgroup::oom_kills(dir);
+        let mut tries = if sigkill { 20 } else { 0 };
+        while now <= self.oom_kills && tries > 0 {
+            std::thread::sleep(Duration::from_millis(10));
+            now = crate::cgroup::oom_kills(dir);
+            tries -= 1;
+        }
         if now <= self.oom_kills {
             return None;
         }
@@ -587,7 +599,9 @@ impl Reported {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 let mut how = kill.unwrap_or(how);
-                if crashed && let Some(oom) = self.new_oom_kills(app) {
+                // WIFSIGNALED with SIGKILL (the OOM killer's signal).
+                let sigkill = status & 0x7f == 9;
+                if crashed && let Some(oom) = self.new_oom_kills(app, sigkill) {
                     how = format!("{how}: {oom}");
                 }
                 if crashed {
