@@ -540,7 +540,10 @@ impl Reported {
         if now <= self.oom_kills {
             return None;
         }
-        self.oom_kills = now;
+        // One kill per process that died: two workers killed at once are
+        // both reported (the count may have moved by two before the first
+        // one's report).
+        self.oom_kills += 1;
         let limit = app.spec.limits.app_memory.map_or_else(
             || "memory.max".to_string(),
             |b| format!("limits.app-memory = {b} bytes"),
