@@ -166,6 +166,17 @@ reported=$(journalctl -u corrald.service --since "$since" -o cat --no-pager | gr
 check "every OOM kill is reported as one ($reported reported, memory.events oom_kill = $all_kills)" test "$reported" = "$all_kills"
 corral status fat 2>&1 | grep -E 'State|Last error|Resources|Limits' | show
 check "corral status fat counts it (oom_kills = $(cg_field fat oom_kills))" test "$(cg_field fat oom_kills)" -ge 1
+metric=$(curl -s --max-time 10 --unix-socket /run/corral/api.sock http://corral/metrics | grep '^corral_app_oom_kills_total{app="fat"}')
+check "GET /metrics counts it: $metric" test "${metric##* }" = "$all_kills"
+# D-Bus: the Cgroup property, and corral over D-Bus gives what the socket gives.
+busctl get-property org.corral.Manager1 /org/corral/Manager1/app/fat org.corral.App1 Cgroup 2>&1 | cut -c1-300 | show
+check "D-Bus: fat's Cgroup property has OomKills $all_kills" \
+    bash -c 'busctl get-property org.corral.Manager1 /org/corral/Manager1/app/fat org.corral.App1 Cgroup | grep -q "\"OomKills\" t $1"' _ "$all_kills"
+over_bus=$(corral status fat --bus system --json 2>&1 | tr -d ' \n' | sed -n 's/.*"cgroup":{\([^}]*\)}.*/\1/p' | sed 's/"cpu_usec":[0-9]*,//; s/"memory_bytes":[0-9]*,//; s/"memory_peak_bytes":[0-9]*,//; s/"tasks":[0-9]*,//')
+over_socket=$(corral status fat --json 2>&1 | tr -d ' \n' | sed -n 's/.*"cgroup":{\([^}]*\)}.*/\1/p' | sed 's/"cpu_usec":[0-9]*,//; s/"memory_bytes":[0-9]*,//; s/"memory_peak_bytes":[0-9]*,//; s/"tasks":[0-9]*,//')
+info "cgroup over D-Bus: $over_bus"
+check "corral status --bus system: fat's cgroup as over the socket (but the moving figures)" \
+    test -n "$over_bus" -a "$over_bus" = "$over_socket"
 served=no
 for _ in $(seq 1 20); do
     if timeout 10 bash -c 'exec 3<>/dev/tcp/127.0.0.1/8098; printf "after-oom\n" >&3; read -r l <&3; [ "$l" = after-oom ]'; then served=yes; break; fi
