@@ -171,10 +171,20 @@ impl Tree {
         Ok(dir)
     }
 
-    /// Remove the app's cgroup once its processes are gone (a removed
-    /// app); the kernel refuses while any is left, which is ignored.
-    pub fn remove_app(&self, app: &str) {
-        let _ = std::fs::remove_dir(self.app_dir(app));
+    /// Remove the cgroups of apps for which `keep` is false; the kernel
+    /// refuses while a process is left in one (a removed app still
+    /// draining), which is ignored.
+    pub fn remove_stale(&self, keep: impl Fn(&str) -> bool) {
+        let Ok(dirs) = std::fs::read_dir(&self.apps) else {
+            return;
+        };
+        for dir in dirs.flatten() {
+            let name = dir.file_name();
+            let name = name.to_string_lossy();
+            if dir.path().is_dir() && !keep(&name) {
+                let _ = std::fs::remove_dir(dir.path());
+            }
+        }
     }
 }
 

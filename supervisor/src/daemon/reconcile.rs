@@ -389,6 +389,14 @@ impl Daemon {
             .flat_map(|a| a.listen.iter().map(ToString::to_string))
             .collect();
         self.sockets.retain(|addr, _| used.contains(addr));
+        // Cgroups of apps no longer in the policy: removed once their
+        // processes are gone (the kernel refuses while any is left; the
+        // next reload tries again).
+        if let Ok(tree) = crate::cgroup::tree() {
+            tree.remove_stale(|name| {
+                policy.apps.contains_key(name) || self.apps.contains_key(name)
+            });
+        }
         self.manager.set_policy_files(policy_files(&policy));
         self.policy = policy;
         // READY=1 again once the new versions serve (bounded: a zygote that
