@@ -255,6 +255,11 @@ impl AppSpecBuilder {
                 );
             }
         }
+        if let Some(n) = self.limits.processes
+            && let Err(why) = crate::validate::tables::check_processes(n, defaults::POOL.max)
+        {
+            problem("limits.processes".to_string(), why);
+        }
 
         if !problems.is_empty() {
             let app = self.name;

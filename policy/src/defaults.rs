@@ -50,12 +50,20 @@ pub const fn limits(kind: AppKind) -> Limits {
         tables: 1000,
         stdout: 1024 * 1024,
         module_size: MODULE_SIZE,
+        cpu_weight: CPU_WEIGHT,
+        cpu: None,
+        app_memory: None,
+        processes: None,
     }
 }
+
+/// `limits.cpu-weight`: the kernel's own default `cpu.weight`.
+pub const CPU_WEIGHT: u32 = 100;
 
 pub const SANDBOX: SandboxSpec = SandboxSpec {
     landlock: Enforcement::Require,
     seccomp: Enforcement::Require,
+    cgroups: Enforcement::BestEffort,
 };
 
 pub const RESTART: RestartSpec = RestartSpec {

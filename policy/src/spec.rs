@@ -302,6 +302,37 @@ pub struct Limits {
     /// The largest module fetched from a registry for this app (every blob
     /// of its image, the module too, is refused past it).
     pub module_size: u64,
+    /// The app's `cpu.weight` (1–10000): its share of CPU time against the
+    /// other apps when the CPUs are busy.
+    #[serde(default = "default_cpu_weight")]
+    pub cpu_weight: u32,
+    /// `limits.cpu`: a ceiling for all of the app's processes together, in
+    /// percent of one CPU (`cpu.max`); `None` is none.
+    #[serde(default)]
+    pub cpu: Option<u32>,
+    /// `limits.app-memory`: bytes for all of the app's processes together
+    /// (`memory.max`; `memory.high` a little below); `None` is none.
+    #[serde(default)]
+    pub app_memory: Option<u64>,
+    /// `limits.processes`: tasks (processes and their threads) of the app
+    /// at once (`pids.max`); `None` is none.
+    #[serde(default)]
+    pub processes: Option<u32>,
+}
+
+fn default_cpu_weight() -> u32 {
+    crate::defaults::CPU_WEIGHT
+}
+
+impl Limits {
+    /// Whether any of the app-wide limits that need a cgroup is set
+    /// (`cpu-weight` counts when it is not the default).
+    pub fn wants_cgroup_limits(&self) -> bool {
+        self.cpu_weight != crate::defaults::CPU_WEIGHT
+            || self.cpu.is_some()
+            || self.app_memory.is_some()
+            || self.processes.is_some()
+    }
 }
 
 /// Whether each OS sandbox layer must be present.
@@ -310,6 +341,15 @@ pub struct Limits {
 pub struct SandboxSpec {
     pub landlock: Enforcement,
     pub seccomp: Enforcement,
+    /// Whether the app must run in a cgroup of its own (`require`), or
+    /// runs without one where corrald has no delegated cgroup v2 subtree
+    /// (`best-effort`, and its app-wide limits are not enforced).
+    #[serde(default = "default_cgroups")]
+    pub cgroups: Enforcement,
+}
+
+fn default_cgroups() -> Enforcement {
+    Enforcement::BestEffort
 }
 
 /// What to do where the kernel lacks a sandbox layer.

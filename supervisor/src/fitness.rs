@@ -43,3 +43,37 @@ pub fn kernel() -> &'static KernelSupport {
     static KERNEL: OnceLock<KernelSupport> = OnceLock::new();
     KERNEL.get_or_init(probe_kernel)
 }
+
+/// `corral check` and `corral doctor`: why `sandbox.cgroups = "require"`
+/// refuses `app` on this host, as far as one can tell from outside
+/// corrald (cgroup v2 with the cpu, memory and pids controllers; corrald
+/// itself also needs Delegate=yes, which corrald.service sets).
+pub fn cgroup_refusal(app: &AppSpec, kernel: &KernelSupport) -> Option<String> {
+    if app.sandbox.cgroups != corral_policy::Enforcement::Require {
+        return None;
+    }
+    let why = crate::cgroup::host_support(&kernel.cgroup_v2).err()?;
+    Some(format!(
+        "app {}: sandbox.cgroups = \"require\" but apps cannot have cgroups of their own here: {why}; to fix it, {}",
+        app.name,
+        crate::cgroup::HOW_TO_FIX
+    ))
+}
+
+/// What app cgroups give `app` here, in one line (`corral check`, `corral
+/// doctor`): the limits its cgroup would get, or why it would run without.
+pub fn cgroup_line(app: &AppSpec, kernel: &KernelSupport) -> String {
+    match crate::cgroup::host_support(&kernel.cgroup_v2) {
+        Ok(()) => {
+            let values: Vec<String> = crate::cgroup::settings(&app.limits)
+                .into_iter()
+                .map(|(f, v)| format!("{f}={v}"))
+                .collect();
+            format!("own cgroup under corrald.service: {}", values.join(" "))
+        }
+        Err(why) if app.limits.wants_cgroup_limits() => format!(
+            "none here: limits.cpu-weight, limits.cpu, limits.app-memory and limits.processes are NOT enforced ({why})"
+        ),
+        Err(why) => format!("none here ({why})"),
+    }
+}

@@ -5,6 +5,7 @@
 //! `corral_runtime`'s.
 
 pub mod api;
+pub mod cgroup;
 pub mod cli;
 pub mod daemon;
 pub mod dbus;

@@ -428,6 +428,26 @@ fn app_json(value: &Value) -> Value {
     if app["zygote_pid"] == json!(0) {
         app.insert("zygote_pid".into(), Value::Null);
     }
+    // An empty Cgroup dict is no cgroup (the keys of a present one are
+    // CamelCase words of the JSON's fields).
+    match app["cgroup"].as_object() {
+        Some(cg) if cg.is_empty() => {
+            app.insert("cgroup".into(), Value::Null);
+        }
+        Some(_) => {
+            let mut cg = dict(&app["cgroup"]);
+            if cg["memory_peak_bytes"] == json!(0) {
+                cg.insert("memory_peak_bytes".into(), Value::Null);
+            }
+            let limits: Vec<Value> = cg["limits"]
+                .as_object()
+                .map(|m| m.iter().map(|(k, v)| json!([k, v])).collect())
+                .unwrap_or_default();
+            cg.insert("limits".into(), Value::Array(limits));
+            app.insert("cgroup".into(), Value::Object(cg));
+        }
+        None => {}
+    }
     Value::Object(app)
 }
 
@@ -1066,13 +1086,14 @@ fn introspection_shows_every_method_property_and_signal() {
         ("CacheDir", "s"),
         ("CacheEntries", "t"),
         ("CacheBytes", "t"),
+        ("Cgroups", "s"),
     ] {
         expect(&manager, property, "property", sig);
     }
-    assert_eq!(manager.len(), 7 + 1 + 14, "nothing else: {manager:?}");
+    assert_eq!(manager.len(), 7 + 1 + 15, "nothing else: {manager:?}");
     let (_, info) = http(&corrald.api_socket(), "GET", "/v1/info");
     let info_fields = info.as_object().unwrap().len() - 1 + 3; // cache: 3 properties
-    assert_eq!(info_fields, 14, "a property per field of GET /v1/info");
+    assert_eq!(info_fields, 15, "a property per field of GET /v1/info");
 
     let app = members(&app_path("echo"), "org.corral.App1");
     let (_, echo) = http(&corrald.api_socket(), "GET", "/v1/apps/echo");

@@ -248,3 +248,6 @@ EOF
     # SIGSYS from the filter is recorded by the kernel's audit (the syscall number).
     dmesg 2>/dev/null | grep -m2 -E 'type=1326|audit: .*syscall=59' | sed 's/^/e2e: ..   kernel log: /'
 fi
+
+# --- Per-app cgroups: what only a cgroup v2 host with delegation shows.
+. "$(dirname "${E2E_MORE_CHECKS:-$0}")/cgroup-checks.sh"

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use super::checker::{Checker, join};
-use super::tables::{limits_spec, pool_spec, restart_spec, sandbox_spec};
+use super::tables::{check_processes, limits_spec, pool_spec, restart_spec, sandbox_spec};
 use crate::addr::{parse_connect, parse_listen};
 use crate::oci::OciRef;
 use crate::parse::normalize_guest_path;
@@ -163,6 +163,22 @@ pub(super) fn app_spec(
         && let Some(why) = tls_misfit(tls, kind, listen.as_deref(), dirs.as_deref())
     {
         cx.error(e.value.at, &key("tls"), why);
+    }
+    if partial == Partial::No
+        && let (Some(pool), Some(limits)) = (&pool, &limits)
+        && let Some(processes) = limits.processes
+        && let Err(why) = check_processes(processes, pool.max)
+    {
+        // Point at the key in this table, else at the app's header (the
+        // value came from [defaults]).
+        let at = t
+            .get("limits")
+            .and_then(|e| match &e.value.kind {
+                NodeKind::Table(lt) => lt.get("processes").map(|p| p.value.at),
+                _ => None,
+            })
+            .unwrap_or(header);
+        cx.error(at, &key("limits.processes"), why);
     }
 
     if cx.error_count() != before || partial == Partial::Yes {

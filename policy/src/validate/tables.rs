@@ -29,8 +29,23 @@ pub(super) const LIMIT_KEYS: &[&str] = &[
     "tables",
     "stdout",
     "module-size",
+    "cpu-weight",
+    "cpu",
+    "app-memory",
+    "processes",
 ];
-pub(super) const SANDBOX_KEYS: &[&str] = &["landlock", "seccomp"];
+pub(super) const SANDBOX_KEYS: &[&str] = &["landlock", "seccomp", "cgroups"];
+/// `sandbox.cgroups`: a cgroup is either required or used where there is one.
+pub(super) const CGROUP_ENFORCEMENTS: &[(&str, Enforcement)] = &[
+    ("require", Enforcement::Require),
+    ("best-effort", Enforcement::BestEffort),
+];
+/// `limits.cpu-weight`: the kernel's range for `cpu.weight`.
+pub(crate) const CPU_WEIGHT_RANGE: (i64, i64) = (1, 10_000);
+/// `limits.cpu`: at most 1,000 CPUs.
+pub(crate) const CPU_PERCENT_MAX: u32 = 100_000;
+/// `limits.app-memory`: less than this cannot hold a zygote and a worker.
+pub(crate) const APP_MEMORY_MIN: u64 = 16 * 1024 * 1024;
 pub(super) const RESTART_KEYS: &[&str] = &["on", "backoff", "give-up"];
 pub(super) const ENFORCEMENTS: &[(&str, Enforcement)] = &[
     ("require", Enforcement::Require),
@@ -192,6 +207,49 @@ pub(crate) fn check_memory(bytes: u64) -> Result<u64, String> {
     }
 }
 
+/// `limits.cpu`: `"N%"` of one CPU, 1% to 100000%.
+pub(crate) fn parse_cpu(text: &str) -> Result<u32, String> {
+    let form = "use a share of one CPU in percent, e.g. \"50%\" or \"150%\" (1.5 CPUs)";
+    let n = text
+        .strip_suffix('%')
+        .and_then(|n| n.trim().parse::<u32>().ok())
+        .ok_or_else(|| format!("`{text}`: {form}"))?;
+    if n == 0 || n > CPU_PERCENT_MAX {
+        return Err(format!(
+            "`{text}`: must be between 1% and {CPU_PERCENT_MAX}%; {form}"
+        ));
+    }
+    Ok(n)
+}
+
+/// `limits.app-memory`: enough for a zygote and a worker.
+pub(crate) fn check_app_memory(bytes: u64) -> Result<u64, String> {
+    if bytes < APP_MEMORY_MIN {
+        Err(format!(
+            "{bytes} bytes is less than 16MiB, which a zygote and one worker need"
+        ))
+    } else {
+        Ok(bytes)
+    }
+}
+
+/// Tasks of one worker that `pids.max` counts: its thread and its epoch
+/// ticker (more while a guest's file I/O runs on tokio's blocking threads).
+pub(crate) const TASKS_PER_WORKER: u32 = 2;
+
+/// `limits.processes` against the pool: the zygote and `pool.max` workers
+/// must fit.
+pub(crate) fn check_processes(processes: u32, pool_max: u32) -> Result<(), String> {
+    let need = u64::from(pool_max) * u64::from(TASKS_PER_WORKER) + 1;
+    if u64::from(processes) < need {
+        Err(format!(
+            "{processes} is below what the pool needs: pids.max counts threads, and the zygote (1) and pool.max = {pool_max} workers ({TASKS_PER_WORKER} each: its thread and its epoch ticker) are {need}; raise it to {need} or more, or lower pool.max"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 /// `limits.timeout`: positive, or off (`None`).
 pub(crate) fn check_timeout(timeout: Option<Duration>) -> Result<(), String> {
     if timeout == Some(Duration::ZERO) {
@@ -215,6 +273,23 @@ pub(crate) fn check_limits(limits: &Limits) -> Vec<(&'static str, String)> {
         if let Err(why) = super::checker::check_range(i64::from(n), 1, LIMIT_COUNT_MAX) {
             problems.push((key, why));
         }
+    }
+    if let Err(why) = super::checker::check_range(
+        i64::from(limits.cpu_weight),
+        CPU_WEIGHT_RANGE.0,
+        CPU_WEIGHT_RANGE.1,
+    ) {
+        problems.push(("cpu-weight", why));
+    }
+    if let Some(n) = limits.cpu
+        && let Err(why) = parse_cpu(&format!("{n}%"))
+    {
+        problems.push(("cpu", why));
+    }
+    if let Some(n) = limits.app_memory
+        && let Err(why) = check_app_memory(n)
+    {
+        problems.push(("app-memory", why));
     }
     problems
 }
@@ -276,6 +351,39 @@ pub(super) fn limits_spec(
         }
         limits.module_size = n;
     }
+    if let Some(e) = t.get("cpu-weight")
+        && let Some(n) = cx.integer(
+            &e.value,
+            &join(path, "cpu-weight"),
+            CPU_WEIGHT_RANGE.0,
+            CPU_WEIGHT_RANGE.1,
+        )
+    {
+        limits.cpu_weight = n as u32;
+    }
+    if let Some(e) = t.get("cpu") {
+        let p = join(path, "cpu");
+        if let Some(text) = cx.string(&e.value, &p) {
+            match parse_cpu(text) {
+                Ok(n) => limits.cpu = Some(n),
+                Err(why) => cx.error(e.value.at, &p, why),
+            }
+        }
+    }
+    if let Some(e) = t.get("app-memory") {
+        let p = join(path, "app-memory");
+        if let Some(n) = cx.size(&e.value, &p) {
+            match check_app_memory(n) {
+                Ok(n) => limits.app_memory = Some(n),
+                Err(why) => cx.error(e.value.at, &p, why),
+            }
+        }
+    }
+    if let Some(e) = t.get("processes")
+        && let Some(n) = cx.integer(&e.value, &join(path, "processes"), 2, 4_194_304)
+    {
+        limits.processes = Some(n as u32);
+    }
     (cx.error_count() == before).then_some(limits)
 }
 
@@ -300,6 +408,11 @@ pub(super) fn sandbox_spec(
         && let Some(v) = cx.one_of(&e.value, &join(path, "seccomp"), ENFORCEMENTS)
     {
         sandbox.seccomp = v;
+    }
+    if let Some(e) = t.get("cgroups")
+        && let Some(v) = cx.one_of(&e.value, &join(path, "cgroups"), CGROUP_ENFORCEMENTS)
+    {
+        sandbox.cgroups = v;
     }
     (cx.error_count() == before).then_some(sandbox)
 }

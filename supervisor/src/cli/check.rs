@@ -38,6 +38,14 @@ impl CheckCommand {
         match (result, self.json) {
             (Ok(policy), false) => {
                 print!("{}", render_table(&policy));
+                let kernel = crate::fitness::kernel();
+                for app in policy.apps.values() {
+                    println!(
+                        "cgroup of {}: {}",
+                        app.name,
+                        crate::fitness::cgroup_line(app, kernel)
+                    );
+                }
                 warn_about_open_files(&policy);
                 let (certs, mut refused) = certificates(&policy);
                 for (app, cert) in &certs {
@@ -151,7 +159,11 @@ fn refusals(policy: &Policy) -> Vec<String> {
     policy
         .apps
         .values()
-        .flat_map(|app| crate::fitness::refusals(app, kernel))
+        .flat_map(|app| {
+            let mut why = crate::fitness::refusals(app, kernel);
+            why.extend(crate::fitness::cgroup_refusal(app, kernel));
+            why
+        })
         .collect()
 }
 

@@ -535,6 +535,46 @@ fn dict_to_json(dict: &Dict) -> Value {
     Value::Object(out)
 }
 
+/// A nested dict: the app's `Cgroup` (a{sv} with CamelCase keys, `Limits`
+/// a{ss}) as the socket API's `cgroup` object, `null` when empty.
+fn dict_value_to_json(dict: &zbus::Dict<'_, '_>) -> Value {
+    let mut out = Map::new();
+    for (k, v) in dict.iter() {
+        let key = match variant_to_json(k) {
+            Value::String(s) => s,
+            other => other.to_string(),
+        };
+        out.insert(key, variant_to_json(v));
+    }
+    if out.is_empty() {
+        return Value::Null;
+    }
+    // Only the Cgroup dict has CamelCase keys: snake_case them, 0 peak is
+    // unknown, its limits are [file, value] pairs.
+    if out.contains_key("Path") {
+        let mut cg: Map<String, Value> =
+            out.into_iter().map(|(k, v)| (snake_case(&k), v)).collect();
+        if cg.get("memory_peak_bytes").and_then(Value::as_u64) == Some(0) {
+            cg.insert("memory_peak_bytes".into(), Value::Null);
+        }
+        let limits: Vec<Value> = cg
+            .get("limits")
+            .and_then(Value::as_object)
+            .map(|m| {
+                let mut pairs: Vec<(&String, &Value)> = m.iter().collect();
+                pairs.sort_by(|a, b| a.0.cmp(b.0));
+                pairs
+                    .into_iter()
+                    .map(|(k, v)| Value::Array(vec![Value::from(k.as_str()), v.clone()]))
+                    .collect()
+            })
+            .unwrap_or_default();
+        cg.insert("limits".into(), Value::Array(limits));
+        return Value::Object(cg);
+    }
+    Value::Object(out)
+}
+
 fn variant_to_json(v: &zbus::Variant<'_>) -> Value {
     use zbus::Variant as V;
     match v {
@@ -551,6 +591,7 @@ fn variant_to_json(v: &zbus::Variant<'_>) -> Value {
         V::ObjectPath(p) => Value::from(p.as_str()),
         V::Variant(inner) => variant_to_json(inner),
         V::Array(items) => Value::Array(items.iter().map(variant_to_json).collect()),
+        V::Dict(dict) => dict_value_to_json(dict),
         other => Value::from(format!("{other:?}")),
     }
 }

@@ -36,6 +36,9 @@ struct AppReport {
     layers: Option<sandbox::ActiveLayers>,
     /// Why `require` refuses the app, if it does.
     refused: Option<String>,
+    /// `sandbox.cgroups` and what it gets here.
+    cgroups: String,
+    cgroup: String,
 }
 
 impl DoctorCommand {
@@ -62,17 +65,22 @@ impl DoctorCommand {
             };
             for (name, app) in &policy.apps {
                 let plan = SandboxPlan::for_app(app);
-                let (layers, refused) = match plan.predict(&kernel) {
+                let (layers, mut refused) = match plan.predict(&kernel) {
                     Ok(layers) => (Some(layers), None),
                     Err(e) => (None, Some(e.to_string())),
                 };
+                if refused.is_none() {
+                    refused = crate::fitness::cgroup_refusal(app, &kernel);
+                }
                 apps.push(AppReport {
                     app: name.clone(),
                     kind: app.kind.to_string(),
                     landlock: app.sandbox.landlock.to_string(),
                     seccomp: app.sandbox.seccomp.to_string(),
-                    layers,
+                    layers: if refused.is_some() { None } else { layers },
                     refused,
+                    cgroups: app.sandbox.cgroups.to_string(),
+                    cgroup: crate::fitness::cgroup_line(app, &kernel),
                 });
             }
         }
@@ -94,6 +102,7 @@ impl DoctorCommand {
                             for m in &layers.missing {
                                 println!("    not enforced here: {m}");
                             }
+                            println!("    cgroup: {}", a.cgroup);
                         }
                         (None, Some(why)) => println!("  {} ({}): REFUSED: {why}", a.app, a.kind),
                         (None, None) => {}
@@ -174,5 +183,15 @@ fn render_kernel(k: &KernelSupport) -> String {
         ),
     };
     out += &format!("  cgroup v2:       {}\n", cgroup_line.replace(" ,", ","));
+    out += &format!(
+        "  app cgroups:     {}\n",
+        match crate::cgroup::host_support(cg) {
+            Ok(()) =>
+                "yes: cpu, memory, pids (corrald needs Delegate=yes, as corrald.service sets)"
+                    .to_owned(),
+            Err(why) =>
+                format!("no: {why}; apps run without (sandbox.cgroups = \"require\" refuses them)"),
+        }
+    );
     out
 }

@@ -199,6 +199,9 @@ pub(crate) fn render_app(a: &Value, now: u64) -> String {
             expires(not_after),
         ));
     }
+    for (label, value) in cgroup_rows(&a["cgroup"]) {
+        out.push_str(&format!("{label:>12}: {value}\n"));
+    }
     out
 }
 
@@ -209,6 +212,55 @@ fn secs(s: i64) -> Duration {
 /// A certificate's `not_after` (Unix seconds) as an RFC 3339 time.
 fn expires(not_after: i64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + secs(not_after)).to_string()
+}
+
+/// The app's cgroup rows: where, what it uses, the limits in force; or
+/// that it has none (`corral status` without an app says why).
+fn cgroup_rows(cg: &Value) -> Vec<(&'static str, String)> {
+    if cg.is_null() {
+        return vec![(
+            "Cgroup",
+            "none: app-wide limits are not enforced (see `corral status`)".to_string(),
+        )];
+    }
+    let bytes = |v: &Value| bytesize::ByteSize(v.as_u64().unwrap_or(0)).to_string();
+    let peak = match cg["memory_peak_bytes"].as_u64() {
+        Some(p) => format!(" (peak {})", bytesize::ByteSize(p)),
+        None => String::new(),
+    };
+    let mut usage = format!(
+        "CPU {:.3} s, memory {}{peak}, {} tasks",
+        cg["cpu_usec"].as_u64().unwrap_or(0) as f64 / 1e6,
+        bytes(&cg["memory_bytes"]),
+        text(&cg["tasks"]),
+    );
+    for (key, what) in [
+        ("oom_kills", "OOM kills"),
+        ("pids_max_hits", "forks refused at pids.max"),
+    ] {
+        if cg[key].as_u64().unwrap_or(0) > 0 {
+            usage += &format!(", {} {what}", text(&cg[key]));
+        }
+    }
+    let limits = cg["limits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|kv| Some(format!("{}={}", kv[0].as_str()?, kv[1].as_str()?)))
+        .collect::<Vec<_>>()
+        .join(" ");
+    vec![
+        ("Cgroup", text(&cg["path"])),
+        ("Resources", usage),
+        (
+            "Limits",
+            if limits.is_empty() {
+                "-".to_string()
+            } else {
+                limits
+            },
+        ),
+    ]
 }
 
 /// corrald itself, from `GET /v1/info`.
@@ -251,6 +303,7 @@ pub(crate) fn render_daemon(i: &Value, now: u64) -> String {
             ),
         ),
         ("Apps", text(&i["apps"])),
+        ("Cgroups", text(&i["cgroups"])),
     ];
     let mut out = String::from("● corrald\n");
     for (label, value) in rows {

@@ -72,6 +72,9 @@ pub(super) fn set_state(registry: &Registry, app: &str, report: Report) {
 /// One app as its task holds it.
 pub(super) struct App {
     pub(super) spec: AppSpec,
+    /// Its cgroup (`apps/NAME` of corrald's subtree), if it has one: each
+    /// zygote goes there before it gets the app.
+    pub(super) cgroup: Option<std::path::PathBuf>,
     pub(super) listeners: Vec<OwnedFd>,
     pub(super) artifact: PinnedArtifact,
     /// Its certificate and key, read by corrald (`tls`), for each zygote.
@@ -154,6 +157,10 @@ pub(super) async fn supervise(
             }
         }
         let started = Instant::now();
+        let pids_before = app
+            .cgroup
+            .as_deref()
+            .map_or(0, crate::cgroup::pids_max_hits);
         let end = match run_zygote(&app, &mut ready, &mut shutdown).await {
             Ok(end) => end,
             Err(e) => ZygoteEnd::Crashed(format!("{e:#}")),
@@ -235,6 +242,17 @@ pub(super) async fn supervise(
                 }
             }
             ZygoteEnd::Crashed(why) => {
+                if let Some(reason) = too_few_processes(&app, pids_before, &why) {
+                    // Restarting would hit the same pids.max: report it
+                    // once, until a reload or restart changes it.
+                    tracing::error!(app = name, "failed: {reason}");
+                    app.set_state(Report::Failed(reason));
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                    let _ = shutdown.changed().await;
+                    return;
+                }
                 if let Some(end) = crashed(
                     &app,
                     &mut crashes,
@@ -251,6 +269,24 @@ pub(super) async fn supervise(
             }
         }
     }
+}
+
+/// The zygote died because its cgroup's `pids.max` (`limits.processes`)
+/// refused a fork: the reason, naming the key and the fix.
+fn too_few_processes(app: &App, pids_before: u64, why: &str) -> Option<String> {
+    let dir = app.cgroup.as_deref()?;
+    let hits = crate::cgroup::pids_max_hits(dir);
+    if hits <= pids_before {
+        return None;
+    }
+    let limit = app.spec.limits.processes.map_or_else(
+        || "pids.max".to_string(),
+        |n| format!("limits.processes = {n}"),
+    );
+    Some(format!(
+        "{limit} is too low for this app: its cgroup refused {} fork(s) (pids.events max), and pids.max counts every thread; raise limits.processes (or lower pool.max) and reload; the zygote said: {why}",
+        hits - pids_before
+    ))
 }
 
 /// A crash (zygote, or a failed `command` instance): count it for
@@ -367,6 +403,21 @@ pub(super) async fn run_zygote(
     }
     let mut child = ZygoteProcess::new(cmd.spawn().context("starting the zygote")?);
     let pid = child.child.id();
+    // Into the app's cgroup before it is sent the app: until then it only
+    // waits on its control socket, so no guest code (and no worker, which
+    // inherits the cgroup) runs outside it.
+    if let Some(dir) = &app.cgroup
+        && let Err(why) = crate::cgroup::place(dir, pid)
+    {
+        if app.spec.sandbox.cgroups == corral_policy::Enforcement::Require {
+            anyhow::bail!("placing the zygote in the app's cgroup: {why}");
+        }
+        tracing::warn!(
+            app = name,
+            "placing the zygote in the app's cgroup: {why}; it runs without its limits"
+        );
+    }
+    let oom_before = app.cgroup.as_deref().map_or(0, crate::cgroup::oom_kills);
     let exited = super::sys::register(
         rustix::process::pidfd_open(child.pid(), rustix::process::PidfdFlags::empty())
             .context("pidfd_open of the zygote")?,
@@ -393,7 +444,10 @@ pub(super) async fn run_zygote(
         tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
     )?;
 
-    let mut seen = Reported::default();
+    let mut seen = Reported {
+        oom_kills: oom_before,
+        ..Reported::default()
+    };
     let mut draining = false;
     let mut control_open = true;
     let drain_deadline = tokio::time::sleep(Duration::from_secs(86400 * 365));
@@ -430,7 +484,11 @@ pub(super) async fn run_zygote(
                 if seen.idle && status.success() {
                     return Ok(ZygoteEnd::Idle);
                 }
-                let why = seen.failed.unwrap_or_else(|| format!("exit status {status}"));
+                let mut why = seen.failed.take().unwrap_or_else(|| format!("exit status {status}"));
+                let sigkill = std::os::unix::process::ExitStatusExt::signal(&status) == Some(9);
+                if let Some(oom) = seen.new_oom_kills(app, sigkill) {
+                    why = format!("{why}; {oom}");
+                }
                 return Ok(ZygoteEnd::Crashed(why));
             }
             _ = shutdown.changed(), if !draining => {
@@ -461,9 +519,43 @@ pub(super) struct Reported {
     finished: Option<(String, bool)>,
     failed: Option<String>,
     artifact_damaged: Option<String>,
+    /// The app cgroup's `memory.events` `oom_kill` last seen.
+    oom_kills: u64,
 }
 
 impl Reported {
+    /// When the app's cgroup counts OOM kills not seen yet: what to say of
+    /// the process that died (the kernel killed it at `limits.app-memory`).
+    ///
+    /// `sigkill`: the process died of SIGKILL. The kernel counts an OOM
+    /// kill in `memory.events` only after it sent the signal, so the
+    /// victim can be reaped (and reported here) before the count moves:
+    /// for a SIGKILL the count is read again for up to 200 ms.
+    fn new_oom_kills(&mut self, app: &App, sigkill: bool) -> Option<String> {
+        let dir = app.cgroup.as_deref()?;
+        let mut now = crate::cgroup::oom_kills(dir);
+        let mut tries = if sigkill { 20 } else { 0 };
+        while now <= self.oom_kills && tries > 0 {
+            std::thread::sleep(Duration::from_millis(10));
+            now = crate::cgroup::oom_kills(dir);
+            tries -= 1;
+        }
+        if now <= self.oom_kills {
+            return None;
+        }
+        // One kill per process that died: two workers killed at once are
+        // both reported (the count may have moved by two before the first
+        // one's report).
+        self.oom_kills += 1;
+        let limit = app.spec.limits.app_memory.map_or_else(
+            || "memory.max".to_string(),
+            |b| format!("limits.app-memory = {b} bytes"),
+        );
+        Some(format!(
+            "killed by the kernel's OOM killer: the app's processes together reached {limit} (memory.events oom_kill = {now})"
+        ))
+    }
+
     fn handle(
         &mut self,
         msg: FromZygote,
@@ -512,7 +604,12 @@ impl Reported {
                         .sandbox_kills
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                let how = kill.unwrap_or(how);
+                let mut how = kill.unwrap_or(how);
+                // WIFSIGNALED with SIGKILL (the OOM killer's signal).
+                let sigkill = status & 0x7f == 9;
+                if crashed && let Some(oom) = self.new_oom_kills(app, sigkill) {
+                    how = format!("{how}: {oom}");
+                }
                 if crashed {
                     tracing::warn!(app = name, worker, "{how}; replacing it");
                     app.record(|info| {

@@ -73,6 +73,7 @@ impl Daemon {
             sockets.push(self.socket(addr)?);
         }
         let artifact = prepare(spec, sockets.len(), &self.cache).await?;
+        app_cgroup(spec)?;
         if let Some(counters) = self.registry.metrics.counters(&spec.name) {
             let counter = match artifact.cache_hit {
                 true => &counters.cache_hits,
@@ -301,7 +302,18 @@ impl Daemon {
             info.tls = cert;
         });
         let tls = tls.map(|t| t.material);
+        let cgroup = crate::cgroup::tree()
+            .ok()
+            .map(|t| t.app_dir(&spec.name))
+            .filter(|d| d.is_dir());
+        self.registry.update(&spec.name, |info| {
+            info.cgroup = cgroup.as_ref().map(|d| crate::cgroup::Usage {
+                path: d.display().to_string(),
+                ..Default::default()
+            });
+        });
         let app = App {
+            cgroup,
             spec: spec.clone(),
             listeners,
             artifact,
@@ -449,13 +461,33 @@ impl Daemon {
             };
             let spec = &resolved;
             self.registry.declare(spec);
-            match self.apps.get(name) {
+            let state = self.registry.get(name).map(|i| i.state);
+            let healthy = !matches!(state, Some(AppState::Failed | AppState::Finished));
+            let same_tls = |running: &RunningApp| {
+                running.tls == prepared.tls.as_ref().map(|t| t.material.clone())
+            };
+            match self.apps.get_mut(name) {
                 Some(running)
                     if running.spec == *spec
                         && running.artifact == prepared.artifact.key
-                        && running.tls == prepared.tls.as_ref().map(|t| t.material.clone()) =>
+                        && same_tls(running) =>
                 {
                     report.unchanged.push(name.clone());
+                }
+                Some(running)
+                    if healthy
+                        && running.artifact == prepared.artifact.key
+                        && same_tls(running)
+                        && same_but_cgroup_limits(&running.spec, spec) =>
+                {
+                    // prepare() wrote the new values into its cgroup: the
+                    // running processes have them, nothing restarts.
+                    tracing::info!(
+                        app = name,
+                        "reload: app-wide limits changed; applied to its running cgroup"
+                    );
+                    running.spec = spec.clone();
+                    report.changed.push(name.clone());
                 }
                 Some(_) => {
                     tracing::info!(app = name, "reload: changed; switching to the new version");
@@ -482,6 +514,14 @@ impl Daemon {
             .flat_map(|a| a.listen.iter().map(ToString::to_string))
             .collect();
         self.sockets.retain(|addr, _| used.contains(addr));
+        // Cgroups of apps no longer in the policy: removed once their
+        // processes are gone (the kernel refuses while any is left; the
+        // next reload tries again).
+        if let Ok(tree) = crate::cgroup::tree() {
+            tree.remove_stale(|name| {
+                policy.apps.contains_key(name) || self.apps.contains_key(name)
+            });
+        }
         self.manager.set_policy_files(policy_files(&policy));
         self.policy = policy;
         // READY=1 again once the new versions serve (bounded: a zygote that
@@ -789,6 +829,46 @@ pub(super) fn policy_files(policy: &Policy) -> Vec<String> {
         .iter()
         .map(|p| p.display().to_string())
         .collect()
+}
+
+/// `a` and `b` differ at most in the limits a cgroup enforces (which a
+/// reload applies to the running app's cgroup without restarting it).
+fn same_but_cgroup_limits(a: &AppSpec, b: &AppSpec) -> bool {
+    let mut b = b.clone();
+    b.limits.cpu_weight = a.limits.cpu_weight;
+    b.limits.cpu = a.limits.cpu;
+    b.limits.app_memory = a.limits.app_memory;
+    b.limits.processes = a.limits.processes;
+    *a == b
+}
+
+/// Make `spec`'s cgroup and set its limits (on a reload too: the running
+/// app's cgroup takes the new values at once). Without corrald's cgroup
+/// tree, `sandbox.cgroups = "require"` refuses the app, saying why and how
+/// to fix it; `best-effort` runs it and says which limits are not enforced.
+pub(super) fn app_cgroup(spec: &AppSpec) -> anyhow::Result<Option<std::path::PathBuf>> {
+    let name = &spec.name;
+    let require = spec.sandbox.cgroups == corral_policy::Enforcement::Require;
+    let why = match crate::cgroup::tree() {
+        Ok(tree) => match tree.prepare_app(name, &spec.limits) {
+            Ok(dir) => return Ok(Some(dir)),
+            Err(why) => why,
+        },
+        Err(why) => why.to_string(),
+    };
+    if require {
+        anyhow::bail!(
+            "not started: sandbox.cgroups = \"require\" and it cannot have a cgroup of its own: {why}; to fix it, {}",
+            crate::cgroup::HOW_TO_FIX
+        );
+    }
+    if spec.limits.wants_cgroup_limits() {
+        tracing::warn!(
+            app = name,
+            "limits.cpu-weight, limits.cpu, limits.app-memory and limits.processes are NOT enforced: no cgroup of its own ({why})"
+        );
+    }
+    Ok(None)
 }
 
 /// An app's artifact (compiled on a blocking thread), checked and loaded

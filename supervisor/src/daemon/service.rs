@@ -56,6 +56,31 @@ pub fn run(policy_path: &Path, front_ends: impl super::FrontEnds) -> ExitCode {
         }
         Err(e) => tracing::warn!("raising the open files limit: {e}"),
     }
+    // Before any thread and any app: corrald moves itself into a leaf of
+    // its delegated cgroup and makes the apps' parent (docs/daemon.md).
+    match crate::cgroup::init(&crate::fitness::kernel().cgroup_v2) {
+        Ok(tree) => tracing::info!(
+            "cgroups: each app gets its own under {} (cpu, memory, pids)",
+            tree.apps.display()
+        ),
+        Err(why) => {
+            let limited: Vec<&str> = policy
+                .apps
+                .values()
+                .filter(|a| a.limits.wants_cgroup_limits())
+                .map(|a| a.name.as_str())
+                .collect();
+            if limited.is_empty() {
+                tracing::info!("cgroups: apps run without their own: {why}");
+            } else {
+                tracing::warn!(
+                    "cgroups: apps run without their own, so the app-wide limits of {} are NOT enforced: {why}; to have them, {}",
+                    limited.join(", "),
+                    crate::cgroup::HOW_TO_FIX
+                );
+            }
+        }
+    }
     // Before any thread exists, so that every thread inherits the mask.
     if let Err(e) = sys::set_signals_blocked(true) {
         eprintln!("corrald: blocking signals: {e}");

@@ -95,6 +95,30 @@ pub fn app_properties(a: &AppInfo) -> AppDict {
         ("Sandbox", Variant::from(a.sandbox.clone())),
         ("Listen", Variant::from(a.listen.clone())),
         ("ZygotePid", Variant::from(a.zygote_pid.unwrap_or(0))),
+        ("Cgroup", Variant::from(cgroup_dict(a))),
+    ])
+}
+
+/// The app's cgroup figures (docs/dbus.md): `Path` s, `CpuUsec`,
+/// `MemoryBytes`, `MemoryPeakBytes` (0: unknown), `Tasks`, `OomKills`,
+/// `PidsMaxHits` t, `Limits` a{ss}; empty when it has no cgroup.
+pub fn cgroup_dict(a: &AppInfo) -> BTreeMap<String, Variant<'static>> {
+    let Some(u) = &a.cgroup else {
+        return BTreeMap::new();
+    };
+    let limits: BTreeMap<String, String> = u.limits.iter().cloned().collect();
+    BTreeMap::from([
+        ("Path".to_string(), Variant::from(u.path.clone())),
+        ("CpuUsec".to_string(), Variant::from(u.cpu_usec)),
+        ("MemoryBytes".to_string(), Variant::from(u.memory_bytes)),
+        (
+            "MemoryPeakBytes".to_string(),
+            Variant::from(u.memory_peak_bytes.unwrap_or(0)),
+        ),
+        ("Tasks".to_string(), Variant::from(u.tasks)),
+        ("OomKills".to_string(), Variant::from(u.oom_kills)),
+        ("PidsMaxHits".to_string(), Variant::from(u.pids_max_hits)),
+        ("Limits".to_string(), Variant::from(limits)),
     ])
 }
 
@@ -468,6 +492,12 @@ impl ManagerObject {
     async fn cache_bytes(&self) -> u64 {
         self.manager.info().cache.bytes
     }
+
+    /// The parent of the apps' cgroups, or "none: " and why they have none.
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn cgroups(&self) -> String {
+        self.manager.info().cgroups
+    }
 }
 
 /// `org.corral.App1` on `/org/corral/Manager1/app/<label>`. Its
@@ -595,6 +625,13 @@ impl AppObject {
     async fn zygote_pid(&self) -> fdo::Result<u32> {
         Ok(self.app()?.zygote_pid.unwrap_or(0))
     }
+
+    /// The app's cgroup: CPU time, memory, tasks, OOM kills, limits in
+    /// force; empty when it has none.
+    #[zbus(property)]
+    async fn cgroup(&self) -> fdo::Result<BTreeMap<String, Variant<'static>>> {
+        Ok(cgroup_dict(&self.app()?))
+    }
 }
 
 /// Emit `AppStateChanged` for `event` from the manager object.
@@ -638,6 +675,7 @@ mod tests {
             listen: vec!["127.0.0.1:8080".into()],
             zygote_pid: None,
             tls: None,
+            cgroup: None,
         };
         let props = app_properties(&info);
         // One property per field of the JSON object, named in CamelCase.

@@ -166,6 +166,53 @@ impl Blocks {
                 );
             }
         }
+        // From each app's cgroup; apps without one have no sample.
+        type Figure = fn(&crate::cgroup::Usage) -> String;
+        let figures: [(&str, &str, &str, Figure); 5] = [
+            (
+                "corral_app_cpu_seconds_total",
+                "counter",
+                "CPU time of all the app's processes (its cgroup's cpu.stat usage_usec).",
+                |u| format!("{}", u.cpu_usec as f64 / 1e6),
+            ),
+            (
+                "corral_app_memory_bytes",
+                "gauge",
+                "Memory of all the app's processes (its cgroup's memory.current).",
+                |u| u.memory_bytes.to_string(),
+            ),
+            (
+                "corral_app_memory_peak_bytes",
+                "gauge",
+                "Highest memory of the app's processes (its cgroup's memory.peak, Linux 5.19+).",
+                |u| u.memory_peak_bytes.unwrap_or(u.memory_bytes).to_string(),
+            ),
+            (
+                "corral_app_tasks",
+                "gauge",
+                "Processes and threads of the app (its cgroup's pids.current).",
+                |u| u.tasks.to_string(),
+            ),
+            (
+                "corral_app_oom_kills_total",
+                "counter",
+                "The app's processes killed by the OOM killer at limits.app-memory (memory.events oom_kill).",
+                |u| u.oom_kills.to_string(),
+            ),
+        ];
+        for (name, kind, help, value) in figures {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (a, _) in &pages {
+                if let Some(u) = &a.cgroup {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{app=\"{}\"}} {}",
+                        escape_label(&a.name),
+                        value(u)
+                    );
+                }
+            }
+        }
         let name = "corral_app_state";
         let _ = writeln!(
             out,
@@ -283,6 +330,7 @@ mod tests {
             listen: vec![],
             zygote_pid: None,
             tls: None,
+            cgroup: None,
         };
         blocks.fill(&mut info);
         assert_eq!((info.requests, info.errors), (2, 2));
@@ -299,6 +347,60 @@ mod tests {
             "corral_app_request_duration_seconds_bucket{app=\"web\",le=\"+Inf\"} 2",
             "corral_app_request_duration_seconds_count{app=\"web\"} 2",
             "corral_app_request_duration_seconds_sum{app=\"web\"} 20.0007",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert!(
+            !text.contains("corral_app_memory_bytes{"),
+            "no sample for an app without a cgroup\n{text}"
+        );
+    }
+
+    /// An app's cgroup figures, as its cgroup files give them.
+    #[test]
+    fn cgroup_figures_are_rendered_for_apps_that_have_one() {
+        let blocks = Blocks::default();
+        let info = AppInfo {
+            name: "fat".into(),
+            kind: "stdio".into(),
+            state: AppState::Running,
+            state_since: 0,
+            workers: 1,
+            busy: 1,
+            requests: 0,
+            errors: 0,
+            cold_starts: 1,
+            last_error: None,
+            module: "/m.wasm".into(),
+            artifact: None,
+            tls: None,
+            digest: None,
+            world: None,
+            sandbox: vec![],
+            listen: vec![],
+            zygote_pid: None,
+            cgroup: Some(crate::cgroup::Usage {
+                path: "/sys/fs/cgroup/x/apps/fat".into(),
+                cpu_usec: 2_500_000,
+                memory_bytes: 1000,
+                memory_peak_bytes: None,
+                tasks: 5,
+                oom_kills: 2,
+                pids_max_hits: 0,
+                limits: vec![],
+            }),
+        };
+        let text = blocks.render(&[info]);
+        for line in [
+            "corral_app_cpu_seconds_total{app=\"fat\"} 2.5",
+            "corral_app_memory_bytes{app=\"fat\"} 1000",
+            "corral_app_memory_peak_bytes{app=\"fat\"} 1000",
+            "corral_app_tasks{app=\"fat\"} 5",
+            "corral_app_oom_kills_total{app=\"fat\"} 2",
+            "# TYPE corral_app_oom_kills_total counter",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -88,6 +88,7 @@ impl Registry {
             listen: Vec::new(),
             zygote_pid: None,
             tls: None,
+            cgroup: None,
         });
         info.kind = spec.kind.to_string();
         info.module = match &spec.oci {
@@ -140,6 +141,7 @@ impl Registry {
     pub(crate) fn get(&self, app: &str) -> Option<AppInfo> {
         let mut info = self.lock().get(app).cloned()?;
         self.metrics.fill(&mut info);
+        read_cgroup(&mut info);
         Some(info)
     }
 
@@ -148,6 +150,7 @@ impl Registry {
         let mut all: Vec<AppInfo> = self.lock().values().cloned().collect();
         for info in &mut all {
             self.metrics.fill(info);
+            read_cgroup(info);
         }
         all
     }
@@ -158,6 +161,15 @@ impl Registry {
             .values()
             .map(|i| (i.name.clone(), i.state, i.workers, i.busy))
             .collect()
+    }
+}
+
+/// Fill the app's cgroup figures from its cgroup's files.
+fn read_cgroup(info: &mut AppInfo) {
+    if let Some(usage) = &mut info.cgroup
+        && let Some(now) = crate::cgroup::usage(std::path::Path::new(&usage.path))
+    {
+        *usage = now;
     }
 }
 
@@ -286,6 +298,10 @@ impl Manager {
                 dir: fixed.cache.root().display().to_string(),
                 entries,
                 bytes,
+            },
+            cgroups: match crate::cgroup::tree() {
+                Ok(tree) => tree.apps.display().to_string(),
+                Err(why) => format!("none: {why}"),
             },
         }
     }
@@ -477,6 +493,7 @@ mod tests {
                 listen: vec![],
                 zygote_pid: None,
                 tls: None,
+                cgroup: None,
             },
         );
         assert!(registry.update("a", |i| i.state = AppState::Running));

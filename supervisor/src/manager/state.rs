@@ -94,6 +94,10 @@ pub struct AppInfo {
     /// The certificate its TCP addresses serve (`tls` in its policy).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<crate::tls::CertInfo>,
+    /// The app's cgroup and what it says (CPU time, memory, tasks, OOM
+    /// kills, the limits in force); `None` when it has none (no delegated
+    /// cgroup v2 subtree: `DaemonInfo::cgroups` says why).
+    pub cgroup: Option<crate::cgroup::Usage>,
 }
 
 impl AppInfo {
@@ -132,6 +136,9 @@ pub struct DaemonInfo {
     pub api_group: String,
     pub apps: usize,
     pub cache: CacheStats,
+    /// Where the apps' cgroups are (`apps/` of corrald's delegated
+    /// subtree), or why they have none: `"none: ..."`.
+    pub cgroups: String,
 }
 
 /// One problem of a refused reload.
