@@ -7,9 +7,12 @@
 //!
 //! | kind | needs |
 //! |---|---|
-//! | `http` | a component exporting `wasi:http/incoming-handler@0.2.x` |
-//! | `stdio` | a WASI preview1 command: a core module exporting `_start` |
-//! | `command` | a core module exporting `_start`, or a component exporting `wasi:cli/run@0.2.x` |
+//! | `http` | a component exporting `wasi:http/incoming-handler@0.2.x` (WASI 0.2) or `wasi:http/handler@0.3.x` (WASI 0.3) |
+//! | `stdio` | a core module exporting `_start`, or a component exporting `wasi:cli/run@0.2.x` or `@0.3.x` |
+//! | `command` | a core module exporting `_start`, or a component exporting `wasi:cli/run@0.2.x` or `@0.3.x` |
+//!
+//! `pool.reuse` needs a WASI 0.3 handler: a 0.2 handler cannot take a
+//! second request in one instance.
 //!
 //! These are the rules the zygote (and `corral run`) apply when they load
 //! the program; found here, each is one error at check or reconcile time
@@ -26,10 +29,91 @@ use wasmparser::{ComponentExternalKind, ExternalKind, Parser, Payload, TypeRef};
 
 use crate::source::{ProgramKind, Source};
 
-/// The export an http app's component must have (any 0.2.x).
+/// The export of a WASI 0.2 http handler (any 0.2.x).
 pub const HTTP_HANDLER: &str = "wasi:http/incoming-handler@0.2";
-/// The export a command component must have (any 0.2.x).
+/// The export of a WASI 0.3 http handler (any 0.3.x).
+pub const HTTP_SERVICE: &str = "wasi:http/handler@0.3";
+/// The export of a WASI 0.2 command component (any 0.2.x).
 pub const CLI_RUN: &str = "wasi:cli/run@0.2";
+/// The export of a WASI 0.3 command component (any 0.3.x).
+pub const CLI_RUN_03: &str = "wasi:cli/run@0.3";
+
+/// The world a program targets, as far as corral tells them apart (from
+/// its exports: an http export wins over `wasi:cli/run`, which
+/// toolchains export from services too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum World {
+    /// A WASI preview1 core module exporting `_start`.
+    Preview1Command,
+    /// `wasi:cli/command@0.2`.
+    Command02,
+    /// `wasi:cli/command@0.3`.
+    Command03,
+    /// `wasi:http/proxy@0.2` (exports `wasi:http/incoming-handler`).
+    HttpProxy02,
+    /// `wasi:http/service@0.3` (exports `wasi:http/handler`).
+    HttpService03,
+}
+
+impl World {
+    /// The world of a program of kind `found` with `exports` (`None`: none
+    /// corral runs).
+    pub fn of(found: ProgramKind, exports: &[String]) -> Option<World> {
+        let has = |prefix: &str| exports.iter().any(|e| e.starts_with(prefix));
+        match found {
+            ProgramKind::Module => exports
+                .iter()
+                .any(|e| e == "_start")
+                .then_some(World::Preview1Command),
+            ProgramKind::Component => {
+                if has(HTTP_SERVICE) {
+                    Some(World::HttpService03)
+                } else if has(HTTP_HANDLER) {
+                    Some(World::HttpProxy02)
+                } else if has(CLI_RUN_03) {
+                    Some(World::Command03)
+                } else if has(CLI_RUN) {
+                    Some(World::Command02)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// Whether an app of `kind` runs a program of this world.
+    pub fn fits(self, kind: AppKind) -> bool {
+        match kind {
+            AppKind::Http => matches!(self, World::HttpProxy02 | World::HttpService03),
+            AppKind::Stdio | AppKind::Command => matches!(
+                self,
+                World::Preview1Command | World::Command02 | World::Command03
+            ),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            World::Preview1Command => "wasi preview1 command",
+            World::Command02 => "wasi:cli/command@0.2",
+            World::Command03 => "wasi:cli/command@0.3",
+            World::HttpProxy02 => "wasi:http/proxy@0.2",
+            World::HttpService03 => "wasi:http/service@0.3",
+        }
+    }
+}
+
+impl fmt::Display for World {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The world of the program in `source` (read and parsed, not compiled).
+pub fn world_of(source: &Source) -> Option<World> {
+    let facts = Facts::of(&source.wasm).ok()?;
+    World::of(source.kind, &facts.exports)
+}
 
 /// One reason `app` cannot run its module, known before it starts.
 /// Displays as `app `NAME`: MODULE: what is wrong and what would do`.
@@ -67,6 +151,8 @@ pub enum Problem {
         wanted: &'static str,
         exports: Vec<String>,
     },
+    /// `pool.reuse` on a WASI 0.2 http handler.
+    ReuseNeedsService,
 }
 
 impl fmt::Display for Unfit {
@@ -86,10 +172,11 @@ impl std::error::Error for Unfit {}
 /// What each kind needs, in words.
 fn needs(kind: AppKind) -> &'static str {
     match kind {
-        AppKind::Http => "a component exporting wasi:http/incoming-handler@0.2.x",
-        AppKind::Stdio => "a WASI preview1 command module (a core module exporting `_start`)",
-        AppKind::Command => {
-            "a WASI preview1 command module (exporting `_start`) or a component exporting wasi:cli/run@0.2.x"
+        AppKind::Http => {
+            "a component exporting wasi:http/incoming-handler@0.2.x or wasi:http/handler@0.3.x"
+        }
+        AppKind::Stdio | AppKind::Command => {
+            "a WASI preview1 command module (exporting `_start`) or a component exporting wasi:cli/run@0.2.x or @0.3.x"
         }
     }
 }
@@ -136,6 +223,9 @@ impl fmt::Display for Problem {
                     write!(f, " (it exports: {})", exports.join(", "))
                 }
             }
+            Problem::ReuseNeedsService => f.write_str(
+                "pool.reuse needs a WASI 0.3 handler (exporting wasi:http/handler@0.3.x); this is a WASI 0.2 handler (wasi:http/incoming-handler@0.2.x), whose instance serves one request: remove pool.reuse or rebuild the component for WASI 0.3",
+            ),
         }
     }
 }
@@ -182,7 +272,7 @@ pub fn check_source(app: &AppSpec, source: &Source) -> Vec<Unfit> {
             limit: app.limits.tables,
         });
     }
-    problems.extend(world_problem(app.kind, source.kind, &facts.exports));
+    problems.extend(world_problem(app, source.kind, &facts.exports));
     problems
         .into_iter()
         .map(|p| unfit(app, &source.path, p))
@@ -197,32 +287,27 @@ fn unfit(app: &AppSpec, module: &Path, problem: Problem) -> Unfit {
     }
 }
 
-fn world_problem(kind: AppKind, found: ProgramKind, exports: &[String]) -> Option<Problem> {
-    let has = |prefix: &str| exports.iter().any(|e| e.starts_with(prefix));
-    let wanted = match (kind, found) {
-        (AppKind::Http, ProgramKind::Component) => HTTP_HANDLER,
-        (AppKind::Stdio | AppKind::Command, ProgramKind::Module) => "_start",
-        (AppKind::Command, ProgramKind::Component) => CLI_RUN,
-        (AppKind::Http, ProgramKind::Module) | (AppKind::Stdio, ProgramKind::Component) => {
-            return Some(Problem::WrongProgram { kind, found });
-        }
-    };
-    let present = if wanted == "_start" {
-        exports.iter().any(|e| e == "_start")
-    } else {
-        has(wanted)
-    };
-    (!present).then(|| Problem::MissingExport {
-        kind,
-        wanted: if wanted == "_start" {
-            "_start"
-        } else if wanted == HTTP_HANDLER {
-            "wasi:http/incoming-handler@0.2.x"
-        } else {
-            "wasi:cli/run@0.2.x"
-        },
-        exports: exports.to_vec(),
-    })
+fn world_problem(app: &AppSpec, found: ProgramKind, exports: &[String]) -> Option<Problem> {
+    let kind = app.kind;
+    if let (AppKind::Http, ProgramKind::Module) = (kind, found) {
+        return Some(Problem::WrongProgram { kind, found });
+    }
+    match World::of(found, exports) {
+        Some(world) if world.fits(kind) => (app.pool.reuse.is_some()
+            && world == World::HttpProxy02)
+            .then_some(Problem::ReuseNeedsService),
+        _ => Some(Problem::MissingExport {
+            kind,
+            wanted: match (kind, found) {
+                (_, ProgramKind::Module) => "_start",
+                (AppKind::Http, _) => {
+                    "wasi:http/incoming-handler@0.2.x` or `wasi:http/handler@0.3.x"
+                }
+                _ => "wasi:cli/run@0.2.x` or `wasi:cli/run@0.3.x",
+            },
+            exports: exports.to_vec(),
+        }),
+    }
 }
 
 /// What the binary declares, as far as the checks need.
@@ -432,16 +517,19 @@ mod tests {
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].starts_with("app `web`: /"), "{errors:?}");
         assert!(
-            errors[0].ends_with("/m.wat: kind = \"http\" needs a component exporting wasi:http/incoming-handler@0.2.x, and this is a core module"),
+            errors[0].ends_with("/m.wat: kind = \"http\" needs a component exporting wasi:http/incoming-handler@0.2.x or wasi:http/handler@0.3.x, and this is a core module"),
             "{errors:?}"
         );
         let errors = check(AppKind::Http, RUN, |b| b);
         assert!(
-            errors[0].ends_with("it has no `wasi:http/incoming-handler@0.2.x` export (it exports: wasi:cli/run@0.2.0)"),
+            errors[0].ends_with("it has no `wasi:http/incoming-handler@0.2.x` or `wasi:http/handler@0.3.x` export (it exports: wasi:cli/run@0.2.0)"),
             "{errors:?}"
         );
         let errors = check(AppKind::Stdio, HTTP, |b| b);
-        assert!(errors[0].contains("kind = \"stdio\" needs a WASI preview1 command module (a core module exporting `_start`), and this is a component"), "{errors:?}");
+        assert!(
+            errors[0].contains("it has no `wasi:cli/run@0.2.x` or `wasi:cli/run@0.3.x` export"),
+            "{errors:?}"
+        );
         let errors = check(AppKind::Stdio, r#"(module (func (export "main")))"#, |b| b);
         assert!(
             errors[0].ends_with("it has no `_start` export (it exports: main)"),
@@ -449,14 +537,55 @@ mod tests {
         );
         let errors = check(AppKind::Command, HTTP, |b| b);
         assert!(
-            errors[0].contains("it has no `wasi:cli/run@0.2.x` export"),
+            errors[0].contains("it has no `wasi:cli/run@0.2.x` or `wasi:cli/run@0.3.x` export"),
             "{errors:?}"
         );
         let errors = check(AppKind::Command, "(module)", |b| b);
         assert!(errors[0].ends_with("(it exports nothing)"), "{errors:?}");
-        // A 0.3 handler is not (yet) one corral serves.
-        let errors = check(AppKind::Http, &HTTP.replace("0.2.3", "0.3.0"), |b| b);
+    }
+
+    #[test]
+    fn wasi_0_3_worlds_fit_their_kinds() {
+        let service = HTTP.replace("incoming-handler@0.2.3", "handler@0.3.0");
+        let run3 = RUN.replace("0.2.0", "0.3.0");
+        assert!(check(AppKind::Http, &service, |b| b).is_empty());
+        assert!(check(AppKind::Command, &run3, |b| b).is_empty());
+        // stdio apps may be command components of either version.
+        assert!(check(AppKind::Stdio, &run3, |b| b).is_empty());
+        assert!(check(AppKind::Stdio, RUN, |b| b).is_empty());
+        // A service that also exports wasi:cli/run is a service.
+        let both = r#"(component
+            (instance $r) (instance $h)
+            (export "wasi:cli/run@0.2.0" (instance $r))
+            (export "wasi:http/handler@0.3.0" (instance $h)))"#;
+        let source = |wat: &str| Source {
+            path: "x.wat".into(),
+            wasm: wat::parse_str(wat).unwrap(),
+            kind: ProgramKind::Component,
+            digest: String::new(),
+        };
+        assert_eq!(world_of(&source(both)), Some(World::HttpService03));
+        assert_eq!(world_of(&source(HTTP)), Some(World::HttpProxy02));
+        assert_eq!(world_of(&source(&run3)), Some(World::Command03));
+        assert_eq!(World::HttpService03.to_string(), "wasi:http/service@0.3");
+    }
+
+    #[test]
+    fn reuse_needs_a_0_3_handler() {
+        let reuse = |b: corral_policy::AppSpecBuilder| {
+            b.reuse(corral_policy::Reuse {
+                requests: 128,
+                concurrent: 16,
+            })
+        };
+        let errors = check(AppKind::Http, HTTP, reuse);
         assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("pool.reuse needs a WASI 0.3 handler"),
+            "{errors:?}"
+        );
+        let service = HTTP.replace("incoming-handler@0.2.3", "handler@0.3.0");
+        assert!(check(AppKind::Http, &service, reuse).is_empty());
     }
 
     #[test]

@@ -39,6 +39,7 @@ pub struct AppSpecBuilder {
     connect: Vec<ConnectTarget>,
     limits: Limits,
     sandbox: SandboxSpec,
+    reuse: Option<Reuse>,
 }
 
 impl AppSpec {
@@ -78,6 +79,7 @@ impl AppSpec {
             connect: Vec::new(),
             limits: defaults::limits(kind),
             sandbox: defaults::SANDBOX,
+            reuse: None,
         }
     }
 }
@@ -144,6 +146,12 @@ impl AppSpecBuilder {
     /// `limits.tables`.
     pub fn tables(mut self, n: u32) -> Self {
         self.limits.tables = n;
+        self
+    }
+
+    /// `pool.reuse` (http apps with a WASI 0.3 handler only).
+    pub fn reuse(mut self, reuse: Reuse) -> Self {
+        self.reuse = Some(reuse);
         self
     }
 
@@ -230,6 +238,23 @@ impl AppSpecBuilder {
         for (key, why) in check_limits(&self.limits) {
             problem(format!("limits.{key}"), why);
         }
+        if let Some(reuse) = self.reuse {
+            if self.kind != AppKind::Http {
+                problem(
+                    "pool.reuse".into(),
+                    format!(
+                        "kind = \"{}\" has no requests to reuse an instance for: pool.reuse applies to http apps",
+                        self.kind
+                    ),
+                );
+            }
+            if reuse.requests == 0 || reuse.concurrent == 0 {
+                problem(
+                    "pool.reuse".into(),
+                    "requests and concurrent must each be at least 1".into(),
+                );
+            }
+        }
 
         if !problems.is_empty() {
             let app = self.name;
@@ -254,7 +279,10 @@ impl AppSpecBuilder {
             network: NetworkSpec {
                 connect: self.connect,
             },
-            pool: defaults::POOL,
+            pool: PoolSpec {
+                reuse: self.reuse,
+                ..defaults::POOL
+            },
             limits: self.limits,
             sandbox: self.sandbox,
             restart: defaults::RESTART,

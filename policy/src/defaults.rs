@@ -28,6 +28,7 @@ pub const POOL: PoolSpec = PoolSpec {
     concurrency: 16,
     max_requests: None,
     zygote: ZygoteMode::OnDemand,
+    reuse: None,
 };
 
 pub(crate) const WASM_PAGE: u64 = 64 * 1024;

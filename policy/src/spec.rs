@@ -184,6 +184,22 @@ pub struct PoolSpec {
     /// Whether an app at zero workers keeps its zygote.
     #[serde(default)]
     pub zygote: ZygoteMode,
+    /// Instance reuse for WASI 0.3 http handlers (`None`: a fresh
+    /// instance per request, the default).
+    #[serde(default)]
+    pub reuse: Option<Reuse>,
+}
+
+/// `pool.reuse`: how far one instance of a WASI 0.3 http handler is
+/// reused. Requests served by one instance share its memory and globals:
+/// what one request leaves behind, the next can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Reuse {
+    /// Requests one instance serves before it is dropped (at least 1).
+    pub requests: u32,
+    /// Requests one instance serves at once (at least 1).
+    pub concurrent: u32,
 }
 
 /// What happens to an app's zygote when its last worker retires.

@@ -30,17 +30,18 @@ use crate::worker::{self, Parent, WorkerCtx};
 
 /// A pre-instantiated guest of one app kind, not yet sandboxed.
 pub enum Guest {
-    /// `kind = "http"`: a `wasi:http/incoming-handler` component.
+    /// `kind = "http"`: a `wasi:http/incoming-handler@0.2` or
+    /// `wasi:http/handler@0.3` component.
     Http {
         engine: Engine,
         handler: host::http::HttpHandler,
     },
-    /// `kind = "stdio"`: a preview1 command module, one instance per
-    /// connection with the connection as stdin/stdout.
+    /// `kind = "stdio"`: a command (preview1 module, or 0.2 or 0.3
+    /// component), one instance per connection with the connection as
+    /// stdin/stdout.
     Stdio {
         engine: Engine,
-        linker: wasmtime::Linker<host::p1::P1State>,
-        module: wasmtime::Module,
+        program: StdioProgram,
         caps: GuestCaps,
     },
     /// `kind = "command"`: a preview1 module or a `wasi:cli/run`
@@ -74,13 +75,23 @@ impl Guest {
         Ok(match (kind, program) {
             (AppKind::Http, Program::Component(component)) => {
                 match host::component_kind(&engine, &component) {
-                    Some(ComponentKind::HttpProxy) => Guest::Http {
-                        handler: host::http::HttpHandler::new(&engine, &component, caps)
-                            .context("pre-instantiating")?,
-                        engine,
-                    },
+                    Some(ComponentKind::HttpProxy | ComponentKind::HttpService) => {
+                        if caps.reuse.is_some()
+                            && host::component_kind(&engine, &component)
+                                == Some(ComponentKind::HttpProxy)
+                        {
+                            bail!(
+                                "{what}: pool.reuse needs a WASI 0.3 handler (wasi:http/handler@0.3.x); this component is a WASI 0.2 handler"
+                            );
+                        }
+                        Guest::Http {
+                            handler: host::http::HttpHandler::new(&engine, &component, caps)
+                                .context("pre-instantiating")?,
+                            engine,
+                        }
+                    }
                     _ => bail!(
-                        "{what}: kind = \"http\" needs a component exporting wasi:http/incoming-handler"
+                        "{what}: kind = \"http\" needs a component exporting wasi:http/incoming-handler@0.2.x or wasi:http/handler@0.3.x"
                     ),
                 }
             }
@@ -88,13 +99,27 @@ impl Guest {
                 "{what}: kind = \"http\" needs a wasi:http/proxy component, not a core module"
             ),
             (AppKind::Stdio, Program::Module(module)) => Guest::Stdio {
-                linker: host::p1::linker(&engine)?,
-                module,
+                program: StdioProgram::Module {
+                    linker: host::p1::linker(&engine)?,
+                    module,
+                },
                 caps,
                 engine,
             },
-            (AppKind::Stdio, Program::Component(_)) => {
-                bail!("{what}: kind = \"stdio\" needs a WASI preview1 command module")
+            (AppKind::Stdio, Program::Component(component)) => {
+                match host::component_kind(&engine, &component) {
+                    Some(ComponentKind::Command | ComponentKind::Command3) => Guest::Stdio {
+                        program: StdioProgram::Component {
+                            linker: host::p2::linker(&engine)?,
+                            component,
+                        },
+                        caps,
+                        engine,
+                    },
+                    _ => bail!(
+                        "{what}: kind = \"stdio\" needs a WASI preview1 command module or a component exporting wasi:cli/run@0.2.x or @0.3.x"
+                    ),
+                }
             }
             (AppKind::Command, program) => Guest::Command {
                 program,
@@ -160,6 +185,41 @@ impl Guest {
             guest: self,
             layers,
         })
+    }
+}
+
+/// What a stdio app runs per connection, linked once.
+#[derive(Clone)]
+#[allow(
+    missing_debug_implementations,
+    reason = "wasmtime's linkers are not Debug"
+)]
+pub enum StdioProgram {
+    Module {
+        linker: wasmtime::Linker<host::p1::P1State>,
+        module: wasmtime::Module,
+    },
+    Component {
+        linker: wasmtime::component::Linker<host::p2::ComponentState>,
+        component: wasmtime::component::Component,
+    },
+}
+
+impl StdioProgram {
+    /// Run it once with `caps` (stdio: the connection).
+    pub(crate) async fn run(
+        &self,
+        engine: &Engine,
+        caps: &GuestCaps,
+    ) -> anyhow::Result<RunOutcome> {
+        match self {
+            StdioProgram::Module { linker, module } => {
+                host::p1::run(engine, linker, module, caps, false).await
+            }
+            StdioProgram::Component { linker, component } => {
+                host::p2::run_command(engine, linker, component, caps, false).await
+            }
+        }
     }
 }
 

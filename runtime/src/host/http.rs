@@ -1,4 +1,5 @@
-//! Handling one HTTP request with a `wasi:http/proxy` component (the serve
+//! Handling one HTTP request with a WASI 0.2 `wasi:http/proxy` component
+//! (0.3 handlers: [`super::service`]) (the serve
 //! loop that calls it is the worker's, `crate::worker`): the
 //! component is pre-instantiated once; each request gets a fresh store and
 //! instance (with the pooling allocator and copy-on-write memory images
@@ -24,27 +25,60 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use super::p2::{self, ComponentState};
 use super::{GuestCaps, LimitExceeded, RunOutcome};
 
-/// A pre-instantiated http component, ready to handle requests.
+/// A pre-instantiated http component, ready to handle requests: a WASI
+/// 0.2 `wasi:http/incoming-handler` (here) or a WASI 0.3
+/// `wasi:http/handler` ([`super::service`]).
+#[derive(Clone, Debug)]
+pub enum HttpHandler {
+    Proxy(ProxyHandler),
+    Service(super::service::ServiceHandler),
+}
+
+impl HttpHandler {
+    /// Link and pre-instantiate `component`, a 0.2 or a 0.3 handler (told
+    /// apart by its exports).
+    pub fn new(engine: &Engine, component: &Component, caps: GuestCaps) -> anyhow::Result<Self> {
+        Ok(match super::component_kind(engine, component) {
+            Some(super::ComponentKind::HttpService) => HttpHandler::Service(
+                super::service::ServiceHandler::new(engine, component, caps)?,
+            ),
+            _ => HttpHandler::Proxy(ProxyHandler::new(engine, component, caps)?),
+        })
+    }
+
+    /// Handle one request.
+    pub async fn handle(
+        &self,
+        req: hyper::Request<Incoming>,
+    ) -> hyper::Response<HyperOutgoingBody> {
+        match self {
+            HttpHandler::Proxy(h) => h.handle(req).await,
+            HttpHandler::Service(h) => h.handle(req).await,
+        }
+    }
+}
+
+/// A pre-instantiated WASI 0.2 http component.
 #[derive(Clone)]
-pub struct HttpHandler {
+pub struct ProxyHandler {
     engine: Engine,
     pre: ProxyPre<ComponentState>,
     caps: Arc<GuestCaps>,
 }
 
-impl std::fmt::Debug for HttpHandler {
+impl std::fmt::Debug for ProxyHandler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpHandler").finish_non_exhaustive()
+        f.debug_struct("ProxyHandler").finish_non_exhaustive()
     }
 }
 
-impl HttpHandler {
+impl ProxyHandler {
     /// Link and pre-instantiate `component` (which must export
     /// `wasi:http/incoming-handler`).
     pub fn new(engine: &Engine, component: &Component, caps: GuestCaps) -> anyhow::Result<Self> {
         let linker = p2::linker(engine)?;
         let pre = ProxyPre::new(linker.instantiate_pre(component)?)?;
-        Ok(HttpHandler {
+        Ok(ProxyHandler {
             engine: engine.clone(),
             pre,
             caps: Arc::new(caps),
@@ -134,7 +168,7 @@ impl HttpHandler {
     }
 }
 
-fn error_response(status: u16, text: String) -> hyper::Response<HyperOutgoingBody> {
+pub(crate) fn error_response(status: u16, text: String) -> hyper::Response<HyperOutgoingBody> {
     let body = Full::new(Bytes::from(text))
         .map_err(|never: Infallible| match never {})
         .boxed_unsync();

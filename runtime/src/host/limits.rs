@@ -156,10 +156,46 @@ impl wasmtime::ResourceLimiter for Limiter {
 /// 760 ms at p50). `yield_now` wakes the task only after the driver has
 /// been polled.
 pub fn arm_deadline<T: 'static>(store: &mut Store<T>, timeout: Option<Duration>) {
-    let deadline = timeout.map(|limit| (Instant::now() + limit, limit));
+    arm_movable_deadline(store, timeout, &MovableDeadline::new(timeout));
+}
+
+/// A deadline that can be moved after the store is armed: an instance
+/// reused for several requests (`pool.reuse`) gets `limits.timeout` from
+/// the start of each request, not from its instantiation.
+#[derive(Debug, Clone)]
+pub struct MovableDeadline(Arc<std::sync::Mutex<Option<Instant>>>);
+
+impl MovableDeadline {
+    /// `timeout` from now (`None`: no deadline).
+    pub fn new(timeout: Option<Duration>) -> MovableDeadline {
+        MovableDeadline(Arc::new(std::sync::Mutex::new(
+            timeout.map(|t| Instant::now() + t),
+        )))
+    }
+
+    /// Move the deadline to `timeout` from now.
+    pub fn restart(&self, timeout: Option<Duration>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = timeout.map(|t| Instant::now() + t);
+    }
+
+    fn passed(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| Instant::now() >= at)
+    }
+}
+
+/// [`arm_deadline`] with a deadline the caller may move later.
+pub fn arm_movable_deadline<T: 'static>(
+    store: &mut Store<T>,
+    limit: Option<Duration>,
+    deadline: &MovableDeadline,
+) {
+    let deadline = deadline.clone();
     store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(move |_| match deadline {
-        Some((at, limit)) if Instant::now() >= at => Err(LimitExceeded::Timeout { limit }.into()),
+    store.epoch_deadline_callback(move |_| match limit {
+        Some(limit) if deadline.passed() => Err(LimitExceeded::Timeout { limit }.into()),
         _ => Ok(UpdateDeadline::YieldCustom(
             1,
             Box::pin(tokio::task::yield_now()),

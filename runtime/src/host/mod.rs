@@ -20,6 +20,7 @@ pub mod limits;
 pub mod log;
 pub mod p1;
 pub mod p2;
+pub mod service;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -51,6 +52,9 @@ pub struct GuestCaps {
     pub listen: Vec<GuestListen>,
     pub limits: Limits,
     pub stdio: StdioMode,
+    /// `pool.reuse`: instance reuse for a WASI 0.3 http handler (`None`: a
+    /// fresh instance per request).
+    pub reuse: Option<corral_policy::Reuse>,
 }
 
 /// Where the guest's stdin, stdout and stderr go.
@@ -135,6 +139,7 @@ impl GuestCaps {
                 AppKind::Http => StdioMode::LogToStderr,
                 AppKind::Stdio | AppKind::Command => StdioMode::Inherit,
             },
+            reuse: app.pool.reuse,
         }
     }
 
@@ -149,6 +154,7 @@ impl GuestCaps {
             listen: Vec::new(),
             limits: corral_policy::defaults::limits(kind),
             stdio: StdioMode::Inherit,
+            reuse: None,
         }
     }
 
@@ -325,25 +331,33 @@ fn describe(what: &str, err: &wasmtime::Error) -> String {
 /// What kind of guest a component is, from its exports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ComponentKind {
-    /// Exports `wasi:cli/run`.
+    /// Exports `wasi:cli/run@0.2.x`.
     Command,
-    /// Exports `wasi:http/incoming-handler`.
+    /// Exports `wasi:cli/run@0.3.x`.
+    Command3,
+    /// Exports `wasi:http/incoming-handler@0.2.x`.
     HttpProxy,
+    /// Exports `wasi:http/handler@0.3.x` (the `wasi:http/service` world).
+    HttpService,
 }
 
-/// Classify a component by its exports (any 0.2.x version).
+/// Classify a component by its exports. An http export wins over a
+/// `wasi:cli/run` one (toolchains export both from a service), and 0.3
+/// over 0.2.
 pub fn component_kind(
     engine: &Engine,
     component: &wasmtime::component::Component,
 ) -> Option<ComponentKind> {
     let ty = component.component_type();
     let names: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
-    if names
-        .iter()
-        .any(|n| n.starts_with("wasi:http/incoming-handler@0.2"))
-    {
+    let has = |prefix: &str| names.iter().any(|n| n.starts_with(prefix));
+    if has(corral_compiler::preflight::HTTP_SERVICE) {
+        Some(ComponentKind::HttpService)
+    } else if has(corral_compiler::preflight::HTTP_HANDLER) {
         Some(ComponentKind::HttpProxy)
-    } else if names.iter().any(|n| n.starts_with("wasi:cli/run@0.2")) {
+    } else if has(corral_compiler::preflight::CLI_RUN_03) {
+        Some(ComponentKind::Command3)
+    } else if has(corral_compiler::preflight::CLI_RUN) {
         Some(ComponentKind::Command)
     } else {
         None

@@ -69,18 +69,23 @@ pub fn new_store(
     Ok(store)
 }
 
-/// A linker with every WASI 0.2 interface and `wasi:http`. Component
-/// imports match semver-compatibly, so 0.2.0 and 0.2.9 imports in one
-/// component both link.
+/// A linker with every WASI 0.2 and 0.3 interface and `wasi:http` of
+/// both. Component imports match semver-compatibly, so 0.2.0 and 0.2.9
+/// imports in one component both link, and a component may import 0.2 and
+/// 0.3 interfaces side by side (Rust's std on wasm32-wasip2 does its stdio
+/// through 0.2 in a 0.3 program).
 pub fn linker(engine: &Engine) -> anyhow::Result<Linker<ComponentState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    wasmtime_wasi::p3::add_to_linker(&mut linker)?;
+    wasmtime_wasi_http::p3::add_to_linker(&mut linker)?;
     Ok(linker)
 }
 
-/// Run a `wasi:cli/command` component once: exit code 0 when `run`
-/// returns ok, 1 when it returns an error, else what it passed to exit.
+/// Run a `wasi:cli/command` component (WASI 0.2 or 0.3) once: exit code 0
+/// when `run` returns ok, 1 when it returns an error, else what it passed
+/// to exit.
 pub async fn run_command(
     engine: &Engine,
     linker: &Linker<ComponentState>,
@@ -89,17 +94,38 @@ pub async fn run_command(
     blocking: bool,
 ) -> anyhow::Result<RunOutcome> {
     let mut store = new_store(engine, caps, blocking)?;
-    let command = match wasmtime_wasi::p2::bindings::Command::instantiate_async(
-        &mut store, component, linker,
-    )
-    .await
-    {
-        Ok(command) => command,
-        Err(err) => return super::p1::instantiate_failure(err, caps),
+    let code = if super::component_kind(engine, component) == Some(super::ComponentKind::Command3) {
+        let command = match wasmtime_wasi::p3::bindings::Command::instantiate_async(
+            &mut store, component, linker,
+        )
+        .await
+        {
+            Ok(command) => command,
+            Err(err) => return super::p1::instantiate_failure(err, caps),
+        };
+        // A 0.3 guest is async: its tasks run in the store's event loop,
+        // and `run` may finish while tasks it spawned (writing stdout)
+        // still run; they end with the store.
+        let call = store
+            .run_concurrent(async move |accessor| command.wasi_cli_run().call_run(accessor).await);
+        super::limits::with_backstop(caps.limits.timeout, async {
+            call.await?.map(|r| if r.is_ok() { 0 } else { 1 })
+        })
+        .await
+    } else {
+        let command = match wasmtime_wasi::p2::bindings::Command::instantiate_async(
+            &mut store, component, linker,
+        )
+        .await
+        {
+            Ok(command) => command,
+            Err(err) => return super::p1::instantiate_failure(err, caps),
+        };
+        let call = command.wasi_cli_run().call_run(&mut store);
+        super::limits::with_backstop(caps.limits.timeout, call)
+            .await
+            .map(|r| if r.is_ok() { 0 } else { 1 })
     };
-    let call = command.wasi_cli_run().call_run(&mut store);
-    let result = super::limits::with_backstop(caps.limits.timeout, call).await;
-    let code = result.map(|r| if r.is_ok() { 0 } else { 1 });
     Ok(RunOutcome::from_result(code, &caps.limits))
 }
 

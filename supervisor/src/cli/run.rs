@@ -154,16 +154,27 @@ impl RunCommand {
             ),
             (Program::Component(component), serve) => {
                 match (host::component_kind(&engine, component), serve) {
-                    (Some(ComponentKind::Command), None) => AppKind::Command,
-                    (Some(ComponentKind::HttpProxy), Some(_)) => AppKind::Http,
-                    (Some(ComponentKind::HttpProxy), None) => bail!(
-                        "{what} is a wasi:http/proxy component: serve it with `corral run --serve 127.0.0.1:8080 {what}`"
-                    ),
-                    (Some(ComponentKind::Command), Some(_)) => bail!(
-                        "{what} is a wasi:cli/command component; --serve needs a wasi:http/proxy component"
+                    (Some(ComponentKind::Command | ComponentKind::Command3), None) => {
+                        AppKind::Command
+                    }
+                    (Some(ComponentKind::HttpProxy | ComponentKind::HttpService), Some(_)) => {
+                        AppKind::Http
+                    }
+                    (Some(k @ (ComponentKind::HttpProxy | ComponentKind::HttpService)), None) => {
+                        let world = if k == ComponentKind::HttpProxy {
+                            "wasi:http/proxy@0.2"
+                        } else {
+                            "wasi:http/service@0.3"
+                        };
+                        bail!(
+                            "{what} is a {world} component: serve it with `corral run --serve 127.0.0.1:8080 {what}`"
+                        )
+                    }
+                    (Some(ComponentKind::Command | ComponentKind::Command3), Some(_)) => bail!(
+                        "{what} is a wasi:cli/command component; --serve needs a wasi:http handler (wasi:http/proxy@0.2 or wasi:http/service@0.3)"
                     ),
                     (None, _) => bail!(
-                        "{what} exports neither wasi:cli/run nor wasi:http/incoming-handler (0.2.x)"
+                        "{what} exports neither wasi:cli/run (0.2.x or 0.3.x) nor a wasi:http handler (wasi:http/incoming-handler@0.2.x or wasi:http/handler@0.3.x)"
                     ),
                 }
             }
