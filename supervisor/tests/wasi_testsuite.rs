@@ -786,11 +786,27 @@ struct Running {
 }
 
 impl Running {
-    /// The tail of stderr, for a failure's reason.
+    /// What stderr says about a failure: the guest's panic message and
+    /// corral's own lines (not the backtrace), else its last lines.
     fn stderr_tail(&self) -> String {
         let text = self.stderr.text();
         let lines: Vec<&str> = text.lines().collect();
-        let tail = lines[lines.len().saturating_sub(12)..].join("\n      ");
+        let mut said = Vec::new();
+        let mut in_panic = false;
+        for line in &lines {
+            if line.contains("panicked at") {
+                in_panic = true;
+            } else if line.starts_with("note: ") || line.trim().is_empty() {
+                in_panic = false;
+            }
+            if in_panic || line.starts_with("corral: ") || line.contains("wasm trap:") {
+                said.push(line.trim());
+            }
+        }
+        if said.is_empty() {
+            said = lines[lines.len().saturating_sub(12)..].to_vec();
+        }
+        let tail = said.join("\n      ");
         if tail.is_empty() {
             String::new()
         } else {
