@@ -75,10 +75,13 @@ fn run(plan_path: &Path) -> anyhow::Result<ExitCode> {
     let kind = match &artifact.program {
         Program::Module(_) => None,
         Program::Component(c) => Some(host::component_kind(&engine, c).with_context(
-            || "the component exports neither wasi:cli/run nor wasi:http/incoming-handler (0.2.x)",
+            || "the component exports neither wasi:cli/run (0.2.x or 0.3.x) nor a wasi:http handler (wasi:http/incoming-handler@0.2.x or wasi:http/handler@0.3.x)",
         )?),
     };
-    let http = kind == Some(ComponentKind::HttpProxy);
+    let http = matches!(
+        kind,
+        Some(ComponentKind::HttpProxy | ComponentKind::HttpService)
+    );
     let app = app_spec(&plan, http)?;
 
     let mut caps = GuestCaps::none(

@@ -15,11 +15,13 @@ use corral_testkit::{free_port, guest, spawn_logged};
 
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-corral-v1");
 
-/// The task process of an http-echo.wasm container, serving.
-fn start_task() -> ServerProcess {
+/// The task process of a container of the guest `wasm` (http-echo.wasm,
+/// or the WASI 0.3 http3-probe.wasm that describes requests the same
+/// way), serving.
+fn start_task(wasm: &str) -> ServerProcess {
     let bundle = tempfile::tempdir().unwrap();
     let module = bundle.path().join("corral-module.wasm");
-    std::fs::copy(guest("http-echo.wasm"), &module).unwrap();
+    std::fs::copy(guest(wasm), &module).unwrap();
     let rootfs = bundle.path().join("rootfs");
     std::fs::create_dir(&rootfs).unwrap();
     // The shim's plan (shim/src/plan.rs TaskPlan), as it writes one.
@@ -28,7 +30,7 @@ fn start_task() -> ServerProcess {
         "mode": "wasm",
         "module": module,
         "rootfs": rootfs,
-        "argv": ["/http-echo.wasm"],
+        "argv": [format!("/{wasm}")],
         "env": [],
         "listen": format!("127.0.0.1:{}", free_port()),
         "cache_dir": bundle.path().join("cache"),
@@ -69,5 +71,15 @@ fn default_concurrency() -> usize {
 }
 
 mod shim_task {
-    corral_testkit::parity_tests!(super::start_task(), super::default_concurrency());
+    corral_testkit::parity_tests!(
+        super::start_task("http-echo.wasm"),
+        super::default_concurrency()
+    );
+}
+
+mod shim_task_wasi_0_3 {
+    corral_testkit::parity_tests!(
+        super::start_task("http3-probe.wasm"),
+        super::default_concurrency()
+    );
 }

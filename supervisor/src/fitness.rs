@@ -26,6 +26,13 @@ pub fn refusals(app: &AppSpec, kernel: &KernelSupport) -> Vec<String> {
     out
 }
 
+/// The world `app`'s module targets (`None`: unreadable, or none corral
+/// knows; [`refusals`] says why).
+pub fn world(app: &AppSpec) -> Option<corral_compiler::preflight::World> {
+    let source = corral_compiler::Source::read(&app.module).ok()?;
+    corral_compiler::preflight::world_of(&source)
+}
+
 /// This machine's kernel, probed once per process (it does not change
 /// under a running corrald).
 pub fn kernel() -> &'static KernelSupport {

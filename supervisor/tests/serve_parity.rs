@@ -2,7 +2,7 @@
 //! same checks (corral_testkit::serve: keep-alive, HTTP/2 with prior
 //! knowledge, the concurrency limit, drain on stop) run against corrald
 //! serving an http app of a policy and against `corral run --serve` on
-//! the same policy and app. (The shim's task process runs them in
+//! the same policy and app, with a WASI 0.2 and a WASI 0.3 handler. (The shim's task process runs them in
 //! shim/tests/serve_parity.rs.)
 
 use std::net::SocketAddr;
@@ -18,14 +18,14 @@ const CORRAL: &str = env!("CARGO_BIN_EXE_corral");
 /// The app's `pool.concurrency`.
 const CONCURRENCY: usize = 2;
 
-/// Write a policy with one http app `web` (http-echo.wasm, one worker of
+/// Write a policy with one http app `web` (`module`, one worker of
 /// [`CONCURRENCY`] slots) listening on `port`.
-fn write_policy(dir: &Path, port: u16) -> std::path::PathBuf {
+fn write_policy(dir: &Path, port: u16, module: &str) -> std::path::PathBuf {
     let policy = format!(
         "[daemon]\ncache-dir = \"cache\"\nstate-dir = \"state\"\napi-socket = \"api.sock\"\n\
          drain-timeout = \"20s\"\n\n\
          [defaults]\nsandbox = {{ landlock = \"best-effort\", seccomp = \"best-effort\" }}\n\n\
-         [apps.web]\nmodule = \"{}/http-echo.wasm\"\nkind = \"http\"\n\
+         [apps.web]\nmodule = \"{}/{module}\"\nkind = \"http\"\n\
          listen = [\"127.0.0.1:{port}\"]\npool = {{ min = 1, max = 1, concurrency = {CONCURRENCY} }}\n",
         guests_dir().display()
     );
@@ -35,10 +35,10 @@ fn write_policy(dir: &Path, port: u16) -> std::path::PathBuf {
 }
 
 /// corrald serving the policy, once it said READY=1.
-fn corrald() -> ServerProcess {
+fn corrald(module: &str) -> ServerProcess {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let policy = write_policy(dir.path(), port);
+    let policy = write_policy(dir.path(), port, module);
     let notify_path = dir.path().join("notify.sock");
     let notes = Notes::bind(&notify_path);
     let (mut child, log) = spawn_logged(
@@ -61,9 +61,9 @@ fn corrald() -> ServerProcess {
 
 /// `corral run --serve 127.0.0.1:0 --policy P --app web`, once it printed
 /// where it serves.
-fn corral_run() -> ServerProcess {
+fn corral_run(module: &str) -> ServerProcess {
     let dir = tempfile::tempdir().unwrap();
-    let policy = write_policy(dir.path(), free_port());
+    let policy = write_policy(dir.path(), free_port(), module);
     let (mut child, log) = spawn_logged(
         Command::new(CORRAL)
             .args(["run", "--serve", "127.0.0.1:0", "--policy"])
@@ -82,9 +82,19 @@ fn corral_run() -> ServerProcess {
 }
 
 mod corrald {
-    corral_testkit::parity_tests!(super::corrald(), super::CONCURRENCY);
+    corral_testkit::parity_tests!(super::corrald("http-echo.wasm"), super::CONCURRENCY);
 }
 
 mod corral_run {
-    corral_testkit::parity_tests!(super::corral_run(), super::CONCURRENCY);
+    corral_testkit::parity_tests!(super::corral_run("http-echo.wasm"), super::CONCURRENCY);
+}
+
+/// The same checks with a WASI 0.3 handler (http3-probe.wasm describes
+/// requests as http-echo.wasm does).
+mod corrald_wasi_0_3 {
+    corral_testkit::parity_tests!(super::corrald("http3-probe.wasm"), super::CONCURRENCY);
+}
+
+mod corral_run_wasi_0_3 {
+    corral_testkit::parity_tests!(super::corral_run("http3-probe.wasm"), super::CONCURRENCY);
 }

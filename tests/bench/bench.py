@@ -232,12 +232,47 @@ def http_rows(results, label, ours, theirs, peer_name):
 def scenario_http(args, results):
     wasm = os.path.join(GUESTS, "http-hello.wasm")
     ours = corral_http(args)
-    serve = peer_http(args, lambda port: [args.wasmtime, "serve", "-Scli", "--addr",
+    serve = peer_http(args, lambda port: [args.wasmtime, "serve", "-Scli", "-O",
+                                          "pooling-allocator", "--addr",
                                           f"127.0.0.1:{port}", wasm])
     native = peer_http(args, lambda port: [NATIVE_HELLO, f"127.0.0.1:{port}"])
-    http_rows(results, "HTTP hello", ours, serve, "wasmtime serve -Scli")
+    http_rows(results, "HTTP hello", ours, serve, "wasmtime serve -Scli -O pooling-allocator")
     http_rows(results, "HTTP hello", ours, native,
               "native hyper hello (the ceiling; supervisor/examples/native-hello.rs)")
+
+
+# ---------------------------------------------------------------- WASI 0.3
+
+HELLO3_APP = ('[apps.hello3]\nmodule = "{{guests}}/http3-hello.wasm"\nkind = "http"\n'
+              'listen = ["127.0.0.1:{port}"]\n'
+              'pool = {{ min = 2, max = 2, concurrency = 128{reuse} }}\n')
+
+
+def scenario_http3(args, results):
+    """The WASI 0.3 hello handler (tests/guests/http3-hello.wasm), corrald
+    against `wasmtime serve -O pooling-allocator` on the same component:
+    a fresh instance per request (corral's default; wasmtime serve with
+    --max-instance-reuse-count 1), then instance reuse (128 requests, 16 at
+    once: wasmtime serve's default for 0.3, corral's `pool.reuse`)."""
+    wasm = os.path.join(GUESTS, "http3-hello.wasm")
+    modes = [
+        ("fresh instance per request", "",
+         ["--max-instance-reuse-count", "1", "--max-instance-concurrent-reuse-count", "1"],
+         "wasmtime serve -Scli -O pooling-allocator --max-instance-reuse-count 1"),
+        ("instance reuse 128/16", ", reuse = { requests = 128, concurrent = 16 }",
+         ["--max-instance-reuse-count", "128", "--max-instance-concurrent-reuse-count", "16"],
+         "wasmtime serve -Scli -O pooling-allocator (reuse 128/16, its default)"),
+    ]
+    for label, reuse, flags, peer_name in modes:
+        port = free_port()
+        d = Corrald(HELLO3_APP.format(port=port, reuse=reuse))
+        http_get_ok(port)
+        ours = wrk_all(args, port)
+        d.close()
+        theirs = peer_http(args, lambda port: [args.wasmtime, "serve", "-Scli", "-O",
+                                               "pooling-allocator", *flags, "--addr",
+                                               f"127.0.0.1:{port}", wasm])
+        http_rows(results, f"HTTP hello, WASI 0.3, {label}", ours, theirs, peer_name)
 
 
 # ---------------------------------------------------------------- scenario 6
@@ -678,7 +713,7 @@ def write_report(meta, results):
     print("\n".join(lines))
 
 
-SCENARIOS = {"http": scenario_http, "sandbox": scenario_sandbox, "cold": scenario_cold,
+SCENARIOS = {"http": scenario_http, "http3": scenario_http3, "sandbox": scenario_sandbox, "cold": scenario_cold,
              "stdio": scenario_stdio, "cache": scenario_cache, "density": scenario_density}
 
 

@@ -51,10 +51,21 @@ impl CheckCommand {
             (Ok(policy), true) => {
                 warn_about_open_files(&policy);
                 let refused = refusals(&policy);
+                let worlds: std::collections::BTreeMap<&str, Option<String>> = policy
+                    .apps
+                    .iter()
+                    .map(|(name, app)| {
+                        (
+                            name.as_str(),
+                            crate::fitness::world(app).map(|w| w.to_string()),
+                        )
+                    })
+                    .collect();
                 let out = serde_json::json!({
                     "valid": true,
                     "runnable": refused.is_empty(),
                     "refused": refused,
+                    "worlds": worlds,
                     "policy": policy,
                 });
                 println!("{}", serde_json::to_string_pretty(&out)?);
@@ -114,6 +125,7 @@ pub(crate) fn render_table(policy: &Policy) -> String {
         [
             "APP",
             "KIND",
+            "WORLD",
             "LISTEN",
             "POOL",
             "SANDBOX",
@@ -135,6 +147,7 @@ pub(crate) fn render_table(policy: &Policy) -> String {
         rows.push(vec![
             name.clone(),
             app.kind.to_string(),
+            crate::fitness::world(app).map_or_else(|| "-".to_string(), |w| w.to_string()),
             if listen.is_empty() {
                 "-".into()
             } else {

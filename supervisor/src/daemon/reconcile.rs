@@ -60,6 +60,8 @@ impl Daemon {
         if !refused.is_empty() {
             anyhow::bail!("not started: {}", refused.join("; "));
         }
+        let world = crate::fitness::world(spec).map(|w| w.to_string());
+        self.registry.update(&spec.name, |info| info.world = world);
         let mut sockets = Vec::new();
         for addr in &spec.listen {
             sockets.push(self.socket(addr)?);

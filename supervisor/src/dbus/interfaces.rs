@@ -87,6 +87,7 @@ pub fn app_properties(a: &AppInfo) -> AppDict {
             "Artifact",
             Variant::from(a.artifact.clone().unwrap_or_default()),
         ),
+        ("World", Variant::from(a.world.clone().unwrap_or_default())),
         ("Sandbox", Variant::from(a.sandbox.clone())),
         ("Listen", Variant::from(a.listen.clone())),
         ("ZygotePid", Variant::from(a.zygote_pid.unwrap_or(0))),
@@ -103,6 +104,7 @@ pub const APP_PROPERTIES_EMITTING: &[&str] = &[
     "LastError",
     "Module",
     "Artifact",
+    "World",
     "Sandbox",
     "Listen",
     "ZygotePid",
@@ -557,6 +559,13 @@ impl AppObject {
         Ok(self.app()?.artifact.unwrap_or_default())
     }
 
+    /// The world the module targets (`wasi:http/service@0.3`, ...), "" when
+    /// not known.
+    #[zbus(property)]
+    async fn world(&self) -> fdo::Result<String> {
+        Ok(self.app()?.world.unwrap_or_default())
+    }
+
     /// Sandbox layers in force, as the zygote reported them.
     #[zbus(property)]
     async fn sandbox(&self) -> fdo::Result<Vec<String>> {
@@ -611,6 +620,7 @@ mod tests {
             last_error: None,
             module: "/srv/web.wasm".into(),
             artifact: None,
+            world: None,
             sandbox: vec!["seccomp=on".into()],
             listen: vec!["127.0.0.1:8080".into()],
             zygote_pid: None,

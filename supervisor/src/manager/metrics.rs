@@ -262,6 +262,7 @@ mod tests {
             last_error: None,
             module: "/m.wasm".into(),
             artifact: None,
+            world: None,
             sandbox: vec![],
             listen: vec![],
             zygote_pid: None,

@@ -78,6 +78,10 @@ pub struct AppInfo {
     pub module: String,
     /// `<triple>/<engine-hash>/<module-sha256>` of the artifact served.
     pub artifact: Option<String>,
+    /// The world the module targets (`wasi:http/service@0.3`,
+    /// `wasi:cli/command@0.2`, `wasi preview1 command`, ...), read from
+    /// its exports when the app was last started.
+    pub world: Option<String>,
     /// Sandbox layers in force, as the zygote reported them
     /// (`landlock=abi7(files,tcp,scoping)`, `seccomp=on(130 calls)`).
     pub sandbox: Vec<String>,
