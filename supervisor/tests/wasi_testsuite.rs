@@ -210,9 +210,53 @@ fn wasi_testsuite_preview1() {
 // WASI 0.3
 
 /// How many of the 0.3 tests must pass. The wasmtime 49.0.3 CLI with the
-/// suite's own adapter passes 49 of 55 on this machine; see the suite's
-/// README for its six failures.
-const P3_FLOOR: usize = 0;
+/// suite's own adapter passes 49 of 55 on this machine (see the suite's
+/// README for its six failures); corral passes 48: all of those 49 but the
+/// two of [`P3_KNOWN`] that wasmtime passes, plus filesystem-read-directory,
+/// which wasmtime fails.
+const P3_FLOOR: usize = 48;
+
+/// The 0.3 tests corral fails, and who is wrong (printed beside the
+/// failure; a test listed here that passes is said too).
+const P3_KNOWN: &[(&str, &str)] = &[
+    (
+        "filesystem-hard-links",
+        "corral's sandbox: linking the preopened root itself (`.`) gets EXDEV from landlock \
+         (its refer check runs before the VFS refuses a directory link with EPERM, and the \
+         root's parent is outside the ruleset), which WASI reports as cross-device; the test \
+         accepts only not-permitted or access; passes with --no-sandbox",
+    ),
+    (
+        "http-client-sent",
+        "wasmtime-wasi-http 48.0.8: the transmission future of a request whose send failed \
+         resolves ok (wasmtime issue 14112, fixed by PR 14148 in 49, not in the 48 line)",
+    ),
+    (
+        "http-client-path-none",
+        "wasmtime-wasi-http (48 and 49): a request without a path fails with \
+         HTTP-request-URI-invalid; the test expects `/`; an expected failure upstream",
+    ),
+    (
+        "http-service-uri",
+        "corral and wasmtime serve: the incoming request of a 0.3 handler has no scheme \
+         (0.2 handlers get `http`); an expected failure upstream",
+    ),
+    (
+        "http-request",
+        "wasmtime-wasi-http (48 and 49): set-path-with-query accepts `a/b/c` (no leading `/`) \
+         where the test wants an error; wasmtime 49.0.3 fails it too",
+    ),
+    (
+        "sockets-tcp-properties",
+        "the suite: the test has no .json listing the `sockets` proposal, so it gets no network \
+         (access-denied); passes with --connect any --listen any",
+    ),
+    (
+        "sockets-udp-properties",
+        "the suite: the test has no .json listing the `sockets` proposal, so it gets no network \
+         (access-denied); passes with --connect any --listen any",
+    ),
+];
 
 /// How long one `wait`, `read`, `connect`, `recv` or `request` may take
 /// (the first run of a test compiles it, and re-executes `corral run`).
@@ -1052,10 +1096,15 @@ fn wasi_testsuite_p3() {
     for wasm in &tests {
         remove_cleanup_files(&copy);
         let name = wasm.file_stem().unwrap().to_string_lossy().into_owned();
-        match run_p3(wasm, &cache) {
-            Ok(()) => eprintln!("ok   {name}"),
-            Err(why) => {
+        let known = P3_KNOWN.iter().find(|(n, _)| *n == name).map(|(_, w)| *w);
+        match (run_p3(wasm, &cache), known) {
+            (Ok(()), None) => eprintln!("ok   {name}"),
+            (Ok(()), Some(_)) => eprintln!("ok   {name} (listed in P3_KNOWN: take it out)"),
+            (Err(why), known) => {
                 eprintln!("FAIL {name}: {why}");
+                if let Some(known) = known {
+                    eprintln!("    known: {known}");
+                }
                 failures.push(name);
             }
         }
@@ -1066,13 +1115,8 @@ fn wasi_testsuite_p3() {
         tests.len(),
         failures.join(", ")
     );
-    #[allow(
-        clippy::absurd_extreme_comparisons,
-        reason = "the floor rises with the WASI 0.3 host"
-    )]
-    let enough = passed >= P3_FLOOR;
     assert!(
-        enough,
+        passed >= P3_FLOOR,
         "{passed} of {} passed, fewer than {P3_FLOOR}; failed: {failures:#?}",
         tests.len()
     );

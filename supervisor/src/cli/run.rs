@@ -20,6 +20,13 @@ use corral_runtime::host::{
 use corral_runtime::sandbox::{self, SandboxPlan};
 
 const RUN_EXIT_CODES: &str = "\
+Examples:
+  corral run --dir ./data::/data:ro --env LANG=C app.wasm -- --verbose
+  corral run --connect 127.0.0.1:5432 --connect api.example.com:443 client.wasm
+  corral run --listen 127.0.0.1:0 --connect any tcp-server.wasm
+  corral run --serve 127.0.0.1:0 --connect 127.0.0.1:8081 handler.wasm
+  corral run --policy /etc/corral/policy.toml --app web --serve 127.0.0.1:8080
+
 Exit codes:
   0-123  the guest's own exit code (wasi exit / proc_exit; a command
          component whose run returns an error exits 1)
@@ -53,11 +60,11 @@ pub struct RunCommand {
     #[arg(long = "connect", value_name = "HOST:PORT|any", value_parser = parse_connect)]
     pub connect: Vec<ConnectTarget>,
 
-    /// Let the guest bind and listen on ADDR itself (a TCP or UDP server
-    /// through WASI sockets) and accept connections there: IP:PORT, port 0
-    /// for any port on that address (including the one the kernel picks),
-    /// or `any` for every address and port. Replies to other peers need
-    /// --connect. Repeatable.
+    /// Let the guest bind and listen on IP:PORT itself (a TCP or UDP
+    /// server through WASI sockets) and accept connections there; port 0
+    /// means any port on that address (the one the kernel picks included),
+    /// `any` every address and port. Datagrams it sends need --connect.
+    /// Repeatable.
     #[arg(long = "listen", value_name = "IP:PORT|any", value_parser = parse_listen)]
     pub listen: Vec<GuestListen>,
 
