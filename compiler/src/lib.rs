@@ -14,6 +14,7 @@ mod deserialize;
 mod engine;
 mod error;
 mod fs;
+pub mod image;
 mod lock;
 pub mod preflight;
 mod source;

@@ -270,6 +270,7 @@ impl AppSpecBuilder {
         Ok(AppSpec {
             name: self.name,
             module: module.expect("no problems, so the module was found"),
+            oci: None,
             kind: self.kind,
             listen,
             args: self.args,

@@ -31,6 +31,10 @@ pub const POOL: PoolSpec = PoolSpec {
     reuse: None,
 };
 
+/// `limits.module-size`: large components (an interpreter with its
+/// standard library) reach tens of MiB.
+pub const MODULE_SIZE: u64 = 256 * 1024 * 1024;
+
 pub(crate) const WASM_PAGE: u64 = 64 * 1024;
 
 /// Default limits; the timeout depends on the kind (a long-running
@@ -45,6 +49,7 @@ pub const fn limits(kind: AppKind) -> Limits {
         instances: 1000,
         tables: 1000,
         stdout: 1024 * 1024,
+        module_size: MODULE_SIZE,
     }
 }
 

@@ -15,6 +15,7 @@ mod addr;
 mod builder;
 pub mod defaults;
 mod error;
+pub mod oci;
 mod parse;
 mod source;
 mod spec;

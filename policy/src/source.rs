@@ -80,7 +80,7 @@ pub(crate) enum NodeKind {
     Str(String),
     Int(i64),
     Float,
-    Bool,
+    Bool(bool),
     Datetime,
     Array(Vec<Node>),
     Table(Table),
@@ -93,7 +93,7 @@ impl NodeKind {
             NodeKind::Str(_) => "a string",
             NodeKind::Int(_) => "an integer",
             NodeKind::Float => "a float",
-            NodeKind::Bool => "a boolean",
+            NodeKind::Bool(_) => "a boolean",
             NodeKind::Datetime => "a date-time",
             NodeKind::Array(_) => "an array",
             NodeKind::Table(_) => "a table",
@@ -217,7 +217,7 @@ fn convert_value(
             }
         },
         DeValue::Float(_) => NodeKind::Float,
-        DeValue::Boolean(_) => NodeKind::Bool,
+        DeValue::Boolean(b) => NodeKind::Bool(b),
         DeValue::Datetime(_) => NodeKind::Datetime,
         DeValue::Array(items) => NodeKind::Array(
             items

@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use crate::addr::{ConnectHost, ConnectTarget, GuestListen, ListenAddr};
+pub use crate::oci::{OciRef, OciVersion, RegistrySpec};
 
 /// A loaded and validated policy.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -28,6 +29,10 @@ pub struct Policy {
     pub daemon: DaemonSpec,
     /// Apps by name (names are unique; iteration is in name order).
     pub apps: BTreeMap<String, AppSpec>,
+    /// `[registries."HOST[:PORT]"]`: how to reach a registry that `oci://`
+    /// modules name (a registry not listed is reached over HTTPS with the
+    /// system's CAs and no credentials).
+    pub registries: BTreeMap<String, RegistrySpec>,
     /// `[sockets.NAME]`: sockets systemd holds for apps that listen on
     /// `systemd:NAME`, by name.
     pub sockets: BTreeMap<String, SocketSpec>,
@@ -76,8 +81,14 @@ pub struct DaemonSpec {
 #[non_exhaustive]
 pub struct AppSpec {
     pub name: String,
-    /// Absolute path of the module or component.
+    /// Absolute path of the module or component. For an `oci://` app
+    /// ([`AppSpec::oci`]) it is empty in the policy and set by whoever
+    /// fetched the reference (corrald, `corral run`, `corral compile`) to
+    /// the verified module in the cache.
     pub module: PathBuf,
+    /// The registry reference the module comes from, if it is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<OciRef>,
     pub kind: AppKind,
     pub listen: Vec<ListenAddr>,
     pub args: Vec<String>,
@@ -246,6 +257,9 @@ pub struct Limits {
     pub tables: u32,
     /// Bytes of guest stdout and stderr logged per request or run.
     pub stdout: u64,
+    /// The largest module fetched from a registry for this app (every blob
+    /// of its image, the module too, is refused past it).
+    pub module_size: u64,
 }
 
 /// Whether each OS sandbox layer must be present.

@@ -15,11 +15,8 @@ use bytes::{Buf as _, Bytes};
 use sha2::{Digest as _, Sha256};
 
 /// Layer media types that are a Wasm module or component.
-pub const WASM_LAYER_TYPES: &[&str] = &[
-    "application/vnd.wasm.content.layer.v1+wasm",
-    "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm",
-    "application/vnd.w3c.wasm.module.v1+wasm",
-];
+pub use corral_compiler::image::WASM_LAYER_TYPES;
+use corral_compiler::image::{self, Descriptor, ImageError, Parsed};
 
 /// The largest module read (a guard against a bad descriptor).
 const MAX_BLOB: u64 = 512 * 1024 * 1024;
@@ -72,38 +69,6 @@ struct Client {
     namespace: String,
 }
 
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Descriptor {
-    #[serde(default)]
-    media_type: String,
-    digest: String,
-    #[serde(default)]
-    size: u64,
-    #[serde(default)]
-    platform: Option<Platform>,
-}
-
-#[derive(serde::Deserialize)]
-struct Platform {
-    #[serde(default)]
-    os: String,
-    #[serde(default)]
-    architecture: String,
-}
-
-#[derive(serde::Deserialize)]
-struct Listing {
-    #[serde(default, rename = "mediaType")]
-    media_type: String,
-    /// An index's manifests.
-    #[serde(default)]
-    manifests: Vec<Descriptor>,
-    /// A manifest's layers.
-    #[serde(default)]
-    layers: Vec<Descriptor>,
-}
-
 impl Client {
     async fn connect(address: &str, namespace: &str) -> anyhow::Result<Client> {
         let path = address.strip_prefix("unix://").unwrap_or(address);
@@ -141,28 +106,17 @@ impl Client {
         };
         for _ in 0..2 {
             let blob = self.read(&desc).await?;
-            let listing: Listing = serde_json::from_slice(&blob)
-                .with_context(|| format!("parsing {} ({})", desc.digest, desc.media_type))?;
-            let media_type = if desc.media_type.is_empty() {
-                listing.media_type.clone()
-            } else {
-                desc.media_type.clone()
-            };
-            if media_type.contains("index") || media_type.contains("manifest.list") {
-                let Some(m) = pick_manifest(listing.manifests) else {
+            // The media-type rules are corral_compiler::image's, shared with
+            // `corral pull` and corrald's registry fetches.
+            match image::parse(&desc.media_type, &blob) {
+                Ok(Parsed::Index(entry)) => desc = entry,
+                Ok(Parsed::Module(layer)) => return Ok(Some(self.read(&layer).await?)),
+                // Not a Wasm image: the shim runs its rootfs instead.
+                Err(ImageError::NoWasmLayer { .. } | ImageError::NoWasmPlatform(_)) => {
                     return Ok(None);
-                };
-                desc = m;
-                continue;
+                }
+                Err(e) => bail!("{name}: {} ({}): {e}", desc.digest, desc.media_type),
             }
-            let Some(layer) = listing
-                .layers
-                .into_iter()
-                .find(|l| WASM_LAYER_TYPES.contains(&l.media_type.as_str()))
-            else {
-                return Ok(None);
-            };
-            return Ok(Some(self.read(&layer).await?));
         }
         bail!("{name}: an index of indexes");
     }
@@ -257,21 +211,6 @@ fn grpc_status(path: &str, headers: &http::HeaderMap) -> anyhow::Result<()> {
 
 /// The manifest of an index for Wasm (`os` wasi/wasip1/wasip2 or
 /// `architecture` wasm), else for this host, else the first.
-fn pick_manifest(manifests: Vec<Descriptor>) -> Option<Descriptor> {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    };
-    let score = |d: &Descriptor| match &d.platform {
-        Some(p) if p.architecture == "wasm" || p.os.starts_with("wasi") => 2,
-        Some(p) if p.os == "linux" && p.architecture == arch => 1,
-        _ => 0,
-    };
-    let best = manifests.iter().map(score).max()?;
-    manifests.into_iter().find(|d| score(d) == best)
-}
-
 fn text(b: Option<&[u8]>) -> String {
     String::from_utf8_lossy(b.unwrap_or_default()).into_owned()
 }
@@ -376,27 +315,5 @@ mod tests {
         assert!(field(&image, 9).is_none());
         // Truncated input ends the iteration instead of panicking.
         assert!(field(&image[..image.len() - 3], 3).is_none());
-    }
-
-    #[test]
-    fn index_prefers_wasm_then_host() {
-        let d = |os: &str, arch: &str, digest: &str| Descriptor {
-            media_type: String::new(),
-            digest: digest.into(),
-            size: 0,
-            platform: Some(Platform {
-                os: os.into(),
-                architecture: arch.into(),
-            }),
-        };
-        let picked = pick_manifest(vec![d("linux", "s390x", "a"), d("wasip1", "wasm", "b")]);
-        assert_eq!(picked.unwrap().digest, "b");
-        assert_eq!(
-            pick_manifest(vec![d("linux", "s390x", "a")])
-                .unwrap()
-                .digest,
-            "a"
-        );
-        assert!(pick_manifest(Vec::new()).is_none());
     }
 }

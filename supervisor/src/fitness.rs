@@ -18,11 +18,15 @@ pub fn refusals(app: &AppSpec, kernel: &KernelSupport) -> Vec<String> {
     if let Err(e) = SandboxPlan::for_app(app).predict(kernel) {
         out.push(e.to_string());
     }
-    out.extend(
-        corral_compiler::preflight::check_app(app)
-            .iter()
-            .map(ToString::to_string),
-    );
+    // An `oci://` app not fetched yet (`corral check` does not go to the
+    // registry) has no module file: corrald checks it once fetched.
+    if app.oci.is_none() || !app.module.as_os_str().is_empty() {
+        out.extend(
+            corral_compiler::preflight::check_app(app)
+                .iter()
+                .map(ToString::to_string),
+        );
+    }
     out
 }
 

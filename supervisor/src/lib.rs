@@ -10,3 +10,4 @@ pub mod daemon;
 pub mod dbus;
 pub mod fitness;
 pub mod manager;
+pub mod oci;

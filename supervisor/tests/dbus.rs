@@ -420,7 +420,7 @@ fn dict(value: &Value) -> Map<String, Value> {
 /// An app's a{sv} as the socket API's JSON: "" and 0 stand for null.
 fn app_json(value: &Value) -> Value {
     let mut app = dict(value);
-    for key in ["last_error", "artifact"] {
+    for key in ["last_error", "digest", "artifact"] {
         if app[key] == json!("") {
             app.insert(key.into(), Value::Null);
         }

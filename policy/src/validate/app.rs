@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use super::checker::{Checker, join};
 use super::tables::{limits_spec, pool_spec, restart_spec, sandbox_spec};
 use crate::addr::{parse_connect, parse_listen};
+use crate::oci::OciRef;
 use crate::parse::normalize_guest_path;
 use crate::source::{Loc, Node, NodeKind, Table};
 use crate::spec::*;
@@ -78,8 +79,13 @@ pub(super) fn app_spec(
 
     let module = match t.get("module") {
         Some(e) => cx.string(&e.value, &key("module")).and_then(|m| {
-            let resolved = cx.resolve(e.value.at, m);
-            match check_module(m, resolved) {
+            // `oci://...`: no file yet (corrald resolves and fetches it).
+            let checked = if OciRef::is_reference(m) {
+                OciRef::parse(m).map(|r| (PathBuf::new(), Some(r)))
+            } else {
+                check_module(m, cx.resolve(e.value.at, m)).map(|p| (p, None))
+            };
+            match checked {
                 Ok(module) => Some(module),
                 Err(why) => {
                     cx.error(e.value.at, &key("module"), why);
@@ -91,7 +97,7 @@ pub(super) fn app_spec(
             missing(
                 cx,
                 "module",
-                "the path of the .wasm or .wat file (relative to this policy file)",
+                "the path of the .wasm or .wat file (relative to this policy file), or an oci:// reference",
             );
             None
         }
@@ -150,9 +156,11 @@ pub(super) fn app_spec(
     if cx.error_count() != before || partial == Partial::Yes {
         return None;
     }
+    let (module, oci) = module?;
     Some(AppSpec {
         name: name.to_string(),
-        module: module?,
+        module,
+        oci,
         kind: kind?,
         listen: listen?,
         args: args?,

@@ -17,6 +17,7 @@ mod across;
 pub(crate) mod app;
 mod checker;
 mod daemon;
+mod registries;
 mod sockets;
 pub(crate) mod tables;
 
@@ -35,7 +36,7 @@ use checker::join;
 use daemon::daemon_spec;
 use sockets::{check_sockets_against_apps, sockets_spec};
 
-const TOP_KEYS: &[&str] = &["daemon", "defaults", "apps", "sockets"];
+const TOP_KEYS: &[&str] = &["daemon", "defaults", "apps", "sockets", "registries"];
 
 /// Validate a merged document. `Err` carries every problem found.
 pub(crate) fn validate(
@@ -98,6 +99,7 @@ pub(crate) fn validate(
     check_across_apps(&mut cx, &apps, &app_names_at);
     let sockets = sockets_spec(&mut cx, doc);
     check_sockets_against_apps(&mut cx, doc, &sockets, &apps);
+    let registries = registries::registries_spec(&mut cx, doc);
 
     if cx.error_count() > 0 {
         return Err(cx.into_diagnostics());
@@ -108,6 +110,7 @@ pub(crate) fn validate(
         daemon,
         apps,
         sockets,
+        registries,
     })
 }
 
@@ -164,6 +167,11 @@ mod tests {
             keys.extend(list.iter().map(|k| format!("{prefix}{k}")));
         }
         keys.extend(SOCKET_KEYS.iter().map(|k| format!("sockets.NAME.{k}")));
+        keys.extend(
+            registries::REGISTRY_KEYS
+                .iter()
+                .map(|k| format!("registries.HOST.{k}")),
+        );
         for key in keys {
             assert!(
                 doc.contains(&format!("`{key}`")),

@@ -22,7 +22,14 @@ pub(super) const ZYGOTE_MODES: &[(&str, ZygoteMode)] = &[
     ("on-demand", ZygoteMode::OnDemand),
     ("kept", ZygoteMode::Kept),
 ];
-pub(super) const LIMIT_KEYS: &[&str] = &["memory", "timeout", "instances", "tables", "stdout"];
+pub(super) const LIMIT_KEYS: &[&str] = &[
+    "memory",
+    "timeout",
+    "instances",
+    "tables",
+    "stdout",
+    "module-size",
+];
 pub(super) const SANDBOX_KEYS: &[&str] = &["landlock", "seccomp"];
 pub(super) const RESTART_KEYS: &[&str] = &["on", "backoff", "give-up"];
 pub(super) const ENFORCEMENTS: &[(&str, Enforcement)] = &[
@@ -256,6 +263,18 @@ pub(super) fn limits_spec(
         && let Some(n) = cx.size(&e.value, &join(path, "stdout"))
     {
         limits.stdout = n;
+    }
+    if let Some(e) = t.get("module-size")
+        && let Some(n) = cx.size(&e.value, &join(path, "module-size"))
+    {
+        if n < 8 {
+            cx.error(
+                e.value.at,
+                &join(path, "module-size"),
+                format!("{n} bytes cannot hold a module: use a size such as \"64MiB\""),
+            );
+        }
+        limits.module_size = n;
     }
     (cx.error_count() == before).then_some(limits)
 }

@@ -513,7 +513,7 @@ fn snake_case(camel: &str) -> String {
 }
 
 /// Fields that are `null` in the JSON when D-Bus says `""` or `0`.
-const OPTIONAL: [&str; 4] = ["last_error", "artifact", "world", "zygote_pid"];
+const OPTIONAL: [&str; 5] = ["last_error", "digest", "artifact", "world", "zygote_pid"];
 
 fn dict_to_json(dict: &Dict) -> Value {
     let mut out = Map::new();

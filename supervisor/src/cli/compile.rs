@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use bytesize::ByteSize;
 use corral_compiler::{
     BuiltEngine, Cache, CpuFeatures, EngineOptions, ProgramKind, Source, build_engine, host_triple,
@@ -128,12 +128,24 @@ impl CompileCommand {
         if let Some(policy) = &policy {
             for (name, app) in &policy.apps {
                 let opts = EngineOptions::for_app(app).with_cpu(self.cpu_features);
-                inputs.push((Some(name.clone()), app.module.clone(), opts));
+                // An oci:// module is fetched (resolving a tag now) first.
+                let file = match &app.oci {
+                    Some(r) => {
+                        let dir = self.dir.resolve(Some(policy))?;
+                        super::pull::fetch(r, Some(policy), &dir, app.limits.module_size)
+                            .with_context(|| format!("app {name}"))?
+                            .path
+                    }
+                    None => app.module.clone(),
+                };
+                inputs.push((Some(name.clone()), file, opts));
             }
         } else {
             let opts = EngineOptions::default_for_cli().with_cpu(self.cpu_features);
             for file in &self.files {
-                inputs.push((None, file.clone(), opts.clone()));
+                let fetched = super::pull::file_or_fetched(file, None, &self.dir)?;
+                let label = (fetched != *file).then(|| file.display().to_string());
+                inputs.push((label, fetched, opts.clone()));
             }
         }
 

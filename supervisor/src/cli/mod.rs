@@ -20,6 +20,7 @@ mod control;
 mod docs;
 mod doctor;
 mod events;
+mod pull;
 mod run;
 mod status;
 
@@ -30,6 +31,7 @@ pub use control::{Action, AppCommand, ReloadCommand};
 pub use docs::{CompletionsCommand, ManCommand};
 pub use doctor::DoctorCommand;
 pub use events::EventsCommand;
+pub use pull::{PullCommand, PushCommand};
 pub use run::RunCommand;
 pub use status::{AppsCommand, StatusCommand};
 
@@ -58,6 +60,10 @@ pub enum Command {
     Compile(CompileCommand),
     /// List, verify, garbage-collect or clear the artifact cache.
     Cache(CacheCommand),
+    /// Fetch modules from OCI registries, verify and compile them into the cache.
+    Pull(PullCommand),
+    /// Publish a module in an OCI registry (CNCF Wasm artifact).
+    Push(PushCommand),
     /// Show the kernel's sandbox features and the layers each app would get.
     Doctor(DoctorCommand),
     /// Run a Wasm module or component once, or serve an http component.
@@ -93,6 +99,8 @@ impl Cli {
             Command::Compile(c) => c.execute(),
             Command::Cache(c) => c.execute(),
             Command::Doctor(c) => c.execute(),
+            Command::Pull(c) => c.execute(),
+            Command::Push(c) => c.execute(),
             Command::Run(c) => c.execute(),
             Command::Status(c) => c.execute(),
             Command::Apps(c) => c.execute(),

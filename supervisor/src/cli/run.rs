@@ -259,8 +259,17 @@ impl RunCommand {
                     );
                 };
                 let caps = GuestCaps::for_app(app, |n| std::env::var(n).ok());
-                let file = self.file.clone().unwrap_or_else(|| app.module.clone());
                 let cache_dir = self.cache.resolve(Some(&policy))?;
+                let file = match (&self.file, &app.oci) {
+                    (Some(file), _) => {
+                        super::pull::file_or_fetched(file, Some(&policy), &self.cache)?
+                    }
+                    (None, Some(r)) => {
+                        super::pull::fetch(r, Some(&policy), &cache_dir, app.limits.module_size)?
+                            .path
+                    }
+                    (None, None) => app.module.clone(),
+                };
                 (
                     file,
                     caps,
@@ -270,10 +279,14 @@ impl RunCommand {
                 )
             }
             _ => {
-                let file = self.file.clone().context("FILE is required")?;
-                let argv0 = file
+                let written = self.file.clone().context("FILE is required")?;
+                // An oci:// FILE is fetched first; argv[0] is the
+                // repository's last component then.
+                let file = super::pull::file_or_fetched(&written, None, &self.cache)?;
+                let argv0 = written
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
+                    .map(|n| n.split([':', '@']).next().unwrap_or_default().to_string())
                     .unwrap_or_else(|| file.display().to_string());
                 let cache_dir = self.cache.resolve(None)?;
                 let engine_options = match self.serve {

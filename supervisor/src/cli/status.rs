@@ -169,6 +169,7 @@ pub(crate) fn render_app(a: &Value, now: u64) -> String {
         ),
         ("Last error", text(&a["last_error"])),
         ("Module", text(&a["module"])),
+        ("Digest", text(&a["digest"])),
         ("World", text(&a["world"])),
         ("Artifact", text(&a["artifact"])),
         ("Sandbox", text(&a["sandbox"])),

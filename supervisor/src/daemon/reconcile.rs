@@ -78,13 +78,106 @@ impl Daemon {
     }
 
     /// Prepare and start `spec`; `None` if it failed (logged, state set).
-    pub(super) async fn start_app(&mut self, spec: &AppSpec) -> Option<oneshot::Receiver<()>> {
-        match self.prepare(spec).await {
-            Ok((listeners, artifact)) => Some(self.spawn_app(spec, listeners, artifact)),
+    pub(super) async fn start_app(
+        &mut self,
+        spec: &AppSpec,
+        resolve: Resolve,
+    ) -> Option<oneshot::Receiver<()>> {
+        let prepared = match self.resolve(spec, resolve).await {
+            Ok(resolved) => self.prepare(&resolved).await.map(|p| (resolved, p)),
+            Err(e) => Err(e),
+        };
+        match prepared {
+            Ok((resolved, (listeners, artifact))) => {
+                Some(self.spawn_app(&resolved, listeners, artifact))
+            }
             Err(e) => {
                 self.not_started(spec, &e);
                 None
             }
+        }
+    }
+
+    /// `spec` with its `oci://` module fetched: the module's path set to
+    /// the verified copy in the store. With [`Resolve::Fresh`] (corrald
+    /// starting, a reload) a tag is resolved at the registry; when that
+    /// fails and no version of the app serves, the reference's pin (what it
+    /// last resolved to, `<state>/oci-pins.json`) is used if its module is
+    /// still stored. [`Resolve::Pinned`] (restarts, retries, API starts)
+    /// uses the pin and only fetches a reference never resolved; so does a
+    /// `@sha256:` reference already fetched, whatever `how` says.
+    pub(super) async fn resolve(
+        &mut self,
+        spec: &AppSpec,
+        how: Resolve,
+    ) -> anyhow::Result<AppSpec> {
+        let Some(reference) = &spec.oci else {
+            return Ok(spec.clone());
+        };
+        let key = reference.to_string();
+        let cache_dir = self.policy.daemon.cache_dir.clone();
+        let pinned = self.pins.get(&key).cloned().filter(|pin| {
+            std::fs::metadata(crate::oci::store_path(&cache_dir, &pin.module)).is_ok()
+        });
+        let use_pin = |pin: &crate::oci::Pin| {
+            let mut resolved = spec.clone();
+            resolved.module = crate::oci::store_path(&cache_dir, &pin.module);
+            resolved
+        };
+        // A digest never moves: once fetched, no need to ask again.
+        let by_digest = matches!(reference.version, corral_policy::OciVersion::Digest(_));
+        if (how == Resolve::Pinned || by_digest)
+            && let Some(pin) = &pinned
+        {
+            return Ok(use_pin(pin));
+        }
+        let registries = crate::oci::Registries(self.policy.registries.clone());
+        let fetched = crate::oci::fetch(
+            reference,
+            &registries,
+            &cache_dir,
+            spec.limits.module_size,
+            crate::oci::Progress::Quiet,
+        )
+        .await;
+        match fetched {
+            Ok(f) => {
+                tracing::info!(
+                    app = spec.name,
+                    "{key} resolved to sha256:{} (module sha256:{}, {} bytes{})",
+                    f.manifest,
+                    f.module,
+                    f.size,
+                    if f.cached { ", already stored" } else { "" }
+                );
+                let pin = crate::oci::Pin {
+                    manifest: f.manifest.clone(),
+                    module: f.module.clone(),
+                };
+                if let Err(e) = self.pins.set(&key, pin) {
+                    tracing::warn!(app = spec.name, "cannot record the pin of {key}: {e:#}");
+                }
+                self.registry.update(&spec.name, |info| {
+                    info.digest = Some(format!("sha256:{}", f.manifest));
+                });
+                let mut resolved = spec.clone();
+                resolved.module = f.path;
+                Ok(resolved)
+            }
+            Err(e) => match pinned {
+                Some(pin) if !self.apps.contains_key(&spec.name) => {
+                    tracing::warn!(
+                        app = spec.name,
+                        "cannot resolve {key} ({e:#}); serving what it last resolved to, sha256:{}",
+                        pin.manifest
+                    );
+                    self.registry.update(&spec.name, |info| {
+                        info.digest = Some(format!("sha256:{}", pin.manifest));
+                    });
+                    Ok(use_pin(&pin))
+                }
+                _ => Err(e.context(format!("fetching {key}"))),
+            },
         }
     }
 
@@ -143,7 +236,7 @@ impl Daemon {
             };
             tracing::info!(app = name, "trying to start it again");
             // Its readiness is not waited for: READY=1 was sent.
-            let _ = self.start_app(&spec).await;
+            let _ = self.start_app(&spec, Resolve::Pinned).await;
         }
     }
 
@@ -307,8 +400,13 @@ impl Daemon {
                 }
                 continue;
             }
-            let prepared = match self.prepare(spec).await {
-                Ok(prepared) => prepared,
+            let resolved = self.resolve(spec, Resolve::Fresh).await;
+            let prepared = match resolved {
+                Ok(resolved) => self.prepare(&resolved).await.map(|p| (resolved, p)),
+                Err(e) => Err(e),
+            };
+            let (resolved, prepared) = match prepared {
+                Ok(both) => both,
                 Err(e) => {
                     let reason = format!("{e:#}");
                     if self.apps.contains_key(name) {
@@ -333,6 +431,7 @@ impl Daemon {
                     continue;
                 }
             };
+            let spec = &resolved;
             self.registry.declare(spec);
             match self.apps.get(name) {
                 Some(running) if running.spec == *spec && running.artifact == prepared.1.key => {
@@ -457,10 +556,14 @@ impl Daemon {
             "{}",
             if always { "restarting" } else { "starting" }
         );
-        match self.prepare(&spec).await {
-            Ok((listeners, artifact)) => {
-                Ok(Pending::Ready(self.spawn_app(&spec, listeners, artifact)))
-            }
+        let prepared = match self.resolve(&spec, Resolve::Pinned).await {
+            Ok(resolved) => self.prepare(&resolved).await.map(|p| (resolved, p)),
+            Err(e) => Err(e),
+        };
+        match prepared {
+            Ok((resolved, (listeners, artifact))) => Ok(Pending::Ready(
+                self.spawn_app(&resolved, listeners, artifact),
+            )),
             Err(e) => {
                 let why = format!("{e:#}");
                 // A running version keeps serving; otherwise it failed (or
@@ -504,6 +607,10 @@ impl Daemon {
     /// the new artifact (a stopped app stays stopped).
     async fn recompile_request(&mut self, name: &str) -> Result<Pending, manager::ManagerError> {
         let spec = self.spec_of(name)?;
+        let spec = self
+            .resolve(&spec, Resolve::Pinned)
+            .await
+            .map_err(|e| manager::ManagerError::Failed(format!("{e:#}")))?;
         let cache = self.cache.clone();
         let module = spec.module.clone();
         let compiled = tokio::task::spawn_blocking(move || -> anyhow::Result<Duration> {
@@ -535,6 +642,15 @@ impl Daemon {
         }
         self.start_request(name, true).await
     }
+}
+
+/// Whether a tag is resolved at the registry now (corrald starting, a
+/// reload) or taken from what it last resolved to (everything else: a tag
+/// never moves silently).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resolve {
+    Fresh,
+    Pinned,
 }
 
 /// When to try starting an app again, and the wait after that.

@@ -25,7 +25,7 @@ use sd_notify::NotifyState;
 use tokio::sync::watch;
 
 use super::listeners::SystemdSockets;
-use super::reconcile::policy_files;
+use super::reconcile::{Resolve, policy_files};
 use super::sys;
 use crate::manager::{self, Manager, Registry};
 
@@ -116,6 +116,8 @@ pub(super) struct Daemon {
     /// Apps that failed before they started, whose held sockets close
     /// each connection at once (see `Daemon::turn_away`).
     pub(super) turned_away: BTreeMap<String, tokio::task::JoinHandle<()>>,
+    /// What each `oci://` reference resolved to (`<state>/oci-pins.json`).
+    pub(super) pins: crate::oci::Pins,
 }
 
 async fn serve(
@@ -152,6 +154,7 @@ async fn serve(
         retired: Vec::new(),
         retries: BTreeMap::new(),
         turned_away: BTreeMap::new(),
+        pins: crate::oci::Pins::load(&policy.daemon.state_dir),
         policy,
     };
     let apps = daemon.policy.apps.clone();
@@ -187,7 +190,7 @@ async fn serve(
         let start_all = async {
             let mut readiness = Vec::new();
             for spec in apps.values() {
-                if let Some(ready) = daemon.start_app(spec).await {
+                if let Some(ready) = daemon.start_app(spec, Resolve::Fresh).await {
                     readiness.push(ready);
                 }
             }

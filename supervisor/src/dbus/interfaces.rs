@@ -84,6 +84,10 @@ pub fn app_properties(a: &AppInfo) -> AppDict {
         ),
         ("Module", Variant::from(a.module.clone())),
         (
+            "Digest",
+            Variant::from(a.digest.clone().unwrap_or_default()),
+        ),
+        (
             "Artifact",
             Variant::from(a.artifact.clone().unwrap_or_default()),
         ),
@@ -103,6 +107,7 @@ pub const APP_PROPERTIES_EMITTING: &[&str] = &[
     "Workers",
     "LastError",
     "Module",
+    "Digest",
     "Artifact",
     "World",
     "Sandbox",
@@ -547,10 +552,17 @@ impl AppObject {
         Ok(self.app()?.last_error.unwrap_or_default())
     }
 
-    /// The module's path.
+    /// The module's path, or its `oci://` reference.
     #[zbus(property)]
     async fn module(&self) -> fdo::Result<String> {
         Ok(self.app()?.module)
+    }
+
+    /// For an `oci://` module, `sha256:...` of the manifest its reference
+    /// resolved to; "" otherwise.
+    #[zbus(property)]
+    async fn digest(&self) -> fdo::Result<String> {
+        Ok(self.app()?.digest.unwrap_or_default())
     }
 
     /// triple/engine-hash/module-sha256 of the artifact served, "" when none.
@@ -619,6 +631,7 @@ mod tests {
             cold_starts: 2,
             last_error: None,
             module: "/srv/web.wasm".into(),
+            digest: None,
             artifact: None,
             world: None,
             sandbox: vec!["seccomp=on".into()],

@@ -261,6 +261,7 @@ mod tests {
             cold_starts: 3,
             last_error: None,
             module: "/m.wasm".into(),
+            digest: None,
             artifact: None,
             world: None,
             sandbox: vec![],

@@ -81,6 +81,7 @@ impl Registry {
             cold_starts: 0,
             last_error: None,
             module: String::new(),
+            digest: None,
             artifact: None,
             world: None,
             sandbox: Vec::new(),
@@ -88,7 +89,10 @@ impl Registry {
             zygote_pid: None,
         });
         info.kind = spec.kind.to_string();
-        info.module = spec.module.display().to_string();
+        info.module = match &spec.oci {
+            Some(r) => r.to_string(),
+            None => spec.module.display().to_string(),
+        };
         info.listen = spec.listen.iter().map(ToString::to_string).collect();
     }
 
@@ -465,6 +469,7 @@ mod tests {
                 cold_starts: 0,
                 last_error: None,
                 module: "/m.wasm".into(),
+                digest: None,
                 artifact: None,
                 world: None,
                 sandbox: vec![],

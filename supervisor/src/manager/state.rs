@@ -74,8 +74,11 @@ pub struct AppInfo {
     /// Zygote starts (from zero, and restarts).
     pub cold_starts: u64,
     pub last_error: Option<String>,
-    /// The module's path.
+    /// The module's path, or its `oci://` reference.
     pub module: String,
+    /// For an `oci://` module: `sha256:...` of the manifest its reference
+    /// resolved to (what `@sha256:` would pin).
+    pub digest: Option<String>,
     /// `<triple>/<engine-hash>/<module-sha256>` of the artifact served.
     pub artifact: Option<String>,
     /// The world the module targets (`wasi:http/service@0.3`,
