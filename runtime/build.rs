@@ -41,8 +41,8 @@ fn main() {
     );
     for arch in syscalls::Arch::ALL {
         for kind in corral_policy::AppKind::ALL {
-            for network in [false, true] {
-                let filter = seccomp::AppFilter::for_app(kind, network, arch)
+            for (network, listen) in [(false, false), (true, false), (true, true)] {
+                let filter = seccomp::AppFilter::for_app(kind, network, listen, arch)
                     .unwrap_or_else(|e| panic!("seccomp.toml: {e}"));
                 let programs = filter
                     .compile()
@@ -50,7 +50,7 @@ fn main() {
                 writeln!(
                     out,
                     "Precompiled {{ arch: Arch::{arch}, kind: AppKind::{kind:?}, network: {network}, \
-                     allowed_calls: {}, programs: &[",
+                     listen: {listen}, allowed_calls: {}, programs: &[",
                     filter.allowed_count()
                 )
                 .unwrap();

@@ -60,18 +60,40 @@ pub enum ConnectHost {
     Ip(IpAddr),
     /// A DNS name, lower-cased.
     Name(String),
+    /// Any address and any port: `corral run --connect any` (a policy
+    /// cannot say it; see [`ConnectTarget::any`]).
+    Any,
 }
 
 impl ConnectTarget {
+    /// Every address and port (`corral run --connect any`, what a runtime
+    /// that inherits the host's network gives). Written `any`; the policy's
+    /// `network.connect` refuses it (an app names where it connects).
+    pub fn any() -> ConnectTarget {
+        ConnectTarget {
+            host: ConnectHost::Any,
+            port: 0,
+        }
+    }
+
+    /// Whether this entry allows every address and port.
+    pub fn is_any(&self) -> bool {
+        self.host == ConnectHost::Any
+    }
+
     /// Whether a connection to `addr` (reached by the name `name`, if any)
     /// is allowed by this entry.
     pub fn allows(&self, addr: SocketAddr, name: Option<&str>) -> bool {
+        if self.is_any() {
+            return true;
+        }
         if addr.port() != self.port {
             return false;
         }
         match &self.host {
             ConnectHost::Ip(ip) => *ip == addr.ip(),
             ConnectHost::Name(n) => name.is_some_and(|name| name.eq_ignore_ascii_case(n)),
+            ConnectHost::Any => true,
         }
     }
 }
@@ -82,6 +104,7 @@ impl fmt::Display for ConnectTarget {
             ConnectHost::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
             ConnectHost::Ip(ip) => write!(f, "{ip}:{}", self.port),
             ConnectHost::Name(name) => write!(f, "{name}:{}", self.port),
+            ConnectHost::Any => f.write_str("any"),
         }
     }
 }
@@ -92,11 +115,73 @@ impl Serialize for ConnectTarget {
     }
 }
 
-/// For the corrald→zygote handoff (see [`AppSpec`]).
+/// For the corrald→zygote handoff (see [`AppSpec`]); reads `any` back too.
 impl<'de> Deserialize<'de> for ConnectTarget {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
+        if text == "any" {
+            return Ok(ConnectTarget::any());
+        }
         parse_connect(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where a guest may bind and listen itself (TCP and UDP, through WASI
+/// sockets): `corral run --listen`. Not a policy key: served apps get their
+/// listening sockets from corrald (`listen`), never from the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GuestListen {
+    /// Any local address and port (`any`).
+    Any,
+    /// This address; port 0 means any port on it (the guest may bind port
+    /// 0 and take the one the kernel picks, or name one).
+    Addr(SocketAddr),
+}
+
+impl GuestListen {
+    /// Whether binding or listening on `addr` is granted.
+    pub fn allows(&self, addr: SocketAddr) -> bool {
+        match self {
+            GuestListen::Any => true,
+            GuestListen::Addr(grant) => {
+                grant.ip() == addr.ip() && (grant.port() == 0 || grant.port() == addr.port())
+            }
+        }
+    }
+
+    /// The one TCP port this grant is held to, or `None` for any port.
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            GuestListen::Addr(a) if a.port() != 0 => Some(a.port()),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for GuestListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GuestListen::Any => f.write_str("any"),
+            GuestListen::Addr(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+impl FromStr for GuestListen {
+    type Err = String;
+
+    /// `any`, `IP:PORT` or `[IPv6]:PORT` (port 0: any port on that address).
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text == "any" {
+            return Ok(GuestListen::Any);
+        }
+        text.parse::<SocketAddr>()
+            .map(GuestListen::Addr)
+            .map_err(|_| {
+                format!(
+                    "`{text}` is not a listen grant: use \"IP:PORT\", \"[IPv6]:PORT\" (port 0: any port on that address) or \"any\""
+                )
+            })
     }
 }
 
@@ -247,5 +332,34 @@ mod tests {
         for bad in ["db", "db:x", ":80", "-a.b:1", "1.2.3.4:0"] {
             assert!(parse_connect(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn any_connects_anywhere_and_the_policy_refuses_it() {
+        let any = ConnectTarget::any();
+        assert!(any.allows("10.1.2.3:9".parse().unwrap(), None));
+        assert!(any.allows("[::1]:443".parse().unwrap(), Some("x.example")));
+        assert_eq!(any.to_string(), "any");
+        let back: ConnectTarget = serde_json::from_str("\"any\"").unwrap();
+        assert_eq!(back, any);
+        assert!(parse_connect("any").is_err());
+    }
+
+    #[test]
+    fn guest_listen_grants() {
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let exact: GuestListen = "127.0.0.1:8080".parse().unwrap();
+        assert!(exact.allows(at("127.0.0.1:8080")));
+        assert!(!exact.allows(at("127.0.0.1:8081")));
+        assert!(!exact.allows(at("0.0.0.0:8080")));
+        assert_eq!(exact.port(), Some(8080));
+        let any_port: GuestListen = "[::1]:0".parse().unwrap();
+        assert!(any_port.allows(at("[::1]:41000")));
+        assert!(!any_port.allows(at("127.0.0.1:41000")));
+        assert_eq!(any_port.port(), None);
+        let any: GuestListen = "any".parse().unwrap();
+        assert!(any.allows(at("0.0.0.0:1")) && any.port().is_none());
+        let err = "localhost:80".parse::<GuestListen>().unwrap_err();
+        assert!(err.contains("not a listen grant"), "{err}");
     }
 }

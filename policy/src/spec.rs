@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-pub use crate::addr::{ConnectHost, ConnectTarget, ListenAddr};
+pub use crate::addr::{ConnectHost, ConnectTarget, GuestListen, ListenAddr};
 pub use crate::oci::{OciRef, OciVersion, RegistrySpec};
 
 /// A loaded and validated policy.

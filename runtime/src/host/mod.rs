@@ -27,7 +27,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use corral_policy::{Access, AppKind, AppSpec, ConnectTarget, DirGrant, Limits};
+use corral_policy::{Access, AppKind, AppSpec, ConnectTarget, DirGrant, GuestListen, Limits};
 use wasmtime::Engine;
 use wasmtime_wasi::sockets::SocketAddrUse;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
@@ -47,6 +47,9 @@ pub struct GuestCaps {
     pub dirs: Vec<DirGrant>,
     /// Outbound network (sockets and `wasi:http/outgoing-handler`).
     pub connect: Vec<ConnectTarget>,
+    /// Where the guest may bind, listen and accept itself (TCP and UDP
+    /// through WASI sockets): only `corral run --listen`; apps never.
+    pub listen: Vec<GuestListen>,
     pub limits: Limits,
     pub stdio: StdioMode,
     /// `pool.reuse`: instance reuse for a WASI 0.3 http handler (`None`: a
@@ -130,6 +133,7 @@ impl GuestCaps {
             env,
             dirs: app.dirs.clone(),
             connect: app.network.connect.clone(),
+            listen: Vec::new(),
             limits: app.limits,
             stdio: match app.kind {
                 AppKind::Http => StdioMode::LogToStderr,
@@ -147,6 +151,7 @@ impl GuestCaps {
             env: Vec::new(),
             dirs: Vec::new(),
             connect: Vec::new(),
+            listen: Vec::new(),
             limits: corral_policy::defaults::limits(kind),
             stdio: StdioMode::Inherit,
             reuse: None,
@@ -205,32 +210,42 @@ impl GuestCaps {
                 .map_err(anyhow::Error::from)
                 .with_context(|| format!("preopening {} as {}", d.host.display(), d.guest))?;
         }
-        let outbound = !self.connect.is_empty();
-        b.allow_tcp(outbound);
-        b.allow_udp(outbound);
+        let sockets = !self.connect.is_empty() || !self.listen.is_empty();
+        b.allow_tcp(sockets);
+        b.allow_udp(sockets);
         // Name lookup only helps reach `connect` entries given by name, and
         // the resolved address must still be granted by address.
         b.allow_ip_name_lookup(false);
-        let connect = Arc::new(self.connect.clone());
+        let grants = Arc::new((self.connect.clone(), self.listen.clone()));
         b.socket_addr_check(move |addr, usage| {
-            let connect = connect.clone();
-            Box::pin(async move { socket_allowed(&connect, addr, usage) })
+            let grants = grants.clone();
+            Box::pin(async move { socket_allowed(&grants.0, &grants.1, addr, usage) })
         });
         Ok(b)
     }
 }
 
 /// The rule for wasi:sockets: connect/send only to granted addresses;
-/// binds only the implicit ephemeral bind of an outbound socket; no listen.
-fn socket_allowed(connect: &[ConnectTarget], addr: SocketAddr, usage: SocketAddrUse) -> bool {
+/// binds the implicit ephemeral bind of an outbound socket, and what a
+/// listen grant (`corral run --listen`) names; listen and accept only with
+/// a listen grant; datagrams received only from granted peers, or by a
+/// guest granted to listen.
+fn socket_allowed(
+    connect: &[ConnectTarget],
+    listen: &[GuestListen],
+    addr: SocketAddr,
+    usage: SocketAddrUse,
+) -> bool {
+    let connects = || connect.iter().any(|t| t.allows(addr, None));
+    let listens = || listen.iter().any(|l| l.allows(addr));
     match usage {
-        SocketAddrUse::TcpConnect | SocketAddrUse::UdpSend => {
-            connect.iter().any(|t| t.allows(addr, None))
-        }
+        SocketAddrUse::TcpConnect | SocketAddrUse::UdpSend => connects(),
         SocketAddrUse::TcpBind | SocketAddrUse::UdpBind => {
-            !connect.is_empty() && addr.ip().is_unspecified() && addr.port() == 0
+            (!connect.is_empty() && addr.ip().is_unspecified() && addr.port() == 0) || listens()
         }
-        _ => false,
+        SocketAddrUse::TcpListen => listens(),
+        SocketAddrUse::TcpAccept => !listen.is_empty(),
+        SocketAddrUse::UdpReceive => !listen.is_empty() || connects(),
     }
 }
 
@@ -423,40 +438,86 @@ pub(crate) mod tests {
         let at = |s: &str| s.parse::<SocketAddr>().unwrap();
         assert!(socket_allowed(
             connect,
+            &[],
             at("127.0.0.1:5432"),
             SocketAddrUse::TcpConnect
         ));
         assert!(!socket_allowed(
             connect,
+            &[],
             at("127.0.0.1:5433"),
             SocketAddrUse::TcpConnect
         ));
         assert!(!socket_allowed(
             connect,
+            &[],
             at("10.0.0.1:5432"),
             SocketAddrUse::UdpSend
         ));
         // The implicit ephemeral bind of a client socket, nothing else.
         assert!(socket_allowed(
             connect,
+            &[],
             at("0.0.0.0:0"),
             SocketAddrUse::TcpBind
         ));
         assert!(!socket_allowed(
             connect,
+            &[],
             at("0.0.0.0:8080"),
             SocketAddrUse::TcpBind
         ));
         assert!(!socket_allowed(
             connect,
+            &[],
             at("0.0.0.0:0"),
             SocketAddrUse::TcpListen
         ));
         // No grants: not even the bind.
         assert!(!socket_allowed(
             &[],
+            &[],
             at("0.0.0.0:0"),
             SocketAddrUse::TcpBind
+        ));
+    }
+
+    #[test]
+    fn sockets_bind_listen_and_accept_only_with_a_listen_grant() {
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let listen: Vec<GuestListen> = vec!["127.0.0.1:0".parse().unwrap()];
+        let allowed = |addr: &str, usage| socket_allowed(&[], &listen, at(addr), usage);
+        assert!(allowed("127.0.0.1:0", SocketAddrUse::TcpBind));
+        assert!(allowed("127.0.0.1:40000", SocketAddrUse::TcpListen));
+        assert!(allowed("127.0.0.1:40000", SocketAddrUse::UdpBind));
+        assert!(allowed("10.0.0.7:5555", SocketAddrUse::TcpAccept));
+        assert!(!allowed("0.0.0.0:0", SocketAddrUse::TcpBind));
+        assert!(!allowed("0.0.0.0:0", SocketAddrUse::TcpListen));
+        assert!(!allowed("[::1]:0", SocketAddrUse::TcpBind));
+        // A listen grant connects nowhere.
+        assert!(!allowed("127.0.0.1:40000", SocketAddrUse::TcpConnect));
+        // Without one: no listen, no accept, no unsolicited datagrams.
+        for usage in [SocketAddrUse::TcpListen, SocketAddrUse::TcpAccept] {
+            assert!(!socket_allowed(&[], &[], at("127.0.0.1:1"), usage));
+        }
+        let connect = vec![ConnectTarget::any()];
+        assert!(socket_allowed(
+            &connect,
+            &[],
+            at("192.0.2.1:53"),
+            SocketAddrUse::UdpSend
+        ));
+        assert!(socket_allowed(
+            &connect,
+            &[],
+            at("192.0.2.1:53"),
+            SocketAddrUse::UdpReceive
+        ));
+        assert!(!socket_allowed(
+            &connect,
+            &[],
+            at("127.0.0.1:0"),
+            SocketAddrUse::TcpListen
         ));
     }
 }

@@ -1,6 +1,6 @@
 //! The landlock layer: filesystem access only below the plan's read-only
-//! and read-write paths, TCP connect only to its ports and no TCP bind
-//! (ABI 4+), and no signals or abstract unix sockets outside the domain
+//! and read-write paths, TCP connect only to its ports and TCP bind only to
+//! its listen ports, none for an app (ABI 4+), and no signals or abstract unix sockets outside the domain
 //! (ABI 6+).
 //!
 //! The ruleset targets ABI 7, the newest this code was tested against; the
@@ -26,7 +26,10 @@ pub(super) const TARGET_ABI: ABI = ABI::V7;
 pub(super) struct FsNetRules<'a> {
     pub read_only: &'a [PathBuf],
     pub read_write: &'a [PathBuf],
-    pub connect_ports: &'a [u16],
+    /// TCP connect only to these ports; `None`: any port.
+    pub connect_ports: Option<&'a [u16]>,
+    /// TCP bind only to these ports (none: no bind); `None`: any port.
+    pub bind_ports: Option<&'a [u16]>,
 }
 
 /// Read below a read-only path: files and directory listings, no execute.
@@ -57,10 +60,16 @@ pub(super) fn restrict(
     let mut ruleset = Ruleset::default()
         .handle_access(AccessFs::from_all(TARGET_ABI))
         .map_err(err)?;
-    if kernel_abi >= 4 {
-        ruleset = ruleset
-            .handle_access(AccessNet::from_all(TARGET_ABI))
-            .map_err(err)?;
+    // Restrict connect and bind unless the plan grants any port.
+    let mut net = BitFlags::<AccessNet>::empty();
+    if rules.connect_ports.is_some() {
+        net |= AccessNet::ConnectTcp;
+    }
+    if rules.bind_ports.is_some() {
+        net |= AccessNet::BindTcp;
+    }
+    if kernel_abi >= 4 && !net.is_empty() {
+        ruleset = ruleset.handle_access(net).map_err(err)?;
     }
     if kernel_abi >= 6 {
         ruleset = ruleset.scope(Scope::from_all(TARGET_ABI)).map_err(err)?;
@@ -83,10 +92,13 @@ pub(super) fn restrict(
         }
     }
     if kernel_abi >= 4 {
-        for &port in rules.connect_ports {
-            created = created
-                .add_rule(NetPort::new(port, AccessNet::ConnectTcp))
-                .map_err(err)?;
+        for (ports, access) in [
+            (rules.connect_ports, AccessNet::ConnectTcp),
+            (rules.bind_ports, AccessNet::BindTcp),
+        ] {
+            for &port in ports.unwrap_or_default() {
+                created = created.add_rule(NetPort::new(port, access)).map_err(err)?;
+            }
         }
     }
     // no_new_privs is already set by `enter`; the crate sets it again.

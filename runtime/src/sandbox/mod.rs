@@ -229,7 +229,16 @@ pub struct SandboxPlan {
     read_only: Vec<PathBuf>,
     read_write: Vec<PathBuf>,
     connect_ports: Vec<u16>,
+    /// TCP connect to any port (`corral run --connect any`): landlock
+    /// leaves connect unrestricted.
+    connect_any: bool,
+    /// Where the guest binds and listens itself (`corral run --listen`):
+    /// `Some(ports)` held to those TCP ports, `None` any port; no grant is
+    /// `Some(empty)`, no bind at all.
+    bind_ports: Option<Vec<u16>>,
     network: bool,
+    /// bind, listen and accept in the seccomp list.
+    listen: bool,
     landlock: Enforcement,
     seccomp: Enforcement,
     open_files: u64,
@@ -248,7 +257,10 @@ impl SandboxPlan {
             read_only: Vec::new(),
             read_write: Vec::new(),
             connect_ports: Vec::new(),
-            network: !app.network.connect.is_empty(),
+            connect_any: false,
+            bind_ports: Some(Vec::new()),
+            network: false,
+            listen: false,
             landlock: app.sandbox.landlock,
             seccomp: app.sandbox.seccomp,
             open_files: DEFAULT_OPEN_FILES,
@@ -260,12 +272,38 @@ impl SandboxPlan {
                 Access::ReadWrite => plan.allow_write(dir.host.clone()),
             }
         }
-        for target in &app.network.connect {
-            if !plan.connect_ports.contains(&target.port) {
-                plan.connect_ports.push(target.port);
+        plan.allow_connect(&app.network.connect);
+        plan
+    }
+
+    /// Grants outbound TCP to the ports of `targets` (the guest's
+    /// `network.connect`, or `corral run --connect`); an `any` target
+    /// leaves TCP connect unrestricted by landlock.
+    pub fn allow_connect(&mut self, targets: &[corral_policy::ConnectTarget]) {
+        for target in targets {
+            self.network = true;
+            if target.is_any() {
+                self.connect_any = true;
+            } else if !self.connect_ports.contains(&target.port) {
+                self.connect_ports.push(target.port);
             }
         }
-        plan
+    }
+
+    /// Lets the guest bind, listen and accept on its own sockets
+    /// (`corral run --listen`): the seccomp list gets `bind`, `listen`
+    /// and `accept4`, and landlock holds TCP binds to the grants' ports
+    /// (any port when a grant is `any` or has port 0).
+    pub fn allow_listen(&mut self, grants: &[corral_policy::GuestListen]) {
+        for grant in grants {
+            self.network = true;
+            self.listen = true;
+            match (grant.port(), &mut self.bind_ports) {
+                (Some(port), Some(ports)) if !ports.contains(&port) => ports.push(port),
+                (Some(_), _) => {}
+                (None, _) => self.bind_ports = None,
+            }
+        }
     }
 
     /// Keeps `fd` open across [`enter`](Self::enter) (the listening socket,
@@ -453,15 +491,16 @@ impl SandboxPlan {
             None
         } else {
             match (kernel.arch, kernel.seccomp.available) {
-                (Some(arch), true) => {
-                    Some(seccomp_bpf::find(arch, self.kind, self.network).ok_or(
+                (Some(arch), true) => Some(
+                    seccomp_bpf::find(arch, self.kind, self.network, self.listen).ok_or(
                         SeccompBuildError::NotPrecompiled {
                             arch,
                             kind: self.kind,
                             network: self.network,
+                            listen: self.listen,
                         },
-                    )?)
-                }
+                    )?,
+                ),
                 (None, _) => {
                     refuse(
                         Layer::Seccomp,
@@ -552,7 +591,8 @@ impl SandboxPlan {
             &landlock::FsNetRules {
                 read_only: &self.read_only,
                 read_write: &self.read_write,
-                connect_ports: &self.connect_ports,
+                connect_ports: (!self.connect_any).then_some(self.connect_ports.as_slice()),
+                bind_ports: self.bind_ports.as_deref(),
             },
             kernel_abi,
         )

@@ -45,11 +45,14 @@ pub enum SeccompBuildError {
         name: String,
         problem: String,
     },
-    #[error("no seccomp filter was compiled for {kind:?} apps (network: {network}) on {arch}")]
+    #[error(
+        "no seccomp filter was compiled for {kind:?} apps (network: {network}, listen: {listen}) on {arch}"
+    )]
     NotPrecompiled {
         arch: Arch,
         kind: AppKind,
         network: bool,
+        listen: bool,
     },
     #[error("compiling the seccomp filter for {arch}")]
     Compile {
@@ -74,6 +77,10 @@ struct AllowEntry {
     kinds: Option<Vec<String>>,
     #[serde(default)]
     network: bool,
+    /// Granted with a listen grant (`corral run --listen`): alone, only
+    /// then; with `kinds`, to those kinds and also then.
+    #[serde(default)]
+    listen: bool,
     arch: Option<String>,
     #[serde(default)]
     args: Vec<ArgCheck>,
@@ -131,7 +138,8 @@ pub struct ListedCall {
     pub why: String,
 }
 
-/// The allow-list as it applies to one app: kind, network, architecture.
+/// The allow-list as it applies to one app: kind, network, listening
+/// sockets of its own, architecture.
 #[derive(Debug, Clone)]
 pub struct AppFilter {
     pub arch: Arch,
@@ -152,9 +160,14 @@ fn parse_file() -> Result<AllowListFile, SeccompBuildError> {
 }
 
 impl AppFilter {
-    /// The list for an app of `kind`, with or without outbound network, on
-    /// `arch`.
-    pub fn for_app(kind: AppKind, network: bool, arch: Arch) -> Result<Self, SeccompBuildError> {
+    /// The list for an app of `kind`, with or without outbound network and
+    /// listening sockets of its own (`corral run --listen`), on `arch`.
+    pub fn for_app(
+        kind: AppKind,
+        network: bool,
+        listen: bool,
+        arch: Arch,
+    ) -> Result<Self, SeccompBuildError> {
         let file = parse_file()?;
         let mut calls = Vec::new();
         for (name, e) in &file.allow {
@@ -177,8 +190,12 @@ impl AppFilter {
                     errno_value(errno).ok_or_else(|| bad(format!("unknown errno {errno:?}")))?,
                 ),
             };
-            if otherwise.is_some() && (e.args.is_empty() && e.kinds.is_none() && !e.network) {
-                return Err(bad("`otherwise` needs `args`, `kinds` or `network`".into()));
+            if otherwise.is_some()
+                && (e.args.is_empty() && e.kinds.is_none() && !e.network && !e.listen)
+            {
+                return Err(bad(
+                    "`otherwise` needs `args`, `kinds`, `network` or `listen`".into(),
+                ));
             }
             if otherwise.is_some() && e.args.iter().any(|c| c.mask.is_some() || c.and.is_some()) {
                 return Err(bad(
@@ -192,11 +209,11 @@ impl AppFilter {
             {
                 return Err(bad(format!("unknown app kind {k:?}")));
             }
-            let granted = e
-                .kinds
-                .as_ref()
-                .is_none_or(|ks| ks.iter().any(|k| k == kind.as_str()))
-                && (!e.network || network);
+            let by_kind = match &e.kinds {
+                Some(ks) => ks.iter().any(|k| k == kind.as_str()),
+                None => !e.listen,
+            };
+            let granted = (by_kind || (e.listen && listen)) && (!e.network || network);
             let verdict = match (granted, e.args.is_empty(), otherwise) {
                 (false, _, Some(errno)) => Verdict::Errno(errno),
                 (false, _, None) => Verdict::Kill,
@@ -421,12 +438,16 @@ mod tests {
         }
     }
 
+    /// What `SandboxPlan` asks for (a listen grant implies network), as
+    /// build.rs compiles them.
+    const NETWORK_SETTINGS: [(bool, bool); 3] = [(false, false), (true, false), (true, true)];
+
     #[test]
     fn every_kind_compiles_on_every_arch() {
         for arch in Arch::ALL {
             for kind in AppKind::ALL {
-                for network in [false, true] {
-                    let f = AppFilter::for_app(kind, network, arch).unwrap();
+                for (network, listen) in NETWORK_SETTINGS {
+                    let f = AppFilter::for_app(kind, network, listen, arch).unwrap();
                     let programs = f.compile().unwrap();
                     assert!(!programs.is_empty() && programs.len() <= 3);
                 }
@@ -438,10 +459,12 @@ mod tests {
     fn build_rs_compiled_what_the_list_says() {
         for arch in Arch::ALL {
             for kind in AppKind::ALL {
-                for network in [false, true] {
-                    let f = AppFilter::for_app(kind, network, arch).unwrap();
-                    let built = super::super::seccomp_bpf::find(arch, kind, network)
-                        .unwrap_or_else(|| panic!("{kind:?} {network} {arch} not precompiled"));
+                for (network, listen) in NETWORK_SETTINGS {
+                    let f = AppFilter::for_app(kind, network, listen, arch).unwrap();
+                    let built = super::super::seccomp_bpf::find(arch, kind, network, listen)
+                        .unwrap_or_else(|| {
+                            panic!("{kind:?} {network} {listen} {arch} not precompiled")
+                        });
                     assert_eq!(built.allowed_calls, f.allowed_count());
                     let programs: Vec<BpfProgram> =
                         built.programs.iter().map(|p| p.to_vec()).collect();
@@ -454,7 +477,7 @@ mod tests {
     #[test]
     fn sockets_only_with_network_and_accept_only_for_servers() {
         let verdict = |kind, network, name: &str| {
-            AppFilter::for_app(kind, network, Arch::x86_64)
+            AppFilter::for_app(kind, network, false, Arch::x86_64)
                 .unwrap()
                 .calls
                 .into_iter()
@@ -473,5 +496,34 @@ mod tests {
         assert_eq!(verdict(AppKind::Command, false, "accept4"), Verdict::Kill);
         assert_eq!(verdict(AppKind::Stdio, false, "accept4"), Verdict::Allow);
         assert_eq!(verdict(AppKind::Http, true, "execve"), Verdict::Kill);
+    }
+
+    #[test]
+    fn bind_listen_and_accept_only_with_a_listen_grant() {
+        let verdict = |kind, network, listen, name: &str| {
+            AppFilter::for_app(kind, network, listen, Arch::x86_64)
+                .unwrap()
+                .calls
+                .into_iter()
+                .find(|c| c.name == name)
+                .unwrap()
+                .verdict
+        };
+        for kind in AppKind::ALL {
+            for call in ["bind", "listen"] {
+                assert_eq!(
+                    verdict(kind, true, false, call),
+                    Verdict::Errno(libc::EPERM),
+                    "{kind:?} {call}"
+                );
+                assert_eq!(verdict(kind, true, true, call), Verdict::Allow);
+            }
+            assert_eq!(verdict(kind, true, true, "accept4"), Verdict::Allow);
+            assert_eq!(verdict(kind, true, true, "execve"), Verdict::Kill);
+        }
+        assert_eq!(
+            verdict(AppKind::Command, true, false, "accept4"),
+            Verdict::Kill
+        );
     }
 }

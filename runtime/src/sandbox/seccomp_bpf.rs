@@ -14,6 +14,8 @@ pub(super) struct Precompiled {
     pub arch: Arch,
     pub kind: AppKind,
     pub network: bool,
+    /// Granted its own listening sockets (`corral run --listen`).
+    pub listen: bool,
     /// `AppFilter::allowed_count` of the list.
     pub allowed_calls: usize,
     /// The stacked programs, in installation order (`AppFilter::compile`).
@@ -26,10 +28,16 @@ const fn op(code: u16, jt: u8, jf: u8, k: u32) -> sock_filter {
 
 static ALL: &[Precompiled] = include!(concat!(env!("OUT_DIR"), "/seccomp_bpf.rs"));
 
-/// The filter of an app of `kind`, with or without outbound network, on
-/// `arch`. `build.rs` compiles every combination, so this is `None` only
-/// if that stops being true (a unit test checks it).
-pub(super) fn find(arch: Arch, kind: AppKind, network: bool) -> Option<&'static Precompiled> {
+/// The filter of an app of `kind`, with or without outbound network and
+/// listening sockets of its own, on `arch`. `build.rs` compiles every
+/// combination, so this is `None` only if that stops being true (a unit
+/// test checks it).
+pub(super) fn find(
+    arch: Arch,
+    kind: AppKind,
+    network: bool,
+    listen: bool,
+) -> Option<&'static Precompiled> {
     ALL.iter()
-        .find(|p| p.arch == arch && p.kind == kind && p.network == network)
+        .find(|p| p.arch == arch && p.kind == kind && p.network == network && p.listen == listen)
 }

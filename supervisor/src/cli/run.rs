@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use corral_compiler::EngineOptions;
-use corral_policy::{Access, AppKind, AppSpec, DirGrant, Enforcement, Environment, ListenAddr};
+use corral_policy::{
+    Access, AppKind, AppSpec, ConnectTarget, DirGrant, Enforcement, Environment, GuestListen,
+    ListenAddr,
+};
 
 use corral_runtime::guest::Guest;
 use corral_runtime::host::{
@@ -17,6 +20,13 @@ use corral_runtime::host::{
 use corral_runtime::sandbox::{self, SandboxPlan};
 
 const RUN_EXIT_CODES: &str = "\
+Examples:
+  corral run --dir ./data::/data:ro --env LANG=C app.wasm -- --verbose
+  corral run --connect 127.0.0.1:5432 --connect api.example.com:443 client.wasm
+  corral run --listen 127.0.0.1:0 --connect any tcp-server.wasm
+  corral run --serve 127.0.0.1:0 --connect 127.0.0.1:8081 handler.wasm
+  corral run --policy /etc/corral/policy.toml --app web --serve 127.0.0.1:8080
+
 Exit codes:
   0-123  the guest's own exit code (wasi exit / proc_exit; a command
          component whose run returns an error exits 1)
@@ -43,6 +53,21 @@ pub struct RunCommand {
     #[arg(long = "env", value_name = "NAME=VALUE")]
     pub envs: Vec<String>,
 
+    /// Let the guest connect to HOST:PORT (TCP and UDP through WASI
+    /// sockets, and outgoing HTTP requests), as an entry of the policy's
+    /// network.connect does; `any` lets it connect anywhere (landlock then
+    /// leaves TCP connects unrestricted). Repeatable.
+    #[arg(long = "connect", value_name = "HOST:PORT|any", value_parser = parse_connect)]
+    pub connect: Vec<ConnectTarget>,
+
+    /// Let the guest bind and listen on IP:PORT itself (a TCP or UDP
+    /// server through WASI sockets) and accept connections there; port 0
+    /// means any port on that address (the one the kernel picks included),
+    /// `any` every address and port. Datagrams it sends need --connect.
+    /// Repeatable.
+    #[arg(long = "listen", value_name = "IP:PORT|any", value_parser = parse_listen)]
+    pub listen: Vec<GuestListen>,
+
     /// Take the grants and limits of an app from this policy (with --app).
     #[arg(long, value_name = "PATH", requires = "app")]
     pub policy: Option<PathBuf>,
@@ -65,9 +90,9 @@ pub struct RunCommand {
     /// Serve an http component on ADDR (e.g. 127.0.0.1:8080; port 0 picks
     /// a free one) instead of running once, exactly as a corrald worker
     /// serves (HTTP/1.1 keep-alive, HTTP/2 with prior knowledge, a fresh
-    /// instance per request, at most pool.concurrency at once). The address
-    /// is printed on stderr; SIGTERM or Ctrl-C finishes the requests in
-    /// flight and exits 0.
+    /// instance per request, at most pool.concurrency at once). The first
+    /// line on stderr is `Serving HTTP on http://IP:PORT/`, with the port
+    /// bound; SIGTERM or Ctrl-C finishes the requests in flight and exits 0.
     #[arg(long, value_name = "ADDR")]
     pub serve: Option<SocketAddr>,
 
@@ -177,6 +202,8 @@ impl RunCommand {
         } else {
             let mut plan = SandboxPlan::for_app(&app);
             plan.allow_dirs(&caps.dirs);
+            plan.allow_connect(&caps.connect);
+            plan.allow_listen(&caps.listen);
             // Everything opened since start: the artifact (and wasmtime's
             // mapping of it), the cache lock, the listener.
             plan.keep_fds_opened_since(&inherited);
@@ -188,6 +215,11 @@ impl RunCommand {
         let guest = Guest::prepare(&engine, artifact.program, kind, caps, &what)?;
         // Before any thread (tokio, the epoch ticker) starts.
         let guest = guest.enter_standalone(plan)?;
+        if let Some(listener) = &listener {
+            // The first line on stderr, before any other: test runners
+            // (the WASI testsuite's among them) read the address from it.
+            eprintln!("Serving HTTP on http://{}/", listener.local_addr()?);
+        }
         for missing in guest
             .layers()
             .map(|l| l.missing.as_slice())
@@ -202,7 +234,6 @@ impl RunCommand {
                 Ok(ExitCode::from(outcome.exit_code()))
             }
             Some(listener) => {
-                eprintln!("Serving HTTP on http://{}/", listener.local_addr()?);
                 guest.serve(&app, vec![listener.into()])?;
                 Ok(ExitCode::SUCCESS)
             }
@@ -284,6 +315,16 @@ impl RunCommand {
         for spec in &self.dirs {
             caps.dirs.push(parse_dir(spec)?);
         }
+        for target in &self.connect {
+            if !caps.connect.contains(target) {
+                caps.connect.push(target.clone());
+            }
+        }
+        for grant in &self.listen {
+            if !caps.listen.contains(grant) {
+                caps.listen.push(*grant);
+            }
+        }
         if let Some(t) = self.timeout {
             caps.limits.timeout = Some(t);
         }
@@ -329,6 +370,20 @@ fn cli_app_spec(file: &Path, serve: Option<SocketAddr>) -> anyhow::Result<AppSpe
         app = app.listen(ListenAddr::Tcp(addr));
     }
     Ok(app.build()?)
+}
+
+/// `--connect`: as an entry of network.connect, or `any`.
+fn parse_connect(text: &str) -> Result<ConnectTarget, String> {
+    if text == "any" {
+        return Ok(ConnectTarget::any());
+    }
+    text.parse()
+        .map_err(|e: String| format!("{e}, or \"any\" for every address"))
+}
+
+/// `--listen`: `IP:PORT` (port 0: any port there) or `any`.
+fn parse_listen(text: &str) -> Result<GuestListen, String> {
+    text.parse()
 }
 
 /// `HOST[::GUEST][:ro|:rw]`.
@@ -377,5 +432,22 @@ mod tests {
         let g = parse_dir(&format!("{t}::/")).unwrap();
         assert_eq!((g.guest.as_str(), g.access), ("/", Access::ReadWrite));
         assert!(parse_dir(&format!("{t}::data")).is_err());
+    }
+
+    #[test]
+    fn connect_and_listen_specs() {
+        assert!(parse_connect("any").unwrap().is_any());
+        assert_eq!(
+            parse_connect("127.0.0.1:8080").unwrap().to_string(),
+            "127.0.0.1:8080"
+        );
+        let err = parse_connect("127.0.0.1").unwrap_err();
+        assert!(
+            err.contains("not a connect target") && err.contains("any"),
+            "{err}"
+        );
+        assert_eq!(parse_listen("any").unwrap(), GuestListen::Any);
+        assert_eq!(parse_listen("[::1]:0").unwrap().to_string(), "[::1]:0");
+        assert!(parse_listen("localhost:80").is_err());
     }
 }
