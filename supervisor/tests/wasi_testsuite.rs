@@ -211,10 +211,10 @@ fn wasi_testsuite_preview1() {
 
 /// How many of the 0.3 tests must pass. The wasmtime 49.0.3 CLI with the
 /// suite's own adapter passes 49 of 55 on this machine (see the suite's
-/// README for its six failures); corral passes 48: all of those 49 but the
-/// two of [`P3_KNOWN`] that wasmtime passes, plus filesystem-read-directory,
-/// which wasmtime fails.
-const P3_FLOOR: usize = 48;
+/// README for its six failures); corral passes 49: all of those 49 but the
+/// two of [`P3_KNOWN`] that wasmtime passes, plus filesystem-read-directory
+/// and http-service-uri, which wasmtime fails.
+const P3_FLOOR: usize = 49;
 
 /// The 0.3 tests corral fails, and who is wrong (printed beside the
 /// failure; a test listed here that passes is said too).
@@ -235,11 +235,6 @@ const P3_KNOWN: &[(&str, &str)] = &[
         "http-client-path-none",
         "wasmtime-wasi-http (48 and 49): a request without a path fails with \
          HTTP-request-URI-invalid; the test expects `/`; an expected failure upstream",
-    ),
-    (
-        "http-service-uri",
-        "corral and wasmtime serve: the incoming request of a 0.3 handler has no scheme \
-         (0.2 handlers get `http`); an expected failure upstream",
     ),
     (
         "http-request",

@@ -106,6 +106,7 @@ impl ServiceHandler {
     /// otherwise).
     pub async fn handle(&self, req: hyper::Request<Incoming>) -> hyper::Response<WasiBody> {
         let (tx, rx) = oneshot::channel();
+        let req = with_scheme_and_authority(req);
         let req = req.map(|body| body.map_err(wasmtime_wasi_http::Error::from).boxed_unsync());
         let err = match self.handler.handle(tx, req).await {
             Ok(response) => return response,
@@ -145,6 +146,34 @@ impl ServiceHandler {
         // only this request.
         super::http::error_response(500, format!("corral: guest failed the request: {err}\n"))
     }
+}
+
+/// An HTTP/1 request's URI is its path: give it the scheme and the `Host`
+/// header's authority, as a 0.2 handler's incoming request has them (an
+/// HTTP/2 request has both already). Like the 0.2 host, the scheme is
+/// `http` (also behind TLS, which the handler does not see).
+fn with_scheme_and_authority<B>(req: hyper::Request<B>) -> hyper::Request<B> {
+    if req.uri().authority().is_some() {
+        return req;
+    }
+    let (mut parts, body) = req.into_parts();
+    let authority = parts
+        .headers
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<hyper::http::uri::Authority>().ok());
+    if let Some(authority) = authority {
+        let mut uri = parts.uri.clone().into_parts();
+        uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
+        uri.authority = Some(authority);
+        if uri.path_and_query.is_none() {
+            uri.path_and_query = Some(hyper::http::uri::PathAndQuery::from_static("/"));
+        }
+        if let Ok(full) = hyper::Uri::from_parts(uri) {
+            parts.uri = full;
+        }
+    }
+    hyper::Request::from_parts(parts, body)
 }
 
 /// What every instance of one app shares.
