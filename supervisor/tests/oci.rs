@@ -116,6 +116,155 @@ fn make_tls(dir: &Path) {
     ]);
 }
 
+/// How a [`Registry`] lets clients in.
+enum Auth {
+    /// Plain HTTP, anyone.
+    None,
+    /// TLS, and basic auth against an htpasswd user.
+    Htpasswd,
+    /// TLS, and bearer tokens from the token server at `realm` (the flow
+    /// Docker Hub, GHCR and Harbor use): a client that is refused asks the
+    /// realm for a token with its credentials, then retries with it.
+    Token { realm: String },
+}
+
+const TOKEN_SERVICE: &str = "corral-test-registry";
+const TOKEN_ISSUER: &str = "corral-test-issuer";
+
+/// A token server on 127.0.0.1 (plain HTTP, as the realm of [`Auth::Token`]):
+/// for `GET /token?service=S&scope=repository:NAME:ACTIONS` with the basic
+/// credentials of [`USER`], a JWT signed (RS256, with openssl and
+/// `dir/token.key`, its certificate in the `x5c` header) granting those
+/// actions on NAME; 401 for other credentials. Returns the realm's URL and
+/// the count of tokens it issued.
+fn token_server(dir: &Path) -> (String, std::sync::Arc<std::sync::atomic::AtomicU32>) {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let b64url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "token.key",
+        ])
+        .args([
+            "-out",
+            "token.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=corral test token signer",
+        ])
+        .current_dir(dir));
+    let der = run(Command::new("openssl")
+        .args([
+            "x509",
+            "-in",
+            "token.pem",
+            "-outform",
+            "DER",
+            "-out",
+            "token.der",
+        ])
+        .current_dir(dir));
+    drop(der);
+    let cert = b64.encode(std::fs::read(dir.join("token.der")).unwrap());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let realm = format!("http://{}/token", listener.local_addr().unwrap());
+    let issued = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (dir, count) = (dir.to_path_buf(), issued.clone());
+    let good = format!("Basic {}", b64.encode(format!("{USER}:{PASSWORD}")));
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { break };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match conn.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let target = head.split(' ').nth(1).unwrap_or("").to_string();
+            let authorized = head.lines().any(|l| {
+                l.split_once(':').is_some_and(|(k, v)| {
+                    k.eq_ignore_ascii_case("authorization") && v.trim() == good
+                })
+            });
+            if !authorized {
+                let _ = conn.write_all(
+                    b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+                continue;
+            }
+            let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+            let mut access = Vec::new();
+            for kv in query.split('&') {
+                if let Some(scope) = kv.strip_prefix("scope=") {
+                    let scope = scope
+                        .replace("%3A", ":")
+                        .replace("%2C", ",")
+                        .replace("%2F", "/");
+                    let parts: Vec<&str> = scope.splitn(3, ':').collect();
+                    if let [kind, name, actions] = parts[..] {
+                        access.push(serde_json::json!({
+                            "type": kind, "name": name,
+                            "actions": actions.split(',').collect::<Vec<_>>(),
+                        }));
+                    }
+                }
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "x5c": [cert]});
+            let claims = serde_json::json!({
+                "iss": TOKEN_ISSUER, "sub": USER, "aud": TOKEN_SERVICE,
+                "exp": now + 300, "nbf": now - 10, "iat": now,
+                "jti": format!("t{}", count.load(std::sync::atomic::Ordering::SeqCst)),
+                "access": access,
+            });
+            let signing_input = format!(
+                "{}.{}",
+                b64url.encode(header.to_string()),
+                b64url.encode(claims.to_string())
+            );
+            let mut sign = Command::new("openssl")
+                .args(["dgst", "-sha256", "-sign", "token.key"])
+                .current_dir(&dir)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            sign.stdin
+                .take()
+                .unwrap()
+                .write_all(signing_input.as_bytes())
+                .unwrap();
+            let signature = sign.wait_with_output().unwrap().stdout;
+            let token = format!("{signing_input}.{}", b64url.encode(signature));
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let body =
+                serde_json::json!({"token": token, "access_token": token, "expires_in": 300})
+                    .to_string();
+            let _ = conn.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+        }
+    });
+    (realm, issued)
+}
+
 /// A `docker-registry` on 127.0.0.1, killed on drop.
 struct Registry {
     child: Option<Child>,
@@ -128,6 +277,11 @@ impl Registry {
     /// With `tls`, the certificate of [`make_tls`] in `dir` and the
     /// htpasswd user; else plain HTTP and no auth.
     fn start(dir: &Path, name: &str, tls: bool) -> Registry {
+        Registry::start_with(dir, name, if tls { Auth::Htpasswd } else { Auth::None })
+    }
+
+    fn start_with(dir: &Path, name: &str, auth: Auth) -> Registry {
+        let tls = !matches!(auth, Auth::None);
         let port = free_port();
         let root = dir.join(name);
         std::fs::create_dir_all(&root).unwrap();
@@ -135,7 +289,14 @@ impl Registry {
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
             root.join("data").display()
         );
-        if tls {
+        if let Auth::Token { realm } = &auth {
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\nauth:\n  token:\n    realm: {realm}\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+                dir.join("cert.pem").display(),
+                dir.join("key.pem").display(),
+                dir.join("token.pem").display(),
+            ));
+        } else if tls {
             let htpasswd = run(Command::new("htpasswd").args(["-Bbn", USER, PASSWORD]));
             std::fs::write(root.join("htpasswd"), htpasswd).unwrap();
             config.push_str(&format!(
@@ -723,6 +884,87 @@ fn apps_from_registries_are_pinned_verified_and_served_from_the_cache() {
     daemon.wait_log_line(&["hello", "keeping the running one"]);
     serves(ports[0], "GET /");
     serves(ports[2], "GET /");
+}
+
+/// The bearer-token flow: the registry refuses, names its token realm;
+/// corral asks the realm with the auth file's credentials and retries with
+/// the token, for push, pull and corrald's fetch. Wrong credentials get a
+/// clear error and no token.
+#[test]
+fn a_registry_with_bearer_token_auth_is_pushed_to_and_served_from() {
+    if tools().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    make_tls(dir);
+    let (realm, issued) = token_server(dir);
+    let registry = Registry::start_with(dir, "tokens", Auth::Token { realm });
+    let r = registry.host();
+    private_file(&dir.join("good.json"), &auth_json(&r, USER, PASSWORD));
+    private_file(&dir.join("bad.json"), &auth_json(&r, USER, "wrong"));
+    let port = free_port();
+    let policy = |auth: &str| {
+        format!(
+            "[daemon]\ncache-dir = \"cache\"\nstate-dir = \"state\"\napi-socket = \"api.sock\"\n\n\
+             [registries.\"{r}\"]\nca-file = \"ca.pem\"\nauth-file = \"{auth}\"\n\n\
+             [apps.hello]\nmodule = \"oci://{r}/team/hello:v1\"\nkind = \"http\"\n\
+             listen = [\"127.0.0.1:{port}\"]\n\
+             sandbox = {{ landlock = \"best-effort\", seccomp = \"best-effort\" }}\n"
+        )
+    };
+    std::fs::write(dir.join("bad.toml"), policy("bad.json")).unwrap();
+    std::fs::write(dir.join("policy.toml"), policy("good.json")).unwrap();
+    let hello = guest("http-hello.wasm");
+    let reference = format!("oci://{r}/team/hello:v1");
+
+    // Wrong password: the realm refuses, corral says so, nothing is pushed.
+    let (ok, _, err) = corral(
+        dir,
+        &[
+            "push",
+            "--policy",
+            "bad.toml",
+            hello.to_str().unwrap(),
+            &reference,
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains(&reference) && (err.contains("401") || err.to_lowercase().contains("auth")),
+        "{err}"
+    );
+    assert_eq!(issued.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // The right one: tokens are issued, the push lands.
+    let (ok, out, err) = corral(
+        dir,
+        &[
+            "push",
+            "--policy",
+            "policy.toml",
+            hello.to_str().unwrap(),
+            &reference,
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.trim()
+            .starts_with(&format!("oci://{r}/team/hello@sha256:")),
+        "{out}"
+    );
+    let after_push = issued.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(after_push >= 1, "no token was asked for");
+
+    // corral pull and corrald fetch through the same flow.
+    let (ok, _, err) = corral(dir, &["pull", "--policy", "policy.toml", &reference]);
+    assert!(ok, "{err}");
+    let d = Corrald::start(dir, 0);
+    serves(port, "Hello");
+    assert!(issued.load(std::sync::atomic::Ordering::SeqCst) > after_push);
+    // The credentials are in no log.
+    let log = d.stderr.text();
+    assert!(!log.contains(PASSWORD), "{log}");
 }
 
 #[test]
