@@ -41,7 +41,8 @@ pub enum Guest {
     /// stdin/stdout.
     Stdio {
         engine: Engine,
-        program: StdioProgram,
+        /// Boxed: linkers are large.
+        program: Box<StdioProgram>,
         caps: GuestCaps,
     },
     /// `kind = "command"`: a preview1 module or a `wasi:cli/run`
@@ -99,20 +100,20 @@ impl Guest {
                 "{what}: kind = \"http\" needs a wasi:http/proxy component, not a core module"
             ),
             (AppKind::Stdio, Program::Module(module)) => Guest::Stdio {
-                program: StdioProgram::Module {
+                program: Box::new(StdioProgram::Module {
                     linker: host::p1::linker(&engine)?,
                     module,
-                },
+                }),
                 caps,
                 engine,
             },
             (AppKind::Stdio, Program::Component(component)) => {
                 match host::component_kind(&engine, &component) {
                     Some(ComponentKind::Command | ComponentKind::Command3) => Guest::Stdio {
-                        program: StdioProgram::Component {
+                        program: Box::new(StdioProgram::Component {
                             linker: host::p2::linker(&engine)?,
                             component,
-                        },
+                        }),
                         caps,
                         engine,
                     },

@@ -458,7 +458,7 @@ enum Conn {
     Http(host::http::HttpHandler),
     Stdio {
         engine: Engine,
-        program: crate::guest::StdioProgram,
+        program: Box<crate::guest::StdioProgram>,
         caps: Box<GuestCaps>,
     },
 }

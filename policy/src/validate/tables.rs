@@ -169,7 +169,7 @@ fn reuse_spec(
                 cx.error(
                     node.at,
                     &join(path, key),
-                    format!("missing: pool.reuse needs both `requests` and `concurrent` (for example {{ requests = 128, concurrent = 16 }})"),
+                    "missing: pool.reuse needs both `requests` and `concurrent` (for example { requests = 128, concurrent = 16 })".to_string(),
                 );
                 None
             }
