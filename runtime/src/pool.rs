@@ -17,6 +17,12 @@ pub(crate) struct Slot {
     pub(crate) retiring: AtomicU32,
     /// Requests (http) or connections (stdio) served.
     pub(crate) served: AtomicU64,
+    /// Connections the worker holds open (idle ones too): what accepts are
+    /// balanced on (a worker past its share leaves the next accept to the
+    /// others).
+    pub(crate) connections: AtomicU32,
+    /// 1 while the worker's accept loops run.
+    pub(crate) accepting: AtomicU32,
 }
 
 /// The head of the shared pool state.

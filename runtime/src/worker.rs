@@ -12,8 +12,14 @@
 //! At `concurrency` instances running it stops accepting, leaving the
 //! backlog to its siblings (and the zygote forks one when every worker is
 //! there); at its connection cap it closes its oldest idle connection for
-//! each new one. A connection gets [`HEAD_DEADLINE`] from its accept to a
-//! complete request head, and an idle one `keep_alive_idle`. It retires
+//! each new one. Accepts are balanced between an app's workers: one that
+//! holds more than its share of the open connections leaves the next
+//! accept to its siblings for up to [`ACCEPT_DEFERRAL`] (the kernel wakes
+//! every worker for a new connection and the quickest took them all: 16
+//! keep-alive clients on one of two workers served 17.4k requests/s
+//! against 28.8k split 8/8, issue 18). A connection gets [`HEAD_DEADLINE`]
+//! from its accept to a complete request head, and an idle one
+//! `keep_alive_idle`. It retires
 //! itself as the zygote's module doc describes, and when it stops
 //! accepting it finishes what its connections have sent, answering with
 //! `Connection: close` (HTTP/2: GOAWAY), before it exits.
@@ -67,6 +73,11 @@ const MIN_CONNECTIONS: u64 = 16;
 const MAX_CONNECTIONS: usize = 64 * 1024;
 /// Connections asked to close to make room, at most, at any time.
 const EVICTIONS_AHEAD: usize = 16;
+
+/// How long a worker past its share of connections leaves a waiting
+/// connection to its siblings before it takes it itself (they may all be
+/// busy).
+pub(crate) const ACCEPT_DEFERRAL: Duration = Duration::from_millis(1);
 
 /// How often a worker looks at its idle time, `draining` and its zygote.
 const TICK: Duration = Duration::from_millis(100);
@@ -183,30 +194,80 @@ async fn told_to_stop(stop: Option<&tokio::io::unix::AsyncFd<OwnedFd>>) {
     }
 }
 
-/// A listening socket of the app.
-enum Listener {
-    Tcp(tokio::net::TcpListener),
-    Unix(tokio::net::UnixListener),
+/// A listening socket of the app (non-blocking: corrald and the
+/// standalone runners make it so). Accepted from its readiness rather than
+/// with tokio's listeners, so that a worker past its share of connections
+/// can see one waiting and leave it to its siblings.
+struct Listener {
+    fd: tokio::io::unix::AsyncFd<OwnedFd>,
+    unix: bool,
 }
 
 impl Listener {
     fn new(fd: OwnedFd) -> anyhow::Result<Listener> {
-        let family = rustix::net::getsockname(&fd)?.address_family();
-        Ok(if family == rustix::net::AddressFamily::UNIX {
-            Listener::Unix(tokio::net::UnixListener::from_std(
-                std::os::unix::net::UnixListener::from(fd),
-            )?)
-        } else {
-            Listener::Tcp(tokio::net::TcpListener::from_std(
-                std::net::TcpListener::from(fd),
-            )?)
+        let unix =
+            rustix::net::getsockname(&fd)?.address_family() == rustix::net::AddressFamily::UNIX;
+        Ok(Listener {
+            fd: crate::sys::register_readable(fd)?,
+            unix,
         })
+    }
+
+    /// The next connection. While `serving` holds more than its share, a
+    /// waiting connection is left for [`ACCEPT_DEFERRAL`] to the siblings
+    /// (which the kernel woke too); if it is still waiting then, this
+    /// worker takes it.
+    async fn accept(&self, serving: &Serving) -> std::io::Result<Stream> {
+        let mut deferred_since: Option<Instant> = None;
+        loop {
+            let mut ready = self.fd.readable().await?;
+            if serving.over_share() {
+                let since = *deferred_since.get_or_insert_with(Instant::now);
+                let until = since + ACCEPT_DEFERRAL;
+                if Instant::now() < until {
+                    // Readiness stays set: looked at again after the wait.
+                    drop(ready);
+                    let closed = serving.changed.notified();
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until.into()) => {}
+                        () = closed => {}
+                    }
+                    continue;
+                }
+            }
+            let flags = rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK;
+            match rustix::net::accept_with(self.fd.get_ref(), flags) {
+                Ok(fd) if self.unix => {
+                    return Ok(Stream::Unix(tokio::net::UnixStream::from_std(
+                        std::os::unix::net::UnixStream::from(fd),
+                    )?));
+                }
+                Ok(fd) => {
+                    let s = tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd))?;
+                    // A response whose body ends after its head was
+                    // written (a 0.3 body streamed from a guest task) goes
+                    // out in two writes; with Nagle the second waited for
+                    // the client's delayed ACK, 40 ms.
+                    let _ = s.set_nodelay(true);
+                    return Ok(Stream::Tcp(s));
+                }
+                Err(rustix::io::Errno::AGAIN) => {
+                    // Taken by a sibling (or a stale wake-up).
+                    ready.clear_ready();
+                    deferred_since = None;
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 
 /// Shared by the accept loops and connections of one worker.
 struct Serving {
     slot: &'static Slot,
+    /// Every slot of the pool: the siblings' connections, for balancing.
+    slots: &'static [Slot],
     counters: &'static AppCounters,
     live: &'static std::sync::atomic::AtomicU32,
     concurrency: u32,
@@ -302,6 +363,31 @@ impl Serving {
         }
     }
 
+    /// Whether this worker should leave the next connection to a sibling:
+    /// with it, it would hold more than its share (rounded up) of the
+    /// connections of the workers that accept (its own and those of its
+    /// siblings that accept and are below `concurrency`).
+    fn over_share(&self) -> bool {
+        let mine = self.slot.connections.load(Ordering::SeqCst);
+        if mine == 0 {
+            return false;
+        }
+        let mut workers = 1u64;
+        let mut total = u64::from(mine);
+        for s in self.slots {
+            if std::ptr::eq(s, self.slot)
+                || s.accepting.load(Ordering::SeqCst) == 0
+                || s.retiring.load(Ordering::SeqCst) != 0
+                || s.in_flight.load(Ordering::SeqCst) >= self.concurrency
+            {
+                continue;
+            }
+            workers += 1;
+            total += u64::from(s.connections.load(Ordering::SeqCst));
+        }
+        workers > 1 && u64::from(mine) >= (total + 1).div_ceil(workers)
+    }
+
     fn register(&self, busy: u32) -> (u64, Arc<ConnState>) {
         let state = Arc::new(ConnState {
             busy: AtomicU32::new(busy),
@@ -311,11 +397,14 @@ impl Serving {
         let id = conns.next;
         conns.next += 1;
         conns.open.insert(id, state.clone());
+        self.slot.connections.fetch_add(1, Ordering::SeqCst);
         (id, state)
     }
 
     fn unregister(&self, id: u64) {
-        self.connections().open.remove(&id);
+        if self.connections().open.remove(&id).is_some() {
+            self.slot.connections.fetch_sub(1, Ordering::SeqCst);
+        }
         self.changed.notify_waiters();
     }
 }
@@ -347,6 +436,7 @@ async fn serve(
     let (stop_tx, _) = watch::channel(false);
     let serving = Arc::new(Serving {
         slot,
+        slots: ctx.pool.slots(),
         counters: ctx.counters,
         live: &header.live,
         concurrency,
@@ -379,14 +469,12 @@ async fn serve(
         Guest::Command { .. } => anyhow::bail!("a command app does not accept connections"),
     });
     let mut accept_tasks = Vec::new();
+    slot.accepting.store(1, Ordering::SeqCst);
     // Each accept loop owns its socket: aborted when the worker stops
     // accepting, it closes it.
     for fd in listeners {
         let listener = Listener::new(fd)?;
-        let tls = match listener {
-            Listener::Tcp(_) => ctx.tls.clone(),
-            Listener::Unix(_) => None,
-        };
+        let tls = if listener.unix { None } else { ctx.tls.clone() };
         accept_tasks.push(tokio::spawn(accept_loop(
             listener,
             tls,
@@ -432,6 +520,7 @@ async fn serve(
             stopping = true;
         }
         if stopping {
+            slot.accepting.store(0, Ordering::SeqCst);
             serving.stop.send_replace(true);
             for task in &accept_tasks {
                 task.abort();
@@ -506,19 +595,7 @@ async fn accept_loop(
                 () = changed => {}
             }
         }
-        let accept = async {
-            match &listener {
-                Listener::Tcp(l) => l.accept().await.map(|(s, _)| {
-                    // A response whose body ends after its head was
-                    // written (a 0.3 body streamed from a guest task) goes
-                    // out in two writes; with Nagle the second waited for
-                    // the client's delayed ACK, 40 ms.
-                    let _ = s.set_nodelay(true);
-                    Stream::Tcp(s)
-                }),
-                Listener::Unix(l) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
-            }
-        };
+        let accept = listener.accept(&serving);
         // Not one more connection once the worker stops accepting
         // (max-requests reached, draining, retiring).
         let accepted = tokio::select! {

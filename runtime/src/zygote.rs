@@ -23,7 +23,11 @@
 //! - the zygote forks while `live < min`, when every live worker has
 //!   `pool.concurrency` instances in flight, and to replace a crashed or
 //!   max-requests worker (never above `pool.max`); at `min = 0` it exits
-//!   once its last worker is gone, and corrald watches the socket again.
+//!   once its last worker is gone, and corrald watches the socket again;
+//! - accepts are balanced: each slot also holds the worker's open
+//!   connections and whether it accepts; a worker holding more than its
+//!   share of its accepting siblings' connections leaves a new connection
+//!   to them, and takes it after [`worker::ACCEPT_DEFERRAL`] if none has.
 //!
 //! A `command` app's zygote forks one worker, which runs the instance; when
 //! it ends the zygote reports `FromZygote::Finished` and exits, and
@@ -432,6 +436,8 @@ impl Zygote {
         s.in_flight.store(0, Ordering::SeqCst);
         s.retiring.store(0, Ordering::SeqCst);
         s.served.store(0, Ordering::SeqCst);
+        s.connections.store(0, Ordering::SeqCst);
+        s.accepting.store(0, Ordering::SeqCst);
         self.pool.header().live.fetch_add(1, Ordering::SeqCst);
         match sys::fork().context("forking a worker")? {
             Forked::Child => {
@@ -492,6 +498,10 @@ impl Zygote {
                 .map(|t| t.elapsed())
                 .unwrap_or_default();
             let s = &self.pool.slots()[slot];
+            // A crashed worker's figures must not count in its siblings'
+            // accept balancing.
+            s.accepting.store(0, Ordering::SeqCst);
+            s.connections.store(0, Ordering::SeqCst);
             let ending = if s.retiring.load(Ordering::SeqCst) != 0 {
                 Ending::Retired
             } else {
