@@ -428,6 +428,17 @@ fn app_json(value: &Value) -> Value {
     if app["zygote_pid"] == json!(0) {
         app.insert("zygote_pid".into(), Value::Null);
     }
+    // An empty Tls dict is no `tls`.
+    match app["tls"].as_object() {
+        Some(t) if t.is_empty() => {
+            app.insert("tls".into(), Value::Null);
+        }
+        Some(_) => {
+            let t = dict(&app["tls"]);
+            app.insert("tls".into(), Value::Object(t));
+        }
+        None => {}
+    }
     // An empty Cgroup dict is no cgroup (the keys of a present one are
     // CamelCase words of the JSON's fields).
     match app["cgroup"].as_object() {

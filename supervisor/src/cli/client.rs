@@ -536,7 +536,8 @@ fn dict_to_json(dict: &Dict) -> Value {
 }
 
 /// A nested dict: the app's `Cgroup` (a{sv} with CamelCase keys, `Limits`
-/// a{ss}) as the socket API's `cgroup` object, `null` when empty.
+/// a{ss}) as the socket API's `cgroup` object, its `Tls` (CamelCase keys)
+/// as `tls`; `null` when empty.
 fn dict_value_to_json(dict: &zbus::Dict<'_, '_>) -> Value {
     let mut out = Map::new();
     for (k, v) in dict.iter() {
@@ -571,6 +572,13 @@ fn dict_value_to_json(dict: &zbus::Dict<'_, '_>) -> Value {
             .unwrap_or_default();
         cg.insert("limits".into(), Value::Array(limits));
         return Value::Object(cg);
+    }
+    // The Tls dict: CamelCase keys too (a Limits dict's are cgroup files).
+    if out
+        .keys()
+        .all(|k| k.starts_with(|c: char| c.is_ascii_uppercase()))
+    {
+        return Value::Object(out.into_iter().map(|(k, v)| (snake_case(&k), v)).collect());
     }
     Value::Object(out)
 }
@@ -722,5 +730,25 @@ mod tests {
         assert_eq!(snake_case("StateSince"), "state_since");
         assert_eq!(snake_case("ZygotePid"), "zygote_pid");
         assert_eq!(snake_case("Name"), "name");
+    }
+
+    #[test]
+    fn a_tls_dict_becomes_the_apis_tls_object() {
+        use std::collections::BTreeMap;
+        let tls: BTreeMap<String, zbus::Variant<'static>> = BTreeMap::from([
+            ("Subject".to_string(), zbus::Variant::from("CN=web")),
+            (
+                "Names".to_string(),
+                zbus::Variant::from(vec!["web".to_string()]),
+            ),
+            ("NotBefore".to_string(), zbus::Variant::from(1i64)),
+            ("NotAfter".to_string(), zbus::Variant::from(2i64)),
+        ]);
+        assert_eq!(
+            variant_to_json(&zbus::Variant::from(tls)),
+            serde_json::json!({"subject": "CN=web", "names": ["web"], "not_before": 1, "not_after": 2})
+        );
+        let none: BTreeMap<String, zbus::Variant<'static>> = BTreeMap::new();
+        assert_eq!(variant_to_json(&zbus::Variant::from(none)), Value::Null);
     }
 }

@@ -95,7 +95,22 @@ pub fn app_properties(a: &AppInfo) -> AppDict {
         ("Sandbox", Variant::from(a.sandbox.clone())),
         ("Listen", Variant::from(a.listen.clone())),
         ("ZygotePid", Variant::from(a.zygote_pid.unwrap_or(0))),
+        ("Tls", Variant::from(tls_dict(a))),
         ("Cgroup", Variant::from(cgroup_dict(a))),
+    ])
+}
+
+/// The certificate the app serves (docs/dbus.md): `Subject` s, `Names` as,
+/// `NotBefore` and `NotAfter` x (Unix time, seconds); empty without `tls`.
+pub fn tls_dict(a: &AppInfo) -> BTreeMap<String, Variant<'static>> {
+    let Some(c) = &a.tls else {
+        return BTreeMap::new();
+    };
+    BTreeMap::from([
+        ("Subject".to_string(), Variant::from(c.subject.clone())),
+        ("Names".to_string(), Variant::from(c.names.clone())),
+        ("NotBefore".to_string(), Variant::from(c.not_before)),
+        ("NotAfter".to_string(), Variant::from(c.not_after)),
     ])
 }
 
@@ -626,6 +641,12 @@ impl AppObject {
         Ok(self.app()?.zygote_pid.unwrap_or(0))
     }
 
+    /// The certificate the app's TCP addresses serve; empty without `tls`.
+    #[zbus(property)]
+    async fn tls(&self) -> fdo::Result<BTreeMap<String, Variant<'static>>> {
+        Ok(tls_dict(&self.app()?))
+    }
+
     /// The app's cgroup: CPU time, memory, tasks, OOM kills, limits in
     /// force; empty when it has none.
     #[zbus(property)]
@@ -654,9 +675,9 @@ mod tests {
     use super::*;
     use crate::manager::AppState;
 
-    #[test]
-    fn every_app_field_is_a_property_and_none_is_empty() {
-        let info = AppInfo {
+    /// An idle http app with no TLS and no cgroup.
+    fn web_app() -> AppInfo {
+        AppInfo {
             name: "web".into(),
             kind: "http".into(),
             state: AppState::Idle,
@@ -676,7 +697,12 @@ mod tests {
             zygote_pid: None,
             tls: None,
             cgroup: None,
-        };
+        }
+    }
+
+    #[test]
+    fn every_app_field_is_a_property_and_none_is_empty() {
+        let info = web_app();
         let props = app_properties(&info);
         // One property per field of the JSON object, named in CamelCase.
         let json = serde_json::to_value(&info).unwrap();
@@ -708,6 +734,26 @@ mod tests {
                     .unwrap_or_default()
             })
             .collect()
+    }
+
+    #[test]
+    fn an_app_with_tls_shows_its_certificate() {
+        let mut info = web_app();
+        assert!(tls_dict(&info).is_empty());
+        info.tls = Some(crate::tls::CertInfo {
+            subject: "CN=web.example".into(),
+            names: vec!["web.example".into(), "127.0.0.1".into()],
+            not_before: 1_790_000_000,
+            not_after: 1_797_776_000,
+        });
+        let d = tls_dict(&info);
+        assert_eq!(d["Subject"], Variant::from("CN=web.example"));
+        assert_eq!(
+            d["Names"],
+            Variant::from(vec!["web.example".to_string(), "127.0.0.1".to_string()])
+        );
+        assert_eq!(d["NotAfter"], Variant::from(1_797_776_000i64));
+        assert_eq!(app_properties(&info)["Tls"], Variant::from(d));
     }
 
     #[test]

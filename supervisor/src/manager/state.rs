@@ -91,8 +91,8 @@ pub struct AppInfo {
     /// Listen addresses as the policy writes them.
     pub listen: Vec<String>,
     pub zygote_pid: Option<u32>,
-    /// The certificate its TCP addresses serve (`tls` in its policy).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The certificate its TCP addresses serve (`tls` in its policy);
+    /// `None` without `tls`.
     pub tls: Option<crate::tls::CertInfo>,
     /// The app's cgroup and what it says (CPU time, memory, tasks, OOM
     /// kills, the limits in force); `None` when it has none (no delegated
