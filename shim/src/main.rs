@@ -6,6 +6,7 @@
 //! shim's ttrpc server ([`service`]); the shim runs the same binary again
 //! as `guest <plan>` for each container's process ([`guest`]).
 
+mod cgroup;
 mod guest;
 mod plan;
 mod service;

@@ -48,12 +48,41 @@ pub(crate) struct Linux {
     pub(crate) namespaces: Vec<Namespace>,
     #[serde(default)]
     pub(crate) resources: Option<Resources>,
+    /// Where the task's cgroup goes: a cgroupfs path (`/default/ID`,
+    /// `/kubepods/burstable/podUID/ID`) or systemd's `SLICE:PREFIX:NAME`.
+    #[serde(default, rename = "cgroupsPath")]
+    pub(crate) cgroups_path: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct Resources {
     #[serde(default)]
     pub(crate) memory: Option<Memory>,
+    #[serde(default)]
+    pub(crate) cpu: Option<Cpu>,
+    #[serde(default)]
+    pub(crate) pids: Option<Pids>,
+}
+
+/// `linux.resources.cpu`: what runc applies of it.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct Cpu {
+    /// Relative weight (cgroup v1 `cpu.shares`, 2..262144).
+    #[serde(default)]
+    pub(crate) shares: Option<u64>,
+    /// CFS quota in µs per `period`; absent or ≤ 0: no ceiling.
+    #[serde(default)]
+    pub(crate) quota: Option<i64>,
+    #[serde(default)]
+    pub(crate) period: Option<u64>,
+}
+
+/// `linux.resources.pids`.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct Pids {
+    /// Absent, 0 or negative: no limit.
+    #[serde(default)]
+    pub(crate) limit: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

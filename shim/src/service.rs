@@ -45,6 +45,8 @@ struct Task {
     exited_at: Option<Timestamp>,
     /// Write end of the start pipe: one byte starts the guest.
     start: Option<File>,
+    /// Its cgroup (`linux.cgroupsPath`), removed at delete.
+    cgroup: Option<crate::cgroup::TaskCgroup>,
     stdin: String,
     stdout: String,
     stderr: String,
@@ -151,10 +153,24 @@ impl Service {
                 mounted = true;
             }
         }
+        // The cgroup and its limits first: a task whose limits cannot be
+        // applied is not created (runc refuses it too).
+        let cgroup = match crate::cgroup::create(&req.id, &spec) {
+            Ok(cgroup) => cgroup,
+            Err(e) => {
+                if mounted {
+                    unmount(&rootfs);
+                }
+                return Err(e);
+            }
+        };
         let prepared = self.prepare(&req.id, &bundle, &spec, req);
         let (mut cmd, start_r, start_w, mode) = match prepared {
             Ok(ok) => ok,
             Err(e) => {
+                if let Some(cgroup) = &cgroup {
+                    cgroup.remove();
+                }
                 if mounted {
                     unmount(&rootfs);
                 }
@@ -164,10 +180,13 @@ impl Service {
         // Spawned and recorded under one hold of the state lock: the exit
         // watcher cannot see this pid's exit before its task exists.
         let mut state = self.lock();
-        let child = match cmd.spawn() {
+        let mut child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) => {
                 drop(state);
+                if let Some(cgroup) = &cgroup {
+                    cgroup.remove();
+                }
                 if mounted {
                     unmount(&rootfs);
                 }
@@ -175,6 +194,18 @@ impl Service {
             }
         };
         let pid = child.id();
+        // Into its cgroup while it waits for start: no guest code has run.
+        if let Some(cgroup) = &cgroup {
+            if let Err(e) = cgroup.add(pid) {
+                let _ = child.kill();
+                drop(state);
+                if mounted {
+                    unmount(&rootfs);
+                }
+                return Err(e.context("placing the task's process in its cgroup"));
+            }
+            info!("{}: cgroup {}", req.id, cgroup.dirs()[0].display());
+        }
         drop(child); // never waited for here: the framework's reaper does
         drop(start_r);
         state.tasks.insert(
@@ -188,6 +219,7 @@ impl Service {
                 exit_status: 0,
                 exited_at: None,
                 start: Some(File::from(start_w)),
+                cgroup,
                 stdin: req.stdin.clone(),
                 stdout: req.stdout.clone(),
                 stderr: req.stderr.clone(),
@@ -449,6 +481,9 @@ impl shim::Shim for Service {
         if let Ok(spec) = Spec::read(&bundle) {
             let rootfs = spec.rootfs(&bundle);
             let _ = try_unmount(&rootfs);
+            if let Some(cgroup) = crate::cgroup::existing(&spec) {
+                cgroup.remove_when_empty(std::time::Duration::from_secs(2));
+            }
         }
         cleanup_bundle(&bundle);
         // The dead shim's socket, unless a live shim (of the same pod)
@@ -685,6 +720,9 @@ impl shim::Task for Service {
         drop(state);
         if task.mounted {
             unmount(&task.rootfs);
+        }
+        if let Some(cgroup) = &task.cgroup {
+            cgroup.remove();
         }
         cleanup_bundle(&task.bundle);
         info!("{}: deleted", req.id);

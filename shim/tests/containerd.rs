@@ -371,6 +371,32 @@ fn wasm_artifact_images(layout: &mut Layout, name: &str, module: Vec<u8>) {
     layout.name(&format!("{name}-index"), index);
 }
 
+/// The v1 cgroup directories `pid` is in, by controller (cpu, memory,
+/// pids), or its v2 one under "cpu", "memory" and "pids" alike.
+fn task_cgroups(pid: u32) -> std::collections::HashMap<String, String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let mut out = std::collections::HashMap::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (
+            parts.next(),
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+        );
+        for c in controllers.split(',') {
+            if ["cpu", "memory", "pids"].contains(&c) {
+                out.insert(c.to_string(), format!("/sys/fs/cgroup/{c}{path}"));
+            }
+        }
+        if controllers.is_empty() && Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            for c in ["cpu", "memory", "pids"] {
+                out.insert(c.to_string(), format!("/sys/fs/cgroup{path}"));
+            }
+        }
+    }
+    out
+}
+
 fn http_get(addr: SocketAddr) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -512,13 +538,22 @@ fn wasm_images_run_under_containerd() {
     );
 
     // A wasi:http component serves on the address its env names, on the
-    // host network; kill stops it.
+    // host network; kill stops it. Its resources (issue 20) are applied to
+    // its cgroup as runc would: CPU shares and quota, memory limit.
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let listen = format!("CORRAL_HTTP_LISTEN={addr}");
     c.ok(&[
         "run",
         "-d",
         "--net-host",
+        "--cpu-shares",
+        "512",
+        "--cpu-quota",
+        "50000",
+        "--cpu-period",
+        "100000",
+        "--memory-limit",
+        "268435456",
         "--runtime",
         RUNTIME,
         "--env",
@@ -557,6 +592,22 @@ fn wasm_images_run_under_containerd() {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
     assert!(status.contains("Seccomp:\t2"), "{status}");
+    let cgroups = task_cgroups(pid);
+    for (file, want) in [
+        ("cpu.shares", "512"),
+        ("cpu.cfs_period_us", "100000"),
+        ("cpu.cfs_quota_us", "50000"),
+        ("memory.limit_in_bytes", "268435456"),
+    ] {
+        let (controller, _) = file.split_once('.').unwrap();
+        let dir = cgroups
+            .get(controller)
+            .unwrap_or_else(|| panic!("no {controller} cgroup for {pid}: {cgroups:?}"));
+        assert!(dir.ends_with("/http"), "{pid} in {dir} ({cgroups:?})");
+        let got = std::fs::read_to_string(format!("{dir}/{file}")).unwrap();
+        assert_eq!(got.trim(), want, "{dir}/{file}");
+    }
+    let http_cgroups: Vec<String> = cgroups.values().cloned().collect();
 
     c.ok(&["task", "kill", "http"]);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -581,6 +632,9 @@ fn wasm_images_run_under_containerd() {
     );
     c.ok(&["task", "delete", "http"]);
     c.ok(&["container", "delete", "http"]);
+    for dir in &http_cgroups {
+        assert!(!Path::new(dir).exists(), "{dir} left after delete");
+    }
 
     // A shim that dies (SIGKILL) takes its task with it: containerd runs
     // the shim binary's `delete`, which kills the task's process and
@@ -622,6 +676,20 @@ fn wasm_images_run_under_containerd() {
         .map(PathBuf::from)
         .expect("the shim's -socket");
     assert!(socket.exists());
+    // Its task's cgroup, made from the spec's cgroupsPath (no resources
+    // asked): the dead shim's cleanup removes it too.
+    let tasks = text(&c.ok(&["task", "ls"]).stdout);
+    let crash_pid: u32 = tasks
+        .lines()
+        .find_map(|l| l.strip_prefix("crash "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid for crash in {tasks}"));
+    let crash_cgroups: Vec<String> = task_cgroups(crash_pid)
+        .into_values()
+        .filter(|d| d.ends_with("/crash"))
+        .collect();
+    assert!(!crash_cgroups.is_empty(), "{:?}", task_cgroups(crash_pid));
     // The pid was just read from /proc.
     if let Some(pid) = Pid::from_raw(shim_pid) {
         let _ = kill_process(pid, Signal::KILL);
@@ -630,10 +698,12 @@ fn wasm_images_run_under_containerd() {
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
         || !c.mounts_below_state().is_empty()
         || socket.exists()
+        || crash_cgroups.iter().any(|d| Path::new(d).exists())
     {
         assert!(
             Instant::now() < deadline,
-            "the task, its rootfs or its shim's socket outlived the shim: {:#?} {:#?}\n{}",
+            "the task, its rootfs, its cgroup or its shim's socket outlived the shim: \
+             {:#?} {:#?} {crash_cgroups:?}\n{}",
             c.leftover_processes(),
             c.mounts_below_state(),
             c.log()
