@@ -251,3 +251,6 @@ fi
 
 # --- Per-app cgroups: what only a cgroup v2 host with delegation shows.
 . "$(dirname "${E2E_MORE_CHECKS:-$0}")/cgroup-checks.sh"
+
+# --- The containerd shim's task cgroup on cgroup v2.
+. "$(dirname "${E2E_MORE_CHECKS:-$0}")/shim-checks.sh"

@@ -1,0 +1,52 @@
+# The containerd shim's task cgroup on cgroup v2 (issue 20), checked in
+# tests/e2e-vm/run's VM (Debian's containerd and runc are in the image; the
+# shim comes with corral.deb). Sourced at the end of kernel-checks.sh, after
+# cgroup-checks.sh; uses inside.sh's helpers (ok, fail, check, info, show).
+#
+# `ctr run` with CPU shares, quota and period and a memory limit: the task
+# process is in the cgroup of the spec's cgroupsPath, whose cpu.weight,
+# cpu.max and memory.max say what runc would write; the app serves; the
+# cgroup is gone after delete.
+
+share=$(dirname "${E2E_MORE_CHECKS:-/mnt/e2e/kernel-checks.sh}")
+info "--- the containerd shim's cgroup (kernel $(uname -r), $(stat -fc %T /sys/fs/cgroup))"
+ns=corral-e2e
+shim_port=18099
+systemctl start containerd 2>&1 | show
+for i in $(seq 1 100); do ctr version >/dev/null 2>&1 && break; sleep 0.2; done
+check "containerd answers" ctr version
+check "the shim is installed with corral" command -v containerd-shim-corral-v1
+check "ctr imports the Wasm image" ctr -n "$ns" images import "$share/hello-image.tar"
+if ctr -n "$ns" run -d --net-host --runtime io.containerd.corral.v1 \
+    --cpu-shares 512 --cpu-quota 50000 --cpu-period 100000 --memory-limit 268435456 \
+    --env "CORRAL_HTTP_LISTEN=127.0.0.1:$shim_port" corral.test/hello:1 web /hello.wasm 2>&1 | show; then
+    ok "ctr run --runtime io.containerd.corral.v1 with resources"
+else
+    fail "ctr run --runtime io.containerd.corral.v1 with resources"
+fi
+served=no
+for i in $(seq 1 150); do
+    if curl -sf --max-time 2 "http://127.0.0.1:$shim_port/" 2>/dev/null | grep -q 'Hello from corral'; then
+        served=yes; break
+    fi
+    sleep 0.2
+done
+check "the shim's task serves" [ "$served" = yes ]
+task_pid=$(ctr -n "$ns" task ls 2>/dev/null | awk '$1 == "web" { print $2 }')
+info "task pid: ${task_pid:-none}; $(cat /proc/"${task_pid:-0}"/cgroup 2>/dev/null | tr '\n' ' ')"
+task_cg=/sys/fs/cgroup$(sed -n 's/^0:://p' /proc/"${task_pid:-0}"/cgroup 2>/dev/null)
+task_cg_is_its_own() { [ -n "$task_pid" ] && [[ $task_cg == */web ]]; }
+check "the task has a cgroup of its own ($task_cg)" task_cg_is_its_own
+for pair in "cpu.max=50000 100000" "cpu.weight=20" "memory.max=268435456"; do
+    file=${pair%%=*} want=${pair#*=}
+    got=$(cat "$task_cg/$file" 2>/dev/null)
+    check "$file is \"$want\" (shares 512 as runc converts them; quota; memory limit): \"$got\"" [ "$got" = "$want" ]
+done
+ctr -n "$ns" task kill web 2>&1 | show
+for i in $(seq 1 100); do
+    ctr -n "$ns" task ls 2>/dev/null | awk '$1 == "web"' | grep -q STOPPED && break
+    sleep 0.2
+done
+ctr -n "$ns" task delete web 2>&1 | show
+ctr -n "$ns" container delete web 2>&1 | show
+check "the task's cgroup is gone after delete" [ ! -e "$task_cg" ]
