@@ -11,10 +11,10 @@
 //! - the new keys are validated with `file:line: key: message`.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use corral_testkit::{Log, free_port, guest, wait_for};
+use corral_testkit::{free_port, guest, spawn_logged, wait_for};
 
 const CORRALD: &str = env!("CARGO_BIN_EXE_corrald");
 const CORRAL: &str = env!("CARGO_BIN_EXE_corral");
@@ -107,18 +107,14 @@ fn without_a_cgroup_subtree_best_effort_serves_and_says_so_and_require_refuses()
     assert!(text.contains("free (http): "), "{text}");
 
     // corrald: free serves, strict is failed with the reason, once.
-    let mut child = Command::new(CORRALD)
-        .args(["--bus", "none", "--policy"])
-        .arg(&policy)
-        .env("CORRAL_LOG", "info")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_FDS")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = Log::collect(child.stderr.take().unwrap());
+    let (child, log) = spawn_logged(
+        Command::new(CORRALD)
+            .args(["--bus", "none", "--policy"])
+            .arg(&policy)
+            .env("CORRAL_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS"),
+    );
     let _kill = KillOnDrop(child);
     log.wait_for("NOT enforced", Duration::from_secs(60));
     let apps = wait_for("both apps settled", Duration::from_secs(120), || {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use corral_testkit::{Log, Notes, descendants_of, free_port, guest, wait_for, which};
+use corral_testkit::{Log, Notes, free_port, guest, kill_tree, spawn_logged, wait_for, which};
 use sha2::{Digest as _, Sha256};
 
 const CORRAL: &str = env!("CARGO_BIN_EXE_corral");
@@ -307,15 +307,11 @@ impl Registry {
             ));
         }
         std::fs::write(root.join("config.yml"), config).unwrap();
-        let mut child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(root.join("config.yml"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Log::collect(child.stderr.take().unwrap());
+        let (child, log) = spawn_logged(
+            Command::new("docker-registry")
+                .arg("serve")
+                .arg(root.join("config.yml")),
+        );
         wait_for("the registry to listen", Duration::from_secs(20), || {
             TcpStream::connect(("127.0.0.1", port)).ok()
         });
@@ -562,15 +558,7 @@ fn dechunk(mut body: &str) -> String {
 
 impl Drop for Corrald {
     fn drop(&mut self) {
-        let tree = descendants_of(self.pid);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for pid in tree {
-            let _ = Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status();
-        }
+        kill_tree(&mut self.child);
         if std::thread::panicking() {
             eprintln!("corrald's stderr:\n{}", self.stderr.text());
         }

@@ -7,12 +7,12 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use corral_testkit::{Log, Notes, descendants_of, free_port, guest, wait_for, which};
+use corral_testkit::{Log, Notes, free_port, guest, kill_tree, spawn_logged, wait_for, which};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
@@ -94,20 +94,16 @@ impl Daemon {
         std::fs::write(dir.join("policy.toml"), policy).unwrap();
         let notify = dir.join("notify.sock");
         let notes = Notes::bind(&notify);
-        let mut child = Command::new(CORRALD)
-            .arg("--policy")
-            .arg(dir.join("policy.toml"))
-            .env("NOTIFY_SOCKET", &notify)
-            .env(
-                "CORRAL_LOG",
-                "info,corral_supervisor=debug,corral_runtime=debug",
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = Log::collect(child.stderr.take().unwrap());
+        let (child, stderr) = spawn_logged(
+            Command::new(CORRALD)
+                .arg("--policy")
+                .arg(dir.join("policy.toml"))
+                .env("NOTIFY_SOCKET", &notify)
+                .env(
+                    "CORRAL_LOG",
+                    "info,corral_supervisor=debug,corral_runtime=debug",
+                ),
+        );
         let daemon = Daemon {
             pid: child.id() as i32,
             child: Some(child),
@@ -173,15 +169,7 @@ impl Drop for Daemon {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let tree = descendants_of(self.pid);
-        let _ = child.kill();
-        let _ = child.wait();
-        for pid in tree {
-            let _ = Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status();
-        }
+        kill_tree(&mut child);
         if std::thread::panicking() {
             eprintln!("corrald's stderr:\n{}", self.stderr.text());
         }

@@ -146,6 +146,19 @@ pub fn descendants_of(root: i32) -> Vec<i32> {
     out
 }
 
+/// Kill `child` and every process below it (SIGKILL; the tree is read
+/// first, so orphans reparented by the kill are not missed) and reap it.
+pub fn kill_tree(child: &mut std::process::Child) {
+    let tree = descendants_of(child.id() as i32);
+    let _ = child.kill();
+    let _ = child.wait();
+    for pid in tree {
+        if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
+
 /// The parent pid of `pid` (None: it is gone).
 pub fn parent_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -474,17 +474,20 @@ mod tests {
         }
     }
 
+    /// The verdict on `name` for an app of `kind` on x86_64.
+    fn verdict(kind: AppKind, network: bool, listen: bool, name: &str) -> Verdict {
+        AppFilter::for_app(kind, network, listen, Arch::x86_64)
+            .unwrap()
+            .calls
+            .into_iter()
+            .find(|c| c.name == name)
+            .unwrap()
+            .verdict
+    }
+
     #[test]
     fn sockets_only_with_network_and_accept_only_for_servers() {
-        let verdict = |kind, network, name: &str| {
-            AppFilter::for_app(kind, network, false, Arch::x86_64)
-                .unwrap()
-                .calls
-                .into_iter()
-                .find(|c| c.name == name)
-                .unwrap()
-                .verdict
-        };
+        let verdict = |kind, network, name: &str| verdict(kind, network, false, name);
         assert_eq!(
             verdict(AppKind::Http, false, "socket"),
             Verdict::Errno(libc::EPERM)
@@ -500,15 +503,6 @@ mod tests {
 
     #[test]
     fn bind_listen_and_accept_only_with_a_listen_grant() {
-        let verdict = |kind, network, listen, name: &str| {
-            AppFilter::for_app(kind, network, listen, Arch::x86_64)
-                .unwrap()
-                .calls
-                .into_iter()
-                .find(|c| c.name == name)
-                .unwrap()
-                .verdict
-        };
         for kind in AppKind::ALL {
             for call in ["bind", "listen"] {
                 assert_eq!(
