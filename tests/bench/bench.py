@@ -345,8 +345,14 @@ def new_conns_per_s(port, seconds, clients, tls):
     """`clients` processes, each a loop of connect, (TLS handshake, no
     resumption,) one GET with `Connection: close`; answered connections
     per second."""
-    procs = [spawn([sys.executable, "-c", NEW_CONNS_CLIENT, str(port), str(seconds),
-                    "tls" if tls else "plain"], stdout=subprocess.PIPE, text=True)
+    return client_loops(NEW_CONNS_CLIENT, [str(port), str(seconds), "tls" if tls else "plain"],
+                        seconds, clients)
+
+
+def client_loops(code, argv, seconds, clients):
+    """`clients` Python processes running `code` with `argv`, each printing
+    "answered errors" at the end; answered per second, and errors."""
+    procs = [spawn([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, text=True)
              for _ in range(clients)]
     n = errors = 0
     for p in procs:
@@ -607,15 +613,7 @@ print(n, errors)
 def conns_per_s(port, seconds, clients):
     """`clients` processes, each a loop of connect, send, read the echo to
     EOF, close; connections per second that got the whole echo."""
-    procs = [spawn([sys.executable, "-c", CONNS_CLIENT, str(port), str(seconds)],
-                   stdout=subprocess.PIPE, text=True) for _ in range(clients)]
-    n = errors = 0
-    for p in procs:
-        out, _ = p.communicate(timeout=seconds + 60)
-        started.remove(p)
-        a, b = out.split()
-        n, errors = n + int(a), errors + int(b)
-    return n / seconds, errors
+    return client_loops(CONNS_CLIENT, [str(port), str(seconds)], seconds, clients)
 
 
 def scenario_stdio(args, results):
