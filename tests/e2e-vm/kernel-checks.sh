@@ -254,3 +254,6 @@ fi
 
 # --- The containerd shim's task cgroup on cgroup v2.
 . "$(dirname "${E2E_MORE_CHECKS:-$0}")/shim-checks.sh"
+
+# --- corral run --listen: the sandbox's grants for a guest that listens.
+. "$(dirname "${E2E_MORE_CHECKS:-$0}")/listen-checks.sh"
