@@ -24,8 +24,10 @@ use wasmtime::{
 
 use crate::error::CompileError;
 
-/// The engine-relevant part of an app's spec.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The engine-relevant part of an app's spec. Serializable and hashable:
+/// corrald names the engine a zygote needs to the zygote template, which
+/// keeps one built engine per distinct value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct EngineOptions {
     /// Bytes of linear memory per instance (`limits.memory`); also the
@@ -39,7 +41,7 @@ pub struct EngineOptions {
 }
 
 /// Sizes of the pooling allocator for one worker process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct PoolingOptions {
     /// Requests (stores) a worker runs at once (`pool.concurrency`).

@@ -68,6 +68,9 @@ pub struct DaemonSpec {
     /// How long SIGTERM waits for in-flight requests.
     #[serde(serialize_with = "ser_duration")]
     pub drain_timeout: Duration,
+    /// Start zygotes by forking them from one shared template process
+    /// (`true`, the default) rather than by exec'ing corrald per wake.
+    pub template: bool,
 }
 
 /// One `[apps.NAME]` table, with `[defaults]` and drop-ins merged in.

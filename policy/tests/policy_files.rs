@@ -79,6 +79,7 @@ fn every_default() {
     assert_eq!(d.idle_exit, None);
     assert_eq!(d.metrics, None);
     assert_eq!(d.drain_timeout, Duration::from_secs(30));
+    assert!(d.template);
 
     let app = &p.apps["web"];
     assert_eq!(app.name, "web");
@@ -118,6 +119,17 @@ fn every_default() {
 }
 
 #[test]
+fn daemon_template_is_a_boolean() {
+    let f = Fixture::new();
+    let errors = f.errors(&format!("[daemon]\ntemplate = \"yes\"\n{MINIMAL}"));
+    assert_one_error(
+        &errors,
+        "2:12",
+        "daemon.template: expected true or false, found a string",
+    );
+}
+
+#[test]
 fn command_apps_have_no_default_timeout_and_need_no_listen() {
     let f = Fixture::new();
     let p = f.ok("[apps.job]\nmodule = \"app.wasm\"\nkind = \"command\"\n");
@@ -152,6 +164,7 @@ api-group = "wheel"
 idle-exit = "10m"
 metrics = "127.0.0.1:9464"
 drain-timeout = "5s"
+template = false
 
 [defaults]
 pool = { min = 0, max = 4, idle-timeout = "60s" }
@@ -179,6 +192,7 @@ restart = { on = "always", backoff = "50ms..10s", give-up = "10 in 60s" }
     assert_eq!(d.idle_exit, Some(Duration::from_secs(600)));
     assert_eq!(d.metrics, Some("127.0.0.1:9464".parse().unwrap()));
     assert_eq!(d.drain_timeout, Duration::from_secs(5));
+    assert!(!d.template);
 
     let a = &p.apps["hello"];
     assert_eq!(

@@ -14,6 +14,8 @@
 //! - [`zygote`] and the worker: the per-app pool of pre-forked workers,
 //!   and the serve loops (HTTP/1.1, HTTP/2, stdio) that workers and the
 //!   standalone runners share; [`protocol`]: the zygote ↔ corrald messages.
+//! - [`template`]: the one process per corrald that app zygotes are forked
+//!   from (engines built, image paged in; never an app's data).
 //! - [`counters`]: the per-app metrics page workers write and corrald reads.
 //! - [`tls`]: an app's certificate and key, read by corrald, made into a
 //!   rustls server configuration by its zygote, used by its workers.
@@ -28,6 +30,7 @@ mod pool;
 pub mod protocol;
 pub mod sandbox;
 pub mod sys;
+pub mod template;
 pub mod tls;
 mod worker;
 pub mod zygote;

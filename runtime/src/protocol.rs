@@ -13,6 +13,13 @@
 //!   forked its first workers (or [`FromZygote::Failed`]), then pool
 //!   events; [`FromZygote::Idle`] right before it exits because its last
 //!   worker retired (scale to zero).
+//!
+//! corrald and the zygote template (`corrald template`, see
+//! `crate::template`) talk the same way over their own socketpair:
+//! [`ToTemplate::Warm`] names the engines to build ahead,
+//! [`ToTemplate::Fork`] carries the new zygote's control socket (the end a
+//! zygote would have as stdin) and names its engine; each `Fork` gets one
+//! [`FromTemplate`] answer, in order.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
@@ -89,6 +96,31 @@ pub enum FromZygote {
     Finished { how: String, success: bool },
     /// The last worker retired; the zygote exits (scale to zero).
     Idle,
+}
+
+/// What corrald tells the zygote template.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ToTemplate {
+    /// Build these engines now, if not built yet, so that no wake waits
+    /// for one; forget built engines not in the list.
+    Warm {
+        engines: Vec<corral_compiler::EngineOptions>,
+    },
+    /// Fork a zygote (a child of corrald's, `CLONE_PARENT`) holding this
+    /// engine and the control socket that comes with the packet.
+    Fork {
+        engine: corral_compiler::EngineOptions,
+    },
+}
+
+/// The template's answer to a [`ToTemplate::Fork`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum FromTemplate {
+    /// The zygote runs, as corrald's child; it waits for its
+    /// [`ToZygote::Start`] on the control socket.
+    Forked { pid: i32 },
+    /// No zygote: corrald starts one by exec.
+    Refused { error: String },
 }
 
 /// A packet of JSON plus fds, blocking or not depending on the socket.

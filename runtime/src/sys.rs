@@ -35,6 +35,80 @@ pub(crate) fn fork() -> std::io::Result<Forked> {
     }
 }
 
+/// Fork the calling process so that the child is a child of the caller's
+/// *parent* (`clone(CLONE_PARENT | SIGCHLD)`): the zygote template's way of
+/// making a zygote that corrald owns (waits for, kills, reaps) exactly as
+/// if corrald had spawned it itself.
+///
+/// Only the template calls it, single-threaded (it checks before each
+/// call). Unlike `libc::fork`, glibc's fork handlers do not run and the
+/// child's thread descriptor keeps the template's thread id (glibc asks
+/// the kernel to write the new one only in its own `fork`); with one
+/// thread and no lock held across the call neither matters: every lock is
+/// free in the child, and the stale id, used only as the owner of glibc's
+/// recursive locks, is the same at every lock and unlock and belongs to
+/// no other thread of the child (a worker forked from the zygote with
+/// `libc::fork` gets its own again).
+pub(crate) fn fork_beside_parent() -> std::io::Result<Forked> {
+    // SAFETY: as for `fork` above (single-threaded caller; see the doc for
+    // what differs). With a null stack the child runs on a copy of the
+    // caller's stack, exactly as after fork; the remaining arguments
+    // (parent/child tid pointers, TLS) are unused without the flags that
+    // read them.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    match pid {
+        -1 => Err(std::io::Error::last_os_error()),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent(pid as i32)),
+    }
+}
+
+/// Overwrite this process's command line (what `ps` and
+/// `/proc/PID/cmdline` show) with `words`, as far as the original's space
+/// allows; the rest is filled with NULs. A zygote forked from the template
+/// (exec'd as `corrald template`) says `corrald zygote`, as one exec'd does.
+pub(crate) fn set_command_line(words: &[&str]) -> std::io::Result<()> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Fields after the parenthesised name start at field 3; arg_start and
+    // arg_end are fields 48 and 49 (proc(5)).
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| std::io::Error::other("no name in /proc/self/stat"))?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let parse = |i: usize| -> std::io::Result<usize> {
+        fields
+            .get(i - 3)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("field {i} of /proc/self/stat")))
+    };
+    let (start, end) = (parse(48)?, parse(49)?);
+    if start == 0 || end <= start {
+        return Err(std::io::Error::other("no argument area"));
+    }
+    let mut title = words.join("\0").into_bytes();
+    title.truncate(end - start - 1);
+    title.resize(end - start, 0);
+    // SAFETY: [arg_start, arg_end) is the argument strings the kernel
+    // copied to the top of this process's stack at exec, writable and
+    // mapped for the process's life; nothing in this process holds a Rust
+    // reference into them (clap copied the arguments at start, and nothing
+    // reads `std::env::args` afterwards). `title` is exactly that long.
+    unsafe {
+        std::ptr::copy_nonoverlapping(title.as_ptr(), start as *mut u8, title.len());
+    }
+    Ok(())
+}
+
 /// A `MAP_SHARED` anonymous mapping holding a [`PoolHeader`] and `slots`
 /// [`Slot`]s, so that a zygote and all the workers it forks afterwards see
 /// the same atomics. Never unmapped: it lives as long as the process.

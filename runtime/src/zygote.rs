@@ -74,43 +74,59 @@ pub fn main() -> std::process::ExitCode {
     // What exec left open, as opposed to what this process opens from here
     // on (received fds, wasmtime's mapping of the artifact).
     let inherited = crate::sandbox::open_fds();
-    let control = match std::io::stdin().as_fd().try_clone_to_owned() {
+    let control = match take_stdin() {
         Ok(fd) => fd,
         Err(e) => {
-            eprintln!("corrald zygote: no control socket on stdin: {e}");
+            eprintln!("corrald zygote: the control socket on stdin: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
-    // stdin becomes /dev/null: the control socket lives on only as
-    // `control`, which workers close right after the fork (a worker must
-    // not be able to talk to corrald as its zygote).
-    let stdin_replaced =
-        std::fs::File::open("/dev/null").and_then(|null| Ok(rustix::stdio::dup2_stdin(&null)?));
-    if let Err(e) = stdin_replaced {
-        eprintln!("corrald zygote: replacing stdin: {e}");
-        return std::process::ExitCode::FAILURE;
-    }
+    std::process::ExitCode::from(serve(control, &inherited, None))
+}
+
+/// Take the control socket corrald left on stdin: stdin becomes
+/// /dev/null and the socket lives on only as the returned fd (which
+/// workers close right after their fork: a worker must not be able to
+/// talk to corrald as its zygote). Also the zygote template's start.
+pub(crate) fn take_stdin() -> std::io::Result<OwnedFd> {
+    let control = std::io::stdin().as_fd().try_clone_to_owned()?;
+    let null = std::fs::File::open("/dev/null")?;
+    rustix::stdio::dup2_stdin(&null)?;
+    Ok(control)
+}
+
+/// An engine the zygote template built before the fork, and the options
+/// it was built with (used only if they are the app's).
+pub(crate) struct Prebuilt {
+    pub(crate) options: EngineOptions,
+    pub(crate) engine: corral_compiler::BuiltEngine,
+}
+
+/// A zygote's life from its start message on `control` to its exit code:
+/// exec'd (`main`) or forked from the template (`prebuilt`: the engine it
+/// built). `inherited`: the fds open before this zygote's own work began.
+pub(crate) fn serve(control: OwnedFd, inherited: &[RawFd], prebuilt: Option<Prebuilt>) -> u8 {
     let (start, fds) = match protocol::recv::<ToZygote>(&control, RecvFlags::empty()) {
         Ok(Some((ToZygote::Start(start), fds))) => (start, fds),
         Ok(_) => {
             eprintln!("corrald zygote: expected a start message");
-            return std::process::ExitCode::FAILURE;
+            return 1;
         }
         Err(e) => {
             eprintln!("corrald zygote: reading the control socket: {e}");
-            return std::process::ExitCode::FAILURE;
+            return 1;
         }
     };
     let app = start.app.name.clone();
-    match Zygote::prepare(*start, fds, &control, &inherited) {
+    match Zygote::prepare(*start, fds, &control, inherited, prebuilt) {
         Ok(mut zygote) => {
             drop(control); // the zygote holds its own copy
             match zygote.run() {
-                Ok(()) => std::process::ExitCode::SUCCESS,
+                Ok(()) => 0,
                 Err(e) => {
                     tracing::error!(app, "zygote: {e:#}");
                     zygote.report_failure(format!("{e:#}"));
-                    std::process::ExitCode::FAILURE
+                    1
                 }
             }
         }
@@ -118,7 +134,7 @@ pub fn main() -> std::process::ExitCode {
             let error = format!("{e:#}");
             tracing::error!(app, "cannot start: {error}");
             let _ = protocol::send(&control, &FromZygote::Failed { error }, &[]);
-            std::process::ExitCode::from(3)
+            3
         }
     }
 }
@@ -180,6 +196,7 @@ impl Zygote {
         mut fds: Vec<OwnedFd>,
         control: &OwnedFd,
         inherited: &[RawFd],
+        prebuilt: Option<Prebuilt>,
     ) -> anyhow::Result<Zygote> {
         // Where a cold start's time goes (logged at debug; docs/bench.md).
         let t0 = Instant::now();
@@ -216,7 +233,23 @@ impl Zygote {
             None => None,
         };
         drop(start.tls);
-        let built = corral_compiler::build_engine(&EngineOptions::for_app(&app), None)?;
+        let options = EngineOptions::for_app(&app);
+        let from_template = prebuilt.is_some();
+        let built = match prebuilt {
+            Some(p) if p.options == options => p.engine,
+            // corrald named this app's engine; a mismatch is a bug, not
+            // a reason to fail the start.
+            Some(p) => {
+                tracing::warn!(
+                    app = app.name,
+                    "the template's engine is for {:?}; building the app's",
+                    p.options
+                );
+                drop(p);
+                corral_compiler::build_engine(&options, None)?
+            }
+            None => corral_compiler::build_engine(&options, None)?,
+        };
         if let corral_compiler::Allocation::OnDemandFallback { reason } = &built.allocation {
             tracing::warn!(app = app.name, "pooling allocator unavailable ({reason})");
         }
@@ -285,9 +318,14 @@ impl Zygote {
         let guest = guest.enter(plan).context("entering the sandbox")?;
         tracing::debug!(
             app = app.name,
-            "zygote prepared in {:?}: engine {:?}, artifact {:?}, pre-instantiate {:?}, \
+            "zygote prepared in {:?} ({}): engine {:?}, artifact {:?}, pre-instantiate {:?}, \
              pool and sandbox {:?}",
             t0.elapsed(),
+            if from_template {
+                "forked from the template"
+            } else {
+                "exec'd"
+            },
             t_engine,
             t_artifact - t_engine,
             t_pre - t_artifact,

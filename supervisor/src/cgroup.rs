@@ -79,6 +79,9 @@ pub struct Tree {
     pub root: PathBuf,
     /// `root/apps`, the parent of the app cgroups.
     pub apps: PathBuf,
+    /// `root/template`, the zygote template's own (a zygote forked from
+    /// it is moved to its app's before it is sent the app).
+    pub template: PathBuf,
 }
 
 static TREE: OnceLock<Result<Tree, String>> = OnceLock::new();
@@ -154,7 +157,13 @@ impl Tree {
         let apps = root.join("apps");
         make_dir(&apps)?;
         write(&apps.join("cgroup.subtree_control"), &enable)?;
-        Ok(Tree { root, apps })
+        let template = root.join("template");
+        make_dir(&template)?;
+        Ok(Tree {
+            root,
+            apps,
+            template,
+        })
     }
 
     /// The app's cgroup (which may not exist yet).

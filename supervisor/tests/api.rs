@@ -1116,6 +1116,16 @@ fn corral_over_dbus_prints_what_the_socket_gives() {
     let mut over_socket = daemon.get_json("/v1/info");
     for info in [&mut over_bus, &mut over_socket] {
         info.as_object_mut().unwrap().remove("uptime_seconds");
+        // Read at each request, and it moves with the zygotes' forks and
+        // exits (shared pages); it is there and positive on both sides.
+        let pss = info["template"]
+            .as_object_mut()
+            .unwrap()
+            .remove("pss_bytes");
+        assert!(
+            pss.and_then(|p| p.as_u64()).is_some_and(|p| p > 0),
+            "{info}"
+        );
     }
     assert_eq!(over_bus, over_socket);
     assert_eq!(corral(&["status", "nope"]).status.code(), Some(3));

@@ -174,7 +174,7 @@ impl Drop for Daemon {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let tree = self.descendants();
+        let tree = corral_testkit::all_descendants_of(self.pid);
         let _ = child.kill();
         let _ = child.wait();
         for pid in tree {
@@ -1499,5 +1499,268 @@ fn a_systemd_socket_of_an_app_that_cannot_run_closes_connections() {
         Ok(0) => {}
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
         other => panic!("the connection to a failed app was not closed: {other:?}"),
+    }
+}
+
+// ------------------------------------------------ the zygote template (issue 18)
+
+/// The zygote template below `daemon` (it starts with corrald).
+fn template_pid(daemon: &Daemon) -> i32 {
+    wait_for("the zygote template", Duration::from_secs(10), || {
+        corral_testkit::template_of(daemon.pid)
+    })
+}
+
+/// An app's zygote starts: (all, forked from the template).
+fn cold_starts(daemon: &Daemon, app: &str) -> (u64, u64) {
+    let a = daemon.api_get(&format!("/v1/apps/{app}"));
+    (
+        a["cold_starts"].as_u64().unwrap(),
+        a["cold_starts_forked"].as_u64().unwrap(),
+    )
+}
+
+/// The words of `/proc/PID/cmdline`.
+fn command_line(pid: i32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|&b| b == 0)
+        .filter(|w| !w.is_empty())
+        .map(|w| String::from_utf8_lossy(w).into_owned())
+        .collect()
+}
+
+#[test]
+fn a_cold_start_is_a_fork_of_the_template() {
+    let web = free_port();
+    let echo = free_port();
+    let daemon = Daemon::start(&format!(
+        "{}{}",
+        http_app("web", web, "{ min = 0, max = 2, idle-timeout = \"300ms\" }"),
+        stdio_app(
+            "echo",
+            echo,
+            "{ min = 0, max = 2, idle-timeout = \"300ms\" }"
+        )
+    ));
+    let template = template_pid(&daemon);
+    assert_eq!(command_line(template), ["corrald", "template"]);
+    let info = daemon.api_get("/v1/info");
+    assert_eq!(info["template"]["state"], "running", "{info}");
+    assert_eq!(info["template"]["pid"], template, "{info}");
+    assert!(
+        info["template"]["pss_bytes"].as_u64().unwrap() > 0,
+        "{info}"
+    );
+    // Idle, the apps cost no process: the template is the daemon's one.
+    assert_eq!(daemon.descendants(), Vec::<i32>::new());
+
+    // The first connection of each is served by a zygote forked from the
+    // template, which is corrald's child (CLONE_PARENT), not the
+    // template's, and says what it is.
+    let (status, body) = http_get(web).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(cold_starts(&daemon, "web"), (1, 1));
+    let zygotes: Vec<i32> = children_of(daemon.pid)
+        .into_iter()
+        .filter(|&p| p != template)
+        .collect();
+    assert_eq!(zygotes.len(), 1, "one zygote: {zygotes:?}");
+    assert_eq!(parent_of(zygotes[0]), Some(daemon.pid));
+    assert_eq!(command_line(zygotes[0]), ["corrald", "zygote"]);
+    assert_eq!(
+        children_of(template),
+        Vec::<i32>::new(),
+        "the template keeps no children"
+    );
+    assert_eq!(stdio_roundtrip(echo, b"ping\n").unwrap(), b"ping\n");
+    assert_eq!(cold_starts(&daemon, "echo"), (1, 1));
+
+    // Back to zero and woken again: forked again, by the same template.
+    wait_for("both apps at zero", Duration::from_secs(15), || {
+        daemon.descendants().is_empty().then_some(())
+    });
+    assert_eq!(http_get(web).unwrap().0, 200);
+    assert_eq!(cold_starts(&daemon, "web"), (2, 2));
+    assert_eq!(corral_testkit::template_of(daemon.pid), Some(template));
+}
+
+#[test]
+fn a_dead_or_hung_template_is_replaced_and_wakes_meanwhile_are_served() {
+    let web = free_port();
+    let daemon = Daemon::start(&http_app(
+        "web",
+        web,
+        "{ min = 0, max = 2, idle-timeout = \"200ms\" }",
+    ));
+    let at_zero = || {
+        wait_for("the app at zero", Duration::from_secs(15), || {
+            daemon.descendants().is_empty().then_some(())
+        })
+    };
+    let first = template_pid(&daemon);
+
+    // Killed: the next wake is served all the same (by an exec'd zygote,
+    // or by the new template if it is back already), and the template is
+    // started again.
+    let status = Command::new("kill")
+        .args(["-9", &first.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(http_get(web).unwrap().0, 200);
+    daemon.wait_log("the zygote template exited");
+    let second = wait_for("a new template", Duration::from_secs(10), || {
+        corral_testkit::template_of(daemon.pid).filter(|&p| p != first)
+    });
+    let info = daemon.api_get("/v1/info");
+    assert_eq!(info["template"]["state"], "running", "{info}");
+    assert_eq!(info["template"]["restarts"], 1, "{info}");
+    at_zero();
+    let before = cold_starts(&daemon, "web");
+    assert_eq!(http_get(web).unwrap().0, 200);
+    let after = cold_starts(&daemon, "web");
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (1, 1),
+        "the new template forks"
+    );
+
+    // Hung (stopped): a wake waits for its answer at most 5 s, then the
+    // zygote is exec'd and the template replaced.
+    at_zero();
+    let status = Command::new("kill")
+        .args(["-STOP", &second.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let before = cold_starts(&daemon, "web");
+    let started = Instant::now();
+    assert_eq!(http_get(web).unwrap().0, 200);
+    eprintln!("a wake with the template stopped: {:?}", started.elapsed());
+    let after = cold_starts(&daemon, "web");
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (1, 0),
+        "exec'd while the template hangs"
+    );
+    daemon.wait_log("did not answer within 5s; killing it");
+    wait_for("a third template", Duration::from_secs(10), || {
+        corral_testkit::template_of(daemon.pid).filter(|&p| p != first && p != second)
+    });
+    let info = daemon.api_get("/v1/info");
+    assert_eq!(info["template"]["restarts"], 2, "{info}");
+}
+
+#[test]
+fn template_off_execs_every_zygote() {
+    let web = free_port();
+    let daemon = Daemon::start_full(
+        "template = false",
+        &http_app("web", web, "{ min = 0 }"),
+        &[],
+    );
+    assert_eq!(http_get(web).unwrap().0, 200);
+    assert_eq!(cold_starts(&daemon, "web"), (1, 0));
+    assert_eq!(corral_testkit::template_of(daemon.pid), None);
+    assert_eq!(daemon.api_get("/v1/info")["template"]["state"], "off");
+}
+
+/// Whether any memory of `pid` that can be read holds `needle`: every
+/// readable mapping up to 256 MiB (the pooling allocator's reservations
+/// are larger and not readable) but corrald's own image, which cannot
+/// hold it (checked by the caller), read through /proc/PID/mem.
+fn memory_holds(pid: i32, needle: &[u8]) -> bool {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    for line in maps.lines() {
+        let mut words = line.split_whitespace();
+        let (Some(range), Some(perms)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let path = words.nth(3).unwrap_or("");
+        if !perms.starts_with('r') || path == "[vvar]" || Path::new(path) == exe {
+            continue;
+        }
+        let (start, end) = range.split_once('-').unwrap();
+        let start = u64::from_str_radix(start, 16).unwrap();
+        let end = u64::from_str_radix(end, 16).unwrap();
+        if end - start > 256 << 20 {
+            continue;
+        }
+        let mut buf = vec![0u8; (end - start) as usize];
+        use std::os::unix::fs::FileExt as _;
+        if mem.read_exact_at(&mut buf, start).is_err() {
+            continue;
+        }
+        if buf.windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn a_zygote_forked_from_the_template_holds_nothing_of_another_app() {
+    // The web app's module holds a string the echo app's does not, nor
+    // corrald's binary.
+    let marker = b"Hello from corral!";
+    let has = |path: &Path| {
+        std::fs::read(path)
+            .unwrap()
+            .windows(marker.len())
+            .any(|w| w == marker)
+    };
+    assert!(has(&guest("http-hello.wasm")));
+    assert!(!has(&guest("stdio-echo.wasm")));
+    assert!(!has(Path::new(CORRALD)));
+    let web = free_port();
+    let echo = free_port();
+    let daemon = Daemon::start(&format!(
+        "{}{}",
+        http_app("web", web, "{ min = 0, max = 1, idle-timeout = \"60s\" }"),
+        stdio_app("echo", echo, "{ min = 0, max = 1, idle-timeout = \"60s\" }")
+    ));
+    let template = template_pid(&daemon);
+    // web wakes first, then echo: both forked from the same template.
+    assert_eq!(http_get(web).unwrap().0, 200);
+    let web_zygote = children_of(daemon.pid)
+        .into_iter()
+        .find(|&p| p != template)
+        .unwrap();
+    assert_eq!(stdio_roundtrip(echo, b"ping\n").unwrap(), b"ping\n");
+    assert_eq!(cold_starts(&daemon, "web"), (1, 1));
+    assert_eq!(cold_starts(&daemon, "echo"), (1, 1));
+    let echo_zygote = children_of(daemon.pid)
+        .into_iter()
+        .find(|&p| p != template && p != web_zygote)
+        .unwrap();
+    let echo_workers = children_of(echo_zygote);
+    assert_eq!(echo_workers.len(), 1);
+    let web_artifact = daemon.api_get("/v1/apps/web")["artifact"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
+
+    // The scan finds the marker where it must be: in web's zygote, which
+    // maps web's artifact.
+    assert!(memory_holds(web_zygote, marker));
+    // Not in echo's zygote or worker, nor in the template; and none of
+    // them maps web's artifact.
+    for (what, pid) in [
+        ("echo's zygote", echo_zygote),
+        ("echo's worker", echo_workers[0]),
+        ("the template", template),
+    ] {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        assert!(
+            !maps.contains(&web_artifact),
+            "{what} maps web's artifact:\n{maps}"
+        );
+        assert!(!memory_holds(pid, marker), "{what} holds web's data");
     }
 }

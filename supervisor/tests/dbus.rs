@@ -471,6 +471,16 @@ fn info_json(value: &Value) -> Value {
         "bytes": info.remove("cache_bytes").unwrap(),
     });
     info.insert("cache".into(), cache);
+    // The template's five properties are `template` (0 and "" are null).
+    let null_if_none = |v: Value| if v == 0 || v == "" { Value::Null } else { v };
+    let template = json!({
+        "state": info.remove("template_state").unwrap(),
+        "pid": null_if_none(info.remove("template_pid").unwrap()),
+        "restarts": info.remove("template_restarts").unwrap(),
+        "last_error": null_if_none(info.remove("template_last_error").unwrap()),
+        "pss_bytes": null_if_none(info.remove("template_pss_bytes").unwrap()),
+    });
+    info.insert("template".into(), template);
     Value::Object(info)
 }
 
@@ -639,6 +649,11 @@ fn every_method_answers_as_the_socket_api_does() {
     // The daemon's properties are GET /v1/info.
     let (_, mut info) = http(&sock, "GET", "/v1/info");
     let mut props = info_json(&get_all(&bus, None, MANAGER, NAME));
+    // Read at each call, and moving with the zygotes' forks and exits.
+    for i in [&mut info, &mut props] {
+        let pss = i["template"].as_object_mut().unwrap().remove("pss_bytes");
+        assert!(pss.and_then(|p| p.as_u64()).is_some_and(|p| p > 0), "{i}");
+    }
     let uptimes = [
         info.as_object_mut()
             .unwrap()
@@ -1098,13 +1113,19 @@ fn introspection_shows_every_method_property_and_signal() {
         ("CacheEntries", "t"),
         ("CacheBytes", "t"),
         ("Cgroups", "s"),
+        ("TemplateState", "s"),
+        ("TemplatePid", "u"),
+        ("TemplateRestarts", "t"),
+        ("TemplateLastError", "s"),
+        ("TemplatePssBytes", "t"),
     ] {
         expect(&manager, property, "property", sig);
     }
-    assert_eq!(manager.len(), 7 + 1 + 15, "nothing else: {manager:?}");
+    assert_eq!(manager.len(), 7 + 1 + 20, "nothing else: {manager:?}");
     let (_, info) = http(&corrald.api_socket(), "GET", "/v1/info");
-    let info_fields = info.as_object().unwrap().len() - 1 + 3; // cache: 3 properties
-    assert_eq!(info_fields, 15, "a property per field of GET /v1/info");
+    // cache: 3 properties, template: 5
+    let info_fields = info.as_object().unwrap().len() - 2 + 3 + 5;
+    assert_eq!(info_fields, 20, "a property per field of GET /v1/info");
 
     let app = members(&app_path("echo"), "org.corral.App1");
     let (_, echo) = http(&corrald.api_socket(), "GET", "/v1/apps/echo");
@@ -1233,12 +1254,15 @@ fn the_corral_command_prints_the_same_over_dbus_and_the_socket() {
         assert_eq!(over_dbus, over_socket, "corral {args:?}");
         assert_eq!(over_socket.0, 0, "corral {args:?}");
     }
-    // corrald's own info: equal but for the uptime.
+    // corrald's own info: equal but for the uptime and the template's PSS
+    // (both read at each call).
     fn forget_uptime(v: &mut Value) {
         match v {
             Value::Object(map) => {
-                if let Some(u) = map.get_mut("uptime_seconds") {
-                    *u = Value::Null;
+                for moving in ["uptime_seconds", "pss_bytes"] {
+                    if let Some(u) = map.get_mut(moving) {
+                        *u = Value::Null;
+                    }
                 }
                 map.values_mut().for_each(forget_uptime);
             }

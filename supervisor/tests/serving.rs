@@ -11,7 +11,6 @@
 //! [`Daemon`] guard kills corrald and its apps however a test ends.
 
 use corral_testkit::{free_port, guests_dir as guests, wait_for};
-use std::collections::HashMap;
 use std::io::{BufReader, Read as _, Write as _};
 use std::net::TcpStream;
 use std::os::unix::net::{UnixDatagram, UnixStream};
@@ -182,34 +181,7 @@ impl Daemon {
 
     /// corrald's descendants (zygotes and workers), from /proc.
     fn descendants(&self) -> Vec<i32> {
-        let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-                continue;
-            };
-            let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-                continue;
-            };
-            let fields: Vec<&str> = after.split_whitespace().collect();
-            if fields.first() == Some(&"Z") {
-                continue;
-            }
-            if let Some(ppid) = fields.get(1).and_then(|p| p.parse().ok()) {
-                children.entry(ppid).or_default().push(pid);
-            }
-        }
-        let mut out = Vec::new();
-        let mut todo = vec![self.pid];
-        while let Some(pid) = todo.pop() {
-            for &c in children.get(&pid).map(Vec::as_slice).unwrap_or(&[]) {
-                out.push(c);
-                todo.push(c);
-            }
-        }
-        out
+        corral_testkit::descendants_of(self.pid)
     }
 }
 

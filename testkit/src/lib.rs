@@ -110,8 +110,32 @@ impl Log {
     }
 }
 
-/// Every process below `root`, from the parent pids in /proc.
+/// Every process below `root`, from the parent pids in /proc, but a
+/// zygote template (`corrald template`: one per corrald, whatever its apps
+/// do; [`template_of`] finds it): what tests count is the apps' processes.
 pub fn descendants_of(root: i32) -> Vec<i32> {
+    all_descendants_of(root)
+        .into_iter()
+        .filter(|&pid| !is_template(pid))
+        .collect()
+}
+
+/// Whether `pid` is a zygote template (`corrald template`; the zygotes it
+/// forks say `corrald zygote`).
+pub fn is_template(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split(|&b| b == 0).nth(1) == Some(b"template"))
+}
+
+/// The zygote template below corrald `root`, if it runs.
+pub fn template_of(root: i32) -> Option<i32> {
+    all_descendants_of(root)
+        .into_iter()
+        .find(|&pid| is_template(pid) && parent_of(pid) == Some(root))
+}
+
+/// Every process below `root`, from the parent pids in /proc.
+pub fn all_descendants_of(root: i32) -> Vec<i32> {
     let mut children: std::collections::HashMap<i32, Vec<i32>> = std::collections::HashMap::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
@@ -149,7 +173,7 @@ pub fn descendants_of(root: i32) -> Vec<i32> {
 /// Kill `child` and every process below it (SIGKILL; the tree is read
 /// first, so orphans reparented by the kill are not missed) and reap it.
 pub fn kill_tree(child: &mut std::process::Child) {
-    let tree = descendants_of(child.id() as i32);
+    let tree = all_descendants_of(child.id() as i32);
     let _ = child.kill();
     let _ = child.wait();
     for pid in tree {

@@ -37,6 +37,15 @@ CACHE_BENCH = os.path.join(BIN, "examples", "cache-bench")
 started = []  # Popen objects, stopped at exit
 
 
+def is_template(pid):
+    """`corrald template` (zygotes forked from it say `corrald zygote`)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[1:2] == [b"template"]
+    except OSError:
+        return False
+
+
 def descendants(root):
     """Every process below `root`, from the parent pids in /proc."""
     children = {}
@@ -112,14 +121,14 @@ class Corrald:
     """corrald on a policy of `apps`, started like supervisor/tests/daemon.rs:
     a NOTIFY_SOCKET bound here, READY=1 awaited."""
 
-    def __init__(self, apps, cache="cache", log_filter=None, before_start=None):
+    def __init__(self, apps, cache="cache", log_filter=None, before_start=None, daemon=""):
         self.dir = tempfile.mkdtemp(prefix="corral-bench-")
         if before_start:
             before_start(self.dir)
         policy = os.path.join(self.dir, "policy.toml")
         with open(policy, "w") as f:
             f.write(f'[daemon]\ncache-dir = "{cache}"\nstate-dir = "state"\n'
-                    'api-socket = "api.sock"\ndrain-timeout = "5s"\n\n'
+                    'api-socket = "api.sock"\ndrain-timeout = "5s"\n' + daemon + '\n'
                     '[defaults]\nsandbox = { landlock = "best-effort", seccomp = "best-effort" }\n\n'
                     + apps.replace("{guests}", GUESTS))
         notify_path = os.path.join(self.dir, "notify.sock")
@@ -146,7 +155,19 @@ class Corrald:
         notify.close()
 
     def processes(self):
-        return len(descendants(self.proc.pid))
+        """corrald's processes for apps: every one below it but the zygote
+        template (one per corrald, whatever the apps do)."""
+        return len([p for p in descendants(self.proc.pid) if not is_template(p)])
+
+    def template(self):
+        """The zygote template's pid (it starts with corrald)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for p in descendants(self.proc.pid):
+                if is_template(p):
+                    return p
+            time.sleep(0.01)
+        raise RuntimeError("no zygote template below corrald")
 
     def close(self):
         stop(self.proc)
@@ -476,9 +497,12 @@ def dur_ms(text):
 
 def cold_breakdown(d):
     """Medians over the trials of where corrald's cold start goes, from its
-    debug log: corrald's spawn of the zygote, the zygote's exec and start-up
-    until it begins to prepare, each phase of preparing, and the fork."""
-    phases = {k: [] for k in ("spawn", "exec and start-up", "engine", "artifact",
+    debug log: from the waiting connection to the zygote's pid (a fork
+    request to the template, or a spawn), from there to the zygote's start
+    of preparing (its exec and start-up when exec'd; its placement in the
+    cgroup and the start message either way), each phase of preparing,
+    and the fork of the first worker."""
+    phases = {k: [] for k in ("fork or spawn", "start-up and hand-over", "engine", "artifact",
                               "pre-instantiate", "pool and sandbox", "ready to worker forked")}
     waiting = started = None
     with open(d.log.name, encoding="utf-8", errors="replace") as f:
@@ -490,12 +514,12 @@ def cold_breakdown(d):
                 waiting = log_ms(line)
             elif "zygote started" in line and waiting is not None:
                 started = log_ms(line)
-                phases["spawn"].append(started - waiting)
+                phases["fork or spawn"].append(started - waiting)
             elif "zygote prepared in" in line and started is not None:
-                m = re.search(r"prepared in (\S+): engine (\S+), artifact (\S+), "
+                m = re.search(r"prepared in (\S+) \([^)]*\): engine (\S+), artifact (\S+), "
                               r"pre-instantiate (\S+), pool and sandbox (\S+)", line)
                 total, *parts = (dur_ms(x.rstrip(",")) for x in m.groups())
-                phases["exec and start-up"].append(log_ms(line) - started - total)
+                phases["start-up and hand-over"].append(log_ms(line) - started - total)
                 for k, v in zip(("engine", "artifact", "pre-instantiate", "pool and sandbox"), parts):
                     phases[k].append(v)
                 prepared = log_ms(line)
@@ -505,14 +529,19 @@ def cold_breakdown(d):
     return {k: statistics.median(v) for k, v in phases.items() if v}
 
 
-def corral_cold(args, kind, kept=False, breakdown=False):
+def corral_cold(args, kind, kept=False, breakdown=False, template=True):
+    """Cold-start trials; `template=False`: `daemon.template = false`, every
+    zygote exec'd (what a cold start cost before the template)."""
     port = free_port()
     module = "stdio-echo.wasm" if kind == "stdio" else "http-hello.wasm"
     zygote = ', zygote = "kept"' if kept else ""
     d = Corrald(f'[apps.cold]\nmodule = "{{guests}}/{module}"\nkind = "{kind}"\n'
                 f'listen = ["127.0.0.1:{port}"]\n'
                 f'pool = {{ min = 0, max = 2, idle-timeout = "100ms"{zygote} }}\n',
-                log_filter=COLD_LOG if breakdown else None)
+                log_filter=COLD_LOG if breakdown else None,
+                daemon="" if template else "template = false\n")
+    if template:
+        d.template()  # started with corrald, before the first trial
     probe = first_byte_ms if kind == "stdio" else http_first_byte_ms
     ours = []
     for _ in range(args.trials):
@@ -520,18 +549,25 @@ def corral_cold(args, kind, kept=False, breakdown=False):
         ours.append(probe(port))
     if kept:  # what the kept zygote costs while the app is idle
         wait_processes(d, 1)
-        zygote = descendants(d.proc.pid)[0]
+        zygote = [p for p in descendants(d.proc.pid) if not is_template(p)][0]
         args.kept_zygote_pss = kib(zygote, "Pss", "smaps_rollup") / 1024
         args.kept_zygote_rss = kib(zygote, "Rss", "smaps_rollup") / 1024
+    elif template:  # what the template costs while every app is at zero
+        wait_processes(d, 0)
+        t = d.template()
+        args.template_pss = kib(t, "Pss", "smaps_rollup") / 1024
+        args.template_rss = kib(t, "Rss", "smaps_rollup") / 1024
     if breakdown:
-        args.cold_breakdown = cold_breakdown(d)
+        args.cold_breakdown[template] = cold_breakdown(d)
     d.close()
     return ours
 
 
 def scenario_cold(args, results):
     # Debug logging of the daemon's module: a few lines per cold start.
+    args.cold_breakdown = {}
     ours = corral_cold(args, "stdio", breakdown=True)
+    exec_ours = corral_cold(args, "stdio", breakdown=True, template=False)
     cwasm = os.path.join(OUT, "stdio-echo.cwasm")
     subprocess.run([args.wasmtime, "compile", os.path.join(GUESTS, "stdio-echo.wasm"),
                     "-o", cwasm], check=True, timeout=120)
@@ -548,9 +584,19 @@ def scenario_cold(args, results):
         results.append(row(f"cold start, stdio echo, {args.trials} trials",
                            f"connect to first byte p{p} (ms)", pct(ours, p), pct(theirs, p),
                            peer_name))
-    for phase, ms in args.cold_breakdown.items():
-        results.append(row("cold start, stdio echo: where the time goes (median, from corrald's "
-                           "debug log)", f"{phase} (ms)", ms, 0, "–"))
+    for p in (50, 99):
+        results.append(row(f"cold start, stdio echo, daemon.template = false (zygote exec'd), "
+                           f"{args.trials} trials",
+                           f"connect to first byte p{p} (ms)", pct(exec_ours, p), pct(theirs, p),
+                           peer_name))
+    for template, how in ((True, "forked from the template"), (False, "exec'd")):
+        for phase, ms in args.cold_breakdown[template].items():
+            results.append(row(f"cold start, stdio echo, zygote {how}: where the time goes "
+                               "(median, from corrald's debug log)", f"{phase} (ms)", ms, 0, "–"))
+    results.append(row("idle corrald, every app at zero (stdio echo)",
+                       "PSS of the zygote template (MiB)", args.template_pss, 0,
+                       f"one per corrald, whatever the number of apps (RSS "
+                       f"{args.template_rss:.1f} MiB)"))
     kept = corral_cold(args, "stdio", kept=True)
     for p in (50, 99):
         results.append(row(f"cold start, stdio echo, pool.zygote = \"kept\", {args.trials} trials",
@@ -565,6 +611,7 @@ def scenario_cold(args, results):
     # demand (spawned when the client wants it; the time runs from the
     # spawn, through its bind, to the first byte of the answer).
     ours = corral_cold(args, "http")
+    exec_ours = corral_cold(args, "http", template=False)
     cwasm = os.path.join(OUT, "http-hello.cwasm")
     subprocess.run([args.wasmtime, "compile", os.path.join(GUESTS, "http-hello.wasm"),
                     "-o", cwasm], check=True, timeout=120)
@@ -583,6 +630,11 @@ def scenario_cold(args, results):
         results.append(row(f"cold start, HTTP hello, {args.trials} trials "
                            f"(peer {args.http_cold_trials})",
                            f"connect to first byte p{p} (ms)", pct(ours, p), pct(theirs, p),
+                           peer_name))
+    for p in (50, 99):
+        results.append(row(f"cold start, HTTP hello, daemon.template = false (zygote exec'd), "
+                           f"{args.trials} trials (peer {args.http_cold_trials})",
+                           f"connect to first byte p{p} (ms)", pct(exec_ours, p), pct(theirs, p),
                            peer_name))
 
 
@@ -719,11 +771,13 @@ def scenario_density(args, results):
     time.sleep(1)
     rss = kib(d.proc.pid, "VmRSS") / 1024
     pss = kib(d.proc.pid, "Pss", "smaps_rollup") / 1024
+    template_pss = kib(d.template(), "Pss", "smaps_rollup") / 1024
     d.close()
     results.append(row(f"density, {n} apps at min = 0 (half stdio, half http), warm cache",
                        "corrald start to READY=1 (ms)", startup, 2000, "goal: 2 s"))
     results.append(row(f"density, {n} apps at min = 0", "corrald RSS after READY=1 (MiB)",
-                       rss, 64, f"goal: 64 MiB (corrald PSS {pss:.1f} MiB)"))
+                       rss, 64, f"goal: 64 MiB (corrald PSS {pss:.1f} MiB; its zygote "
+                                 f"template's PSS {template_pss:.1f} MiB)"))
     for p in os.listdir(sockdir):
         os.unlink(os.path.join(sockdir, p))
 
@@ -731,7 +785,8 @@ def scenario_density(args, results):
     d = Corrald(many_apps(m, sockdir, "{ min = 1, max = 1 }"), cache=cache)
     deadline = time.monotonic() + 120
     while True:
-        zygotes = [c for c in descendants(d.proc.pid) if ppid(c) == d.proc.pid]
+        zygotes = [c for c in descendants(d.proc.pid)
+                   if ppid(c) == d.proc.pid and not is_template(c)]
         workers = [c for c in descendants(d.proc.pid) if ppid(c) in zygotes]
         if len(workers) >= m:
             break

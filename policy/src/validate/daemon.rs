@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use super::checker::{Checker, join};
 use crate::Environment;
 use crate::defaults;
-use crate::source::Table;
+use crate::source::{NodeKind, Table};
 use crate::spec::DaemonSpec;
 
 pub(super) const DAEMON_KEYS: &[&str] = &[
@@ -17,6 +17,7 @@ pub(super) const DAEMON_KEYS: &[&str] = &[
     "idle-exit",
     "metrics",
     "drain-timeout",
+    "template",
 ];
 
 pub(super) fn daemon_spec(
@@ -100,6 +101,20 @@ pub(super) fn daemon_spec(
             .unwrap_or(defaults::DRAIN_TIMEOUT),
         None => defaults::DRAIN_TIMEOUT,
     };
+    let template = match t.get("template") {
+        Some(e) => match &e.value.kind {
+            NodeKind::Bool(b) => *b,
+            other => {
+                cx.error(
+                    e.value.at,
+                    "daemon.template",
+                    format!("expected true or false, found {}", other.type_name()),
+                );
+                true
+            }
+        },
+        None => true,
+    };
     (cx.error_count() == before).then_some(DaemonSpec {
         cache_dir,
         state_dir,
@@ -108,6 +123,7 @@ pub(super) fn daemon_spec(
         idle_exit,
         metrics,
         drain_timeout,
+        template,
     })
 }
 

@@ -36,6 +36,10 @@ enum Command {
     /// Internal: the per-app zygote corrald starts (control socket on stdin).
     #[command(hide = true)]
     Zygote,
+    /// Internal: the zygote template zygotes are forked from (control
+    /// socket on stdin).
+    #[command(hide = true)]
+    Template,
 }
 
 /// The management front ends: the Unix-socket API (and metrics listener)
@@ -63,11 +67,12 @@ fn main() -> ExitCode {
     let args = Args::parse();
     use corral_supervisor::daemon::logging::{self, Role};
     logging::init(match args.command {
-        Some(Command::Zygote) => Role::Zygote,
+        Some(Command::Zygote | Command::Template) => Role::Zygote,
         None => Role::Daemon,
     });
     match args.command {
         Some(Command::Zygote) => corral_runtime::zygote::main(),
+        Some(Command::Template) => corral_runtime::template::main(),
         // Absolute: `corral status` and a refused reload's errors name the
         // file for clients in any directory.
         None => corral_supervisor::daemon::run(

@@ -490,6 +490,21 @@ async fn dbus_call(which: Bus, call: Call<'_>) -> Result<Value, CallError> {
                     }
                 }
                 fields.insert("cache".into(), Value::Object(cache));
+                // So is the template; "" and 0 are its nulls.
+                let mut template = Map::new();
+                for (flat, nested) in [
+                    ("template_state", "state"),
+                    ("template_pid", "pid"),
+                    ("template_restarts", "restarts"),
+                    ("template_last_error", "last_error"),
+                    ("template_pss_bytes", "pss_bytes"),
+                ] {
+                    if let Some(v) = fields.remove(flat) {
+                        let none = nested != "restarts" && (v == "" || v == 0);
+                        template.insert(nested.into(), if none { Value::Null } else { v });
+                    }
+                }
+                fields.insert("template".into(), Value::Object(template));
             }
             Ok(info)
         }

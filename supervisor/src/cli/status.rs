@@ -161,10 +161,11 @@ pub(crate) fn render_app(a: &Value, now: u64) -> String {
         (
             "Requests",
             format!(
-                "{} served, {} errors, {} cold starts",
+                "{} served, {} errors, {} cold starts ({} forked from the template)",
                 text(&a["requests"]),
                 text(&a["errors"]),
-                text(&a["cold_starts"])
+                text(&a["cold_starts"]),
+                text(&a["cold_starts_forked"])
             ),
         ),
         ("Last error", text(&a["last_error"])),
@@ -304,12 +305,57 @@ pub(crate) fn render_daemon(i: &Value, now: u64) -> String {
         ),
         ("Apps", text(&i["apps"])),
         ("Cgroups", text(&i["cgroups"])),
+        ("Template", template_line(&i["template"])),
     ];
     let mut out = String::from("● corrald\n");
     for (label, value) in rows {
         out.push_str(&format!("{label:>12}: {value}\n"));
     }
     out
+}
+
+/// The zygote template in one line: "running, pid 4306, 7.0 MiB PSS, 0
+/// restarts", "down: why (zygotes are exec'd meanwhile)", "off".
+fn template_line(t: &Value) -> String {
+    match t["state"].as_str() {
+        Some("running") => format!(
+            "running, pid {}, {} PSS, {} restarts",
+            text(&t["pid"]),
+            bytesize::ByteSize(t["pss_bytes"].as_u64().unwrap_or(0)),
+            text(&t["restarts"])
+        ),
+        Some("down") => format!(
+            "down: {} (zygotes are exec'd meanwhile; {} restarts)",
+            text(&t["last_error"]),
+            text(&t["restarts"])
+        ),
+        Some("off") => "off (daemon.template = false: zygotes are exec'd)".to_string(),
+        _ => "-".to_string(),
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn the_template_reads_in_one_line() {
+    let t = |v| template_line(&serde_json::json!(v));
+    assert_eq!(
+        t(
+            serde_json::json!({"state": "running", "pid": 7, "restarts": 0, "last_error": null,
+            "pss_bytes": 7_340_032})
+        ),
+        "running, pid 7, 7.0 MiB PSS, 0 restarts"
+    );
+    assert_eq!(
+        t(
+            serde_json::json!({"state": "down", "pid": null, "restarts": 2,
+            "last_error": "exited (signal: 9 (SIGKILL))", "pss_bytes": null})
+        ),
+        "down: exited (signal: 9 (SIGKILL)) (zygotes are exec'd meanwhile; 2 restarts)"
+    );
+    assert_eq!(
+        t(serde_json::json!({"state": "off"})),
+        "off (daemon.template = false: zygotes are exec'd)"
+    );
 }
 
 /// The apps as an aligned table.
@@ -357,7 +403,7 @@ mod tests {
         let app = serde_json::json!({
             "name": "web", "kind": "http", "state": "running", "state_since": 1_000_000,
             "workers": 2, "busy": 1, "requests": 10, "errors": 1, "cold_starts": 1,
-            "last_error": null, "module": "/srv/web.wasm", "artifact": "x/y/z",
+            "cold_starts_forked": 1, "last_error": null, "module": "/srv/web.wasm", "artifact": "x/y/z",
             "sandbox": ["landlock=abi7", "seccomp=on"], "listen": ["127.0.0.1:8080"],
             "zygote_pid": 42
         });
@@ -372,6 +418,12 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("  Last error: -\n"), "{out}");
+        assert!(
+            out.contains(
+                "    Requests: 10 served, 1 errors, 1 cold starts (1 forked from the template)\n"
+            ),
+            "{out}"
+        );
         assert!(
             out.contains("     Sandbox: landlock=abi7 seccomp=on\n"),
             "{out}"

@@ -13,6 +13,7 @@ use anyhow::Context as _;
 use corral_compiler::PinnedArtifact;
 use corral_policy::{AppKind, AppSpec, RestartOn, ZygoteMode};
 use rustix::net::RecvFlags;
+use rustix::process::WaitOptions;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{oneshot, watch};
 
@@ -20,7 +21,7 @@ use crate::manager::{self, AppState, Registry};
 use corral_runtime::protocol::{self, FromZygote, Start, ToZygote};
 
 /// Variables a zygote must not see: they are corrald's.
-const PRIVATE_ENV: &[&str] = &[
+pub(super) const PRIVATE_ENV: &[&str] = &[
     "NOTIFY_SOCKET",
     "LISTEN_FDS",
     "LISTEN_PID",
@@ -86,6 +87,8 @@ pub(super) struct App {
     /// `true` once this version is stopping (shutdown, or replaced or
     /// removed by a reload): it no longer reports its state.
     pub(super) stopping: watch::Receiver<bool>,
+    /// Where its zygotes are forked from (exec'd when it cannot).
+    pub(super) template: super::template::Template,
 }
 
 impl App {
@@ -391,18 +394,34 @@ pub(super) async fn run_zygote(
         None,
     )
     .context("creating the control socketpair")?;
-    let stdout = std::io::stderr().as_fd().try_clone_to_owned()?;
-    use std::os::unix::process::CommandExt as _;
-    let mut cmd = std::process::Command::new("/proc/self/exe");
-    cmd.arg("zygote")
-        .stdin(Stdio::from(theirs))
-        .stdout(Stdio::from(stdout))
-        .process_group(0);
-    for var in PRIVATE_ENV {
-        cmd.env_remove(var);
-    }
-    let mut child = ZygoteProcess::new(cmd.spawn().context("starting the zygote")?);
-    let pid = child.child.id();
+    // Forked from the template (a fork, with the engine built), or exec'd
+    // when the template is off, down or refuses.
+    let options = corral_compiler::EngineOptions::for_app(&app.spec);
+    let t_spawn = Instant::now();
+    let child = match app.template.fork(options, theirs.try_clone()?).await {
+        Ok(pid) => {
+            drop(theirs);
+            ZygoteProcess::forked(pid)
+        }
+        Err(why) => {
+            tracing::debug!(app = name, "starting the zygote by exec: {why}");
+            let stdout = std::io::stderr().as_fd().try_clone_to_owned()?;
+            use std::os::unix::process::CommandExt as _;
+            let mut cmd = std::process::Command::new("/proc/self/exe");
+            cmd.arg0("corrald")
+                .arg("zygote")
+                .stdin(Stdio::from(theirs))
+                .stdout(Stdio::from(stdout))
+                .process_group(0);
+            for var in PRIVATE_ENV {
+                cmd.env_remove(var);
+            }
+            ZygoteProcess::spawned(cmd.spawn().context("starting the zygote")?)
+        }
+    };
+    let mut child = child;
+    let forked = child.is_forked();
+    let pid = child.pid().as_raw_nonzero().get() as u32;
     // Into the app's cgroup before it is sent the app: until then it only
     // waits on its control socket, so no guest code (and no worker, which
     // inherits the cgroup) runs outside it.
@@ -423,8 +442,21 @@ pub(super) async fn run_zygote(
             .context("pidfd_open of the zygote")?,
         tokio::io::Interest::READABLE,
     )?;
-    tracing::debug!(app = name, pid, "zygote started");
-    app.record(|info| info.cold_starts += 1);
+    tracing::debug!(
+        app = name,
+        pid,
+        "zygote started ({}) in {:?}",
+        if forked {
+            "forked from the template"
+        } else {
+            "exec"
+        },
+        t_spawn.elapsed()
+    );
+    app.record(|info| {
+        info.cold_starts += 1;
+        info.cold_starts_forked += u64::from(forked);
+    });
 
     let metrics_page = app.registry.metrics.fd_for_zygote(name);
     let start = Start {
@@ -663,25 +695,56 @@ pub(super) fn seccomp_report(app: &str, pid: i32, raw_status: i32) -> Option<Str
 /// A zygote process: dropped before it was reaped, it and its workers (its
 /// process group) are killed.
 pub(super) struct ZygoteProcess {
-    child: std::process::Child,
+    how: Started,
     reaped: bool,
 }
 
+enum Started {
+    /// Exec'd by corrald.
+    Spawned(std::process::Child),
+    /// Forked from the template, as corrald's child (`CLONE_PARENT`).
+    Forked(rustix::process::Pid),
+}
+
 impl ZygoteProcess {
-    fn new(child: std::process::Child) -> ZygoteProcess {
+    fn spawned(child: std::process::Child) -> ZygoteProcess {
         ZygoteProcess {
-            child,
+            how: Started::Spawned(child),
             reaped: false,
         }
     }
 
+    fn forked(pid: i32) -> ZygoteProcess {
+        ZygoteProcess {
+            how: Started::Forked(
+                rustix::process::Pid::from_raw(pid).expect("the template sends a positive pid"),
+            ),
+            reaped: false,
+        }
+    }
+
+    fn is_forked(&self) -> bool {
+        matches!(self.how, Started::Forked(_))
+    }
+
     fn pid(&self) -> rustix::process::Pid {
-        rustix::process::Pid::from_child(&self.child)
+        match &self.how {
+            Started::Spawned(child) => rustix::process::Pid::from_child(child),
+            Started::Forked(pid) => *pid,
+        }
     }
 
     /// Reap it (it has exited: its pidfd was readable).
     fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
-        let status = self.child.wait()?;
+        let status = match &mut self.how {
+            Started::Spawned(child) => child.wait()?,
+            Started::Forked(pid) => {
+                use std::os::unix::process::ExitStatusExt as _;
+                let (_, status) = rustix::process::waitpid(Some(*pid), WaitOptions::empty())?
+                    .ok_or_else(|| std::io::Error::other("waitpid returned no status"))?;
+                std::process::ExitStatus::from_raw(status.as_raw())
+            }
+        };
         self.reaped = true;
         Ok(status)
     }
@@ -690,8 +753,12 @@ impl ZygoteProcess {
 impl Drop for ZygoteProcess {
     fn drop(&mut self) {
         if !self.reaped {
-            let _ = rustix::process::kill_process_group(self.pid(), rustix::process::Signal::KILL);
-            let _ = self.child.wait();
+            let pid = self.pid();
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            // A forked zygote makes its process group itself, first thing:
+            // until then the group does not exist.
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            let _ = self.wait();
         }
     }
 }

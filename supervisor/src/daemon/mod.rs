@@ -3,9 +3,11 @@
 //! corrald reads the policy, binds each app's sockets (or takes them from
 //! systemd), compiles each module into the artifact cache, and runs one
 //! supervising task per app. It never runs guest code and never forks
-//! without exec: per app it starts a zygote (`corrald zygote`, see
-//! `corral_runtime::zygote`) and hands it the spec, the listening sockets
-//! and the open artifact over a control socket (`corral_runtime::protocol`).
+//! without exec: per app it gets a zygote (`corral_runtime::zygote`),
+//! forked by the zygote template it exec'd once (`template.rs`,
+//! `corral_runtime::template`) or exec'd itself (`corrald zygote`), and
+//! hands it the spec, the listening sockets and the open artifact over a
+//! control socket (`corral_runtime::protocol`).
 //! The zygote forks the workers, which accept on the sockets themselves.
 //!
 //! By job:
@@ -13,6 +15,8 @@
 //!   signals, the API's requests, idle-exit, stop;
 //! - `reconcile.rs`: which app versions run (start, reload, stop, restart,
 //!   recompile), the one place that changes it;
+//! - `template.rs`: the zygote template's keeper (start, restart, fork
+//!   requests);
 //! - `app.rs`: one app's task: at `pool.min = 0` it only watches the
 //!   listening sockets for a waiting connection (without accepting it) and
 //!   starts the zygote then; the zygote exits when its last worker retires.
@@ -32,6 +36,7 @@ mod reconcile;
 mod service;
 mod status;
 mod sys;
+mod template;
 
 pub use listeners::SystemdSockets;
 pub use service::run;

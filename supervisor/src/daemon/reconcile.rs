@@ -322,6 +322,7 @@ impl Daemon {
             drain_timeout: self.policy.daemon.drain_timeout,
             registry: self.registry.clone(),
             stopping: stop_rx.clone(),
+            template: self.template.clone(),
         };
         let task = tokio::spawn(supervise(app, ready_tx, stop_rx));
         let old = self.apps.insert(
@@ -338,6 +339,13 @@ impl Daemon {
             old.stop.send_replace(true);
             self.retired.push(old.task);
         }
+        // The engines the apps now served need, built ahead by the template.
+        self.template.warm(
+            self.apps
+                .values()
+                .map(|a| corral_compiler::EngineOptions::for_app(&a.spec))
+                .collect(),
+        );
         ready_rx
     }
 

@@ -146,6 +146,8 @@ pub(super) struct Daemon {
     pub(super) turned_away: BTreeMap<String, tokio::task::JoinHandle<()>>,
     /// What each `oci://` reference resolved to (`<state>/oci-pins.json`).
     pub(super) pins: crate::oci::Pins,
+    /// The zygote template app zygotes are forked from.
+    pub(super) template: super::template::Template,
 }
 
 async fn serve(
@@ -170,6 +172,9 @@ async fn serve(
         },
         policy_files(&policy),
     );
+    // Started before the apps, which ask it for their zygotes (exec'd
+    // until it answers: its own start is an exec like a zygote's).
+    let template = super::template::Template::start(policy.daemon.template, registry.clone());
     let mut daemon = Daemon {
         policy_path,
         systemd: SystemdSockets::from_env()?,
@@ -183,6 +188,7 @@ async fn serve(
         retries: BTreeMap::new(),
         turned_away: BTreeMap::new(),
         pins: crate::oci::Pins::load(&policy.daemon.state_dir),
+        template,
         policy,
     };
     let apps = daemon.policy.apps.clone();

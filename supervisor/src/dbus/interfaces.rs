@@ -78,6 +78,7 @@ pub fn app_properties(a: &AppInfo) -> AppDict {
         ("Requests", Variant::from(a.requests)),
         ("Errors", Variant::from(a.errors)),
         ("ColdStarts", Variant::from(a.cold_starts)),
+        ("ColdStartsForked", Variant::from(a.cold_starts_forked)),
         (
             "LastError",
             Variant::from(a.last_error.clone().unwrap_or_default()),
@@ -513,6 +514,36 @@ impl ManagerObject {
     async fn cgroups(&self) -> String {
         self.manager.info().cgroups
     }
+
+    /// The zygote template: `running`, `down` or `off`.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn template_state(&self) -> String {
+        self.manager.info().template.state
+    }
+
+    /// Its pid; 0 when it is not running.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn template_pid(&self) -> u32 {
+        self.manager.info().template.pid.unwrap_or(0)
+    }
+
+    /// Times it exited and was started again.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn template_restarts(&self) -> u64 {
+        self.manager.info().template.restarts
+    }
+
+    /// Why it is (or last went) down; "" when it never did.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn template_last_error(&self) -> String {
+        self.manager.info().template.last_error.unwrap_or_default()
+    }
+
+    /// Its PSS in bytes, read now; 0 when it is not running.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn template_pss_bytes(&self) -> u64 {
+        self.manager.info().template.pss_bytes.unwrap_or(0)
+    }
 }
 
 /// `org.corral.App1` on `/org/corral/Manager1/app/<label>`. Its
@@ -589,6 +620,12 @@ impl AppObject {
     #[zbus(property(emits_changed_signal = "false"))]
     async fn cold_starts(&self) -> fdo::Result<u64> {
         Ok(self.app()?.cold_starts)
+    }
+
+    /// Of those, zygotes forked from the zygote template.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn cold_starts_forked(&self) -> fdo::Result<u64> {
+        Ok(self.app()?.cold_starts_forked)
     }
 
     /// "" when there was none.
@@ -687,6 +724,7 @@ mod tests {
             requests: 7,
             errors: 1,
             cold_starts: 2,
+            cold_starts_forked: 1,
             last_error: None,
             module: "/srv/web.wasm".into(),
             digest: None,

@@ -93,7 +93,7 @@ impl Blocks {
         let mut out = String::new();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         type Value = fn(&AppInfo, &AppCounters) -> u64;
-        let simple: [(&str, &str, &str, Value); 10] = [
+        let simple: [(&str, &str, &str, Value); 11] = [
             (
                 "corral_app_requests_total",
                 "counter",
@@ -129,6 +129,12 @@ impl Blocks {
                 "counter",
                 "Zygote starts (from zero processes, and restarts).",
                 |a, _| a.cold_starts,
+            ),
+            (
+                "corral_app_cold_starts_forked_total",
+                "counter",
+                "Zygote starts forked from the zygote template (the rest were exec'd).",
+                |a, _| a.cold_starts_forked,
             ),
             (
                 "corral_app_cache_hits_total",
@@ -321,6 +327,7 @@ mod tests {
             requests: 0,
             errors: 1,
             cold_starts: 3,
+            cold_starts_forked: 2,
             last_error: None,
             module: "/m.wasm".into(),
             digest: None,
@@ -373,6 +380,7 @@ mod tests {
             requests: 0,
             errors: 0,
             cold_starts: 1,
+            cold_starts_forked: 0,
             last_error: None,
             module: "/m.wasm".into(),
             artifact: None,

@@ -48,6 +48,7 @@ pub(crate) struct Registry {
     /// Poked when an app's state changed: `STATUS=` is due (the daemon's
     /// `status.rs`).
     pub(crate) status_changed: tokio::sync::Notify,
+    template: Mutex<TemplateInfo>,
 }
 
 impl Registry {
@@ -58,7 +59,29 @@ impl Registry {
             events: broadcast::channel(1024).0,
             seq: AtomicU64::new(0),
             status_changed: tokio::sync::Notify::new(),
+            template: Mutex::new(TemplateInfo::default()),
         }
+    }
+
+    /// The zygote template's state, as its task last saw it.
+    pub(crate) fn set_template(&self, info: TemplateInfo) {
+        *self.template.lock().unwrap_or_else(|e| e.into_inner()) = info;
+    }
+
+    /// The zygote template's state, with its PSS read now.
+    pub(crate) fn template(&self) -> TemplateInfo {
+        let mut info = self
+            .template
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        info.pss_bytes = info.pid.and_then(|pid| {
+            let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+            let line = rollup.lines().find(|l| l.starts_with("Pss:"))?;
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kb * 1024)
+        });
+        info
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, AppInfo>> {
@@ -79,6 +102,7 @@ impl Registry {
             requests: 0,
             errors: 0,
             cold_starts: 0,
+            cold_starts_forked: 0,
             last_error: None,
             module: String::new(),
             digest: None,
@@ -303,6 +327,7 @@ impl Manager {
                 Ok(tree) => tree.apps.display().to_string(),
                 Err(why) => format!("none: {why}"),
             },
+            template: self.shared.registry.template(),
         }
     }
 
@@ -484,6 +509,7 @@ mod tests {
                 requests: 0,
                 errors: 0,
                 cold_starts: 0,
+                cold_starts_forked: 0,
                 last_error: None,
                 module: "/m.wasm".into(),
                 digest: None,

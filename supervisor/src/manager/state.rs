@@ -73,6 +73,9 @@ pub struct AppInfo {
     pub errors: u64,
     /// Zygote starts (from zero, and restarts).
     pub cold_starts: u64,
+    /// Of those, zygotes forked from the zygote template (the others were
+    /// exec'd: the template was off, down or refused).
+    pub cold_starts_forked: u64,
     pub last_error: Option<String>,
     /// The module's path, or its `oci://` reference.
     pub module: String,
@@ -139,6 +142,51 @@ pub struct DaemonInfo {
     /// Where the apps' cgroups are (`apps/` of corrald's delegated
     /// subtree), or why they have none: `"none: ..."`.
     pub cgroups: String,
+    /// The zygote template app zygotes are forked from.
+    pub template: TemplateInfo,
+}
+
+/// The zygote template (`corrald template`, docs/daemon.md "Cold starts").
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TemplateInfo {
+    /// `running`, `down` (exited or could not start; zygotes are exec'd
+    /// until it is back) or `off` (`daemon.template = false`).
+    pub state: String,
+    pub pid: Option<u32>,
+    /// Times it exited and was started again.
+    pub restarts: u64,
+    /// Why it is down, or why it last went down.
+    pub last_error: Option<String>,
+    /// Its proportional set size (`/proc/PID/smaps_rollup`), read when
+    /// asked: what the template costs while every app is at zero.
+    pub pss_bytes: Option<u64>,
+}
+
+impl TemplateInfo {
+    pub(crate) fn off() -> TemplateInfo {
+        TemplateInfo {
+            state: "off".into(),
+            ..TemplateInfo::default()
+        }
+    }
+
+    pub(crate) fn running(pid: u32, restarts: u64) -> TemplateInfo {
+        TemplateInfo {
+            state: "running".into(),
+            pid: Some(pid),
+            restarts,
+            ..TemplateInfo::default()
+        }
+    }
+
+    pub(crate) fn down(why: String, restarts: u64) -> TemplateInfo {
+        TemplateInfo {
+            state: "down".into(),
+            restarts,
+            last_error: Some(why),
+            ..TemplateInfo::default()
+        }
+    }
 }
 
 /// One problem of a refused reload.
