@@ -4,7 +4,8 @@
 # show, http_ok, main_pid, active). The guests come from the share
 # (loop.wat: a tight loop; touch.wat: takes 48 MiB, then echoes).
 #
-# - the layout: corrald in daemon/, each app in apps/NAME with its limits;
+# - the layout: corrald in daemon/, the zygote template in template/, each
+#   app in apps/NAME with its limits (its zygote forked from the template);
 # - a CPU hog beside hello with equal weights: hello's p99 against alone;
 # - limits.cpu = "50%": the hog's CPU time over 10 s, and a reload to
 #   "25%" applied to the running cgroup without restarting the app;
@@ -70,6 +71,8 @@ check "its subtree has cpu, memory and pids on for apps/ ($(cat "$root/apps/cgro
 corral status 2>&1 | grep -E 'Cgroups' | show
 hello_cg=$(cg_path hello)
 check "hello has a cgroup of its own: $hello_cg" test "$hello_cg" = "$root/apps/hello"
+tpl=$(pgrep -fx 'corrald template' | head -n1)
+check "the zygote template (${tpl:-none}) is in template/, no app's" grep -qx "${tpl:-none}" "$root/template/cgroup.procs"
 hz=$(zygote_of hello)
 if [ -n "$hz" ]; then
     check "hello's zygote ($hz) is in it" grep -qx "$hz" "$hello_cg/cgroup.procs"
@@ -154,17 +157,16 @@ for _ in $(seq 1 100); do
     [ "${kills:-0}" -ge 1 ] && break
     sleep 0.2
 done
-# Past memory.high the kernel reclaims and throttles the app; without swap
-# its workers' memory cannot shrink, so it goes on to memory.max and the
-# OOM killer (6.1 in our runs), or stays throttled at memory.high for
-# longer than this waits (seen once on 6.12). Either way the app is held
-# below its limit and only it: checked below; the kill's report when
-# there was one.
+# memory.high is 1/256 below memory.max (supervisor/src/cgroup.rs,
+# memory_high): past it the kernel reclaims, but the overage is too small
+# for its throttling, so the app goes on to memory.max and loses a worker
+# to the OOM killer. (At 1/16 it was held throttled between the two for
+# longer than this waits, on 6.1 and 6.12: no kill, no report.)
 peak=$(cat "$fat_cg/memory.peak" 2>/dev/null || echo 0)
 high_events=$(sed -n 's/^high //p' "$fat_cg/memory.events" 2>/dev/null)
 info "fat: memory.events oom_kill ${kills:-0}, high ${high_events:-0}; memory.peak $peak of memory.max $(cat "$fat_cg/memory.max")"
-check "fat: held at its limit: OOM-killed or throttled at memory.high (oom_kill ${kills:-0}, high ${high_events:-0})" \
-    test "${kills:-0}" -ge 1 -o "${high_events:-0}" -ge 1
+check "fat: a worker OOM-killed at limits.app-memory (memory.events oom_kill ${kills:-0})" \
+    test "${kills:-0}" -ge 1
 check "fat: memory.peak $peak within memory.max" test "$peak" -le "$(cat "$fat_cg/memory.max")"
 for i in 30 31 32; do eval "exec $i>&-"; done
 wait "$loop_pid"
@@ -174,7 +176,7 @@ check "hello's cgroup had no OOM kill ($(sed -n 's/^oom_kill //p' "$hello_cg/mem
     test "$(sed -n 's/^oom_kill //p' "$hello_cg/memory.events")" = 0
 sleep 1
 journalctl -u corrald.service --since "$since" -o cat --no-pager | grep -i 'oom' | head -n 3 | show
-[ "${kills:-0}" -ge 1 ] && check "the kill is reported as fat's event in the journal" \
+check "the kill is reported as fat's event in the journal" \
     bash -c "journalctl -u corrald.service --since '$since' -o cat --no-pager | grep -q \"killed by the kernel's OOM killer\""
 all_kills=$(sed -n 's/^oom_kill //p' "$fat_cg/memory.events")
 reported=$(journalctl -u corrald.service --since "$since" -o cat --no-pager | grep -c "killed by the kernel's OOM killer")
