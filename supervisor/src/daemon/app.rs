@@ -21,7 +21,7 @@ use crate::manager::{self, AppState, Registry};
 use corral_runtime::protocol::{self, FromZygote, Start, ToZygote};
 
 /// Variables a zygote must not see: they are corrald's.
-pub(super) const PRIVATE_ENV: &[&str] = &[
+const PRIVATE_ENV: &[&str] = &[
     "NOTIFY_SOCKET",
     "LISTEN_FDS",
     "LISTEN_PID",
@@ -352,6 +352,28 @@ pub(super) async fn crashed(
     None
 }
 
+/// `corrald SUBCOMMAND` (`zygote`, `template`) with `control` as its
+/// stdin and corrald's stderr as its stdout, in a process group of its own
+/// (corrald kills an app's processes by group), without corrald's systemd
+/// variables.
+pub(super) fn corrald_child(
+    subcommand: &str,
+    control: OwnedFd,
+) -> std::io::Result<std::process::Command> {
+    let stdout = std::io::stderr().as_fd().try_clone_to_owned()?;
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.arg0("corrald")
+        .arg(subcommand)
+        .stdin(Stdio::from(control))
+        .stdout(Stdio::from(stdout))
+        .process_group(0);
+    for var in PRIVATE_ENV {
+        cmd.env_remove(var);
+    }
+    Ok(cmd)
+}
+
 /// Wait until one of `listeners` has a connection waiting, without
 /// accepting it: it stays in the backlog for a worker.
 pub(super) async fn wait_for_connection(listeners: &[OwnedFd]) -> anyhow::Result<()> {
@@ -405,17 +427,7 @@ pub(super) async fn run_zygote(
         }
         Err(why) => {
             tracing::debug!(app = name, "starting the zygote by exec: {why}");
-            let stdout = std::io::stderr().as_fd().try_clone_to_owned()?;
-            use std::os::unix::process::CommandExt as _;
-            let mut cmd = std::process::Command::new("/proc/self/exe");
-            cmd.arg0("corrald")
-                .arg("zygote")
-                .stdin(Stdio::from(theirs))
-                .stdout(Stdio::from(stdout))
-                .process_group(0);
-            for var in PRIVATE_ENV {
-                cmd.env_remove(var);
-            }
+            let mut cmd = corrald_child("zygote", theirs)?;
             ZygoteProcess::spawned(cmd.spawn().context("starting the zygote")?)
         }
     };

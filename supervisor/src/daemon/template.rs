@@ -7,7 +7,6 @@
 //! exec, as before the template existed.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -107,18 +106,9 @@ impl Process {
             None,
         )
         .context("creating the template's control socketpair")?;
-        let stdout = std::io::stderr().as_fd().try_clone_to_owned()?;
-        use std::os::unix::process::CommandExt as _;
-        let mut cmd = std::process::Command::new("/proc/self/exe");
-        cmd.arg0("corrald")
-            .arg("template")
-            .stdin(Stdio::from(theirs))
-            .stdout(Stdio::from(stdout))
-            .process_group(0);
-        for var in super::app::PRIVATE_ENV {
-            cmd.env_remove(var);
-        }
-        let child = cmd.spawn().context("starting `corrald template`")?;
+        let child = super::app::corrald_child("template", theirs)?
+            .spawn()
+            .context("starting `corrald template`")?;
         // Its own cgroup (it is no app's, and not corrald's); it runs only
         // corrald's code, so a moment in corrald's first does no harm.
         if let Ok(tree) = crate::cgroup::tree()
