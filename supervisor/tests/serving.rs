@@ -297,17 +297,32 @@ fn read_response<R: std::io::BufRead>(r: &mut R) -> std::io::Result<Response> {
 struct Client {
     port: u16,
     conn: Option<BufReader<TcpStream>>,
+    /// When the last response on `conn` ended.
+    last_response: Option<Instant>,
 }
 
 impl Client {
     fn new(port: u16) -> Client {
-        Client { port, conn: None }
+        Client {
+            port,
+            conn: None,
+            last_response: None,
+        }
+    }
+
+    /// How long the open keep-alive connection has been idle (`None`: the
+    /// next request opens a new one).
+    fn idle(&self) -> Option<Duration> {
+        self.conn.as_ref()?;
+        Some(self.last_response?.elapsed())
     }
 
     fn get(&mut self, path: &str) -> std::io::Result<Response> {
         let result = self.try_get(path);
+        self.last_response = Some(Instant::now());
         if !matches!(&result, Ok(r) if !r.close) {
             self.conn = None;
+            self.last_response = None;
         }
         result
     }
@@ -584,7 +599,17 @@ fn a_worker_at_its_connection_cap_closes_its_oldest_idle_connection() {
 /// pipeline loop on their connections while the app is reloaded three
 /// times (a changed module: new workers, old ones drain); not one request
 /// fails. The old workers finish what a connection has sent, answer it
-/// with `Connection: close`, and close only idle connections.
+/// with `Connection: close`, and close only connections idle for
+/// `DRAIN_GRACE` (1 s).
+///
+/// A client that itself left its connection idle that long (a thread not
+/// scheduled for a second, on a loaded machine running the suite in
+/// parallel: seen twice in CI-like runs, 1 of ~560 requests) may write its
+/// next request into a connection the server has just closed, and reads no
+/// byte of a response: HTTP clients retry such a request on a new
+/// connection (RFC 9112, 9.3.1), and so does this one, counting it. A
+/// connection closed before a response after less than 0.9 s idle is the
+/// server's fault and fails the test.
 #[test]
 fn reloads_fail_no_request_of_keep_alive_clients() {
     let web = free_port();
@@ -600,15 +625,23 @@ fn reloads_fail_no_request_of_keep_alive_clients() {
             let stop = stop.clone();
             std::thread::spawn(move || {
                 let mut client = Client::new(web);
-                let (mut ok, mut failed) = (0u32, Vec::new());
+                let (mut ok, mut failed, mut retried) = (0u32, Vec::new(), Vec::new());
                 while !stop.load(Ordering::SeqCst) {
+                    let idle = client.idle();
                     match client.get("/") {
                         Ok(r) if r.status == 200 => ok += 1,
                         Ok(r) => failed.push(format!("status {}", r.status)),
-                        Err(e) => failed.push(e.to_string()),
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::UnexpectedEof
+                                && idle.is_some_and(|d| d >= Duration::from_millis(900)) =>
+                        {
+                            // Retried by the next turn, on a new connection.
+                            retried.push(idle);
+                        }
+                        Err(e) => failed.push(format!("{e} (connection idle {idle:?})")),
                     }
                 }
-                (ok, failed)
+                (ok, failed, retried)
             })
         })
         .collect();
@@ -634,12 +667,18 @@ fn reloads_fail_no_request_of_keep_alive_clients() {
     stop.store(true, Ordering::SeqCst);
     let mut total = 0;
     let mut failures = Vec::new();
+    let mut retries = Vec::new();
     for client in clients {
-        let (ok, failed) = client.join().unwrap();
+        let (ok, failed, retried) = client.join().unwrap();
         assert!(ok > 5, "every client kept going: {ok}");
         total += ok as usize + failed.len();
         failures.extend(failed);
+        retries.extend(retried);
     }
+    eprintln!(
+        "{total} requests; {} retried after the client itself idled past the grace: {retries:?}",
+        retries.len()
+    );
     assert!(
         failures.is_empty(),
         "{} of {total} requests failed across 3 reloads: {failures:?}",
