@@ -22,13 +22,25 @@ pub fn guest(name: &str) -> PathBuf {
     guests_dir().join(name)
 }
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on right now, and one this test process
+/// has not handed out before: the kernel may give the same free port to
+/// two binds in a row once the first is closed, and a test that asked for
+/// eight ports for eight apps once got one twice (a policy error, "already
+/// used by app", in supervisor/tests/oci.rs).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Poll `check` until it returns `Some`, or panic after `timeout`.
