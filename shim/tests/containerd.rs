@@ -636,6 +636,81 @@ fn wasm_images_run_under_containerd() {
         assert!(!Path::new(dir).exists(), "{dir} left after delete");
     }
 
+    // The pids limit (issue 20): `ctr run` has no flag for it, so the
+    // container is made from a spec file (`--config`) whose rootfs is a
+    // directory holding the module; the task's pids cgroup gets
+    // pids.max as runc would set it, and the task serves under it.
+    let root = tempfile::tempdir().unwrap();
+    std::fs::copy(guest("http-hello.wasm"), root.path().join("hello.wasm")).unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let spec = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "args": ["/hello.wasm"],
+            "env": [format!("CORRAL_HTTP_LISTEN={addr}")],
+            "cwd": "/",
+        },
+        "root": { "path": root.path() },
+        "linux": {
+            "cgroupsPath": format!("/{NS}/limited"),
+            "resources": { "pids": { "limit": 64 } },
+        },
+    });
+    let spec_path = c.path().join("limited.json");
+    std::fs::write(&spec_path, spec.to_string()).unwrap();
+    c.ok(&[
+        "run",
+        "-d",
+        "--config",
+        spec_path.to_str().unwrap(),
+        "--runtime",
+        RUNTIME,
+        "limited",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let response = loop {
+        match http_get(addr) {
+            Ok(r) => break r,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "{addr} never answered: {e}\n{}",
+                    c.log()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let tasks = text(&c.ok(&["task", "ls"]).stdout);
+    let pid: u32 = tasks
+        .lines()
+        .find_map(|l| l.strip_prefix("limited "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid for limited in {tasks}"));
+    let pids_dir = task_cgroups(pid)
+        .remove("pids")
+        .unwrap_or_else(|| panic!("no pids cgroup for {pid}"));
+    assert!(pids_dir.ends_with("/limited"), "{pid} in {pids_dir}");
+    let max = std::fs::read_to_string(format!("{pids_dir}/pids.max")).unwrap();
+    assert_eq!(max.trim(), "64", "{pids_dir}/pids.max");
+    c.ok(&["task", "kill", "limited"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !text(&c.ok(&["task", "ls"]).stdout)
+        .lines()
+        .any(|l| l.starts_with("limited ") && l.contains("STOPPED"))
+    {
+        assert!(Instant::now() < deadline, "limited not stopped after kill");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.ok(&["task", "delete", "limited"]);
+    c.ok(&["container", "delete", "limited"]);
+    assert!(
+        !Path::new(&pids_dir).exists(),
+        "{pids_dir} left after delete"
+    );
+
     // A shim that dies (SIGKILL) takes its task with it: containerd runs
     // the shim binary's `delete`, which kills the task's process and
     // unmounts its rootfs.
