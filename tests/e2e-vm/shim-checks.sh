@@ -6,7 +6,9 @@
 # `ctr run` with CPU shares, quota and period and a memory limit: the task
 # process is in the cgroup of the spec's cgroupsPath, whose cpu.weight,
 # cpu.max and memory.max say what runc would write; the app serves; the
-# cgroup is gone after delete.
+# cgroup is gone after delete. Then the pids limit, for which ctr has no
+# flag: a container from a spec file (`ctr run --config`) with
+# linux.resources.pids.limit = 64 gets pids.max 64 in its cgroup.
 
 share=$(dirname "${E2E_MORE_CHECKS:-/mnt/e2e/kernel-checks.sh}")
 info "--- the containerd shim's cgroup (kernel $(uname -r), $(stat -fc %T /sys/fs/cgroup))"
@@ -50,3 +52,40 @@ done
 ctr -n "$ns" task delete web 2>&1 | show
 ctr -n "$ns" container delete web 2>&1 | show
 check "the task's cgroup is gone after delete" [ ! -e "$task_cg" ]
+
+# --- The pids limit, for which ctr has no flag: a container from a spec
+# file (`ctr run --config`) whose rootfs is a directory with the module.
+limited_port=$((shim_port + 1))
+mkdir -p /root/limited
+cp "$share/http-hello.wasm" /root/limited/hello.wasm
+printf '%s\n' \
+    '{"ociVersion": "1.0.2",' \
+    " \"process\": {\"args\": [\"/hello.wasm\"], \"env\": [\"CORRAL_HTTP_LISTEN=127.0.0.1:$limited_port\"], \"cwd\": \"/\"}," \
+    ' "root": {"path": "/root/limited"},' \
+    " \"linux\": {\"cgroupsPath\": \"/$ns/limited\", \"resources\": {\"pids\": {\"limit\": 64}}}}" \
+    >/root/limited.json
+if ctr -n "$ns" run -d --config /root/limited.json --runtime io.containerd.corral.v1 limited 2>&1 | show; then
+    ok "ctr run --config with linux.resources.pids.limit = 64"
+else
+    fail "ctr run --config with linux.resources.pids.limit = 64"
+fi
+served=no
+for i in $(seq 1 150); do
+    if curl -sf --max-time 2 "http://127.0.0.1:$limited_port/" 2>/dev/null | grep -q 'Hello from corral'; then
+        served=yes; break
+    fi
+    sleep 0.2
+done
+check "the pids-limited task serves" [ "$served" = yes ]
+limited_pid=$(ctr -n "$ns" task ls 2>/dev/null | awk '$1 == "limited" { print $2 }')
+limited_cg=/sys/fs/cgroup$(sed -n 's/^0:://p' /proc/"${limited_pid:-0}"/cgroup 2>/dev/null)
+got=$(cat "$limited_cg/pids.max" 2>/dev/null)
+check "pids.max of its cgroup ($limited_cg) is 64: \"$got\"" [ "$got" = 64 ]
+ctr -n "$ns" task kill limited 2>&1 | show
+for i in $(seq 1 100); do
+    ctr -n "$ns" task ls 2>/dev/null | awk '$1 == "limited"' | grep -q STOPPED && break
+    sleep 0.2
+done
+ctr -n "$ns" task delete limited 2>&1 | show
+ctr -n "$ns" container delete limited 2>&1 | show
+check "the limited task's cgroup is gone after delete" [ ! -e "$limited_cg" ]
