@@ -41,7 +41,7 @@ use rustix::net::RecvFlags;
 
 use crate::protocol::{self, FromTemplate, ToTemplate};
 use crate::sys::{self, Forked};
-use crate::zygote::{self, Prebuilt};
+use crate::zygote::{self, Origin, Prebuilt};
 
 /// Engines kept at most: more distinct engine options than this (a policy
 /// with many different `limits.memory` or `pool.concurrency` values) are
@@ -80,18 +80,8 @@ pub fn main() -> ExitCode {
         match msg {
             ToTemplate::Warm { engines: wanted } => {
                 engines.retain(|options, _| wanted.contains(options));
-                for options in wanted.into_iter().take(MAX_ENGINES) {
-                    if engines.contains_key(&options) {
-                        continue;
-                    }
-                    match corral_compiler::build_engine(&options, None) {
-                        Ok(built) => {
-                            engines.insert(options, built);
-                        }
-                        // The zygote that needs it builds it and reports
-                        // the error as its app's.
-                        Err(e) => tracing::warn!("zygote template: building an engine: {e}"),
-                    }
+                for options in &wanted {
+                    hold_engine(&mut engines, options);
                 }
             }
             ToTemplate::Fork { engine } => {
@@ -120,6 +110,25 @@ pub fn main() -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Build the engine for `options` unless it is held already or the cap is
+/// reached (then the zygote builds its own, as an exec'd one does). A
+/// build that fails is left to the zygote too, which reports the error as
+/// its app's.
+fn hold_engine(
+    engines: &mut HashMap<EngineOptions, corral_compiler::BuiltEngine>,
+    options: &EngineOptions,
+) {
+    if engines.contains_key(options) || engines.len() >= MAX_ENGINES {
+        return;
+    }
+    match corral_compiler::build_engine(options, None) {
+        Ok(built) => {
+            engines.insert(options.clone(), built);
+        }
+        Err(e) => tracing::warn!("zygote template: building an engine: {e}"),
+    }
+}
+
 /// Fork one zygote; in the child, never returns.
 fn fork_zygote(
     control: &mut Option<OwnedFd>,
@@ -134,16 +143,8 @@ fn fork_zygote(
             error: format!("the template has {threads} threads; it forks only with one"),
         };
     }
-    // An engine not built ahead (not named in a Warm, or over the cap) is
-    // built here, and kept only within the cap.
-    if !engines.contains_key(&options) && engines.len() < MAX_ENGINES {
-        match corral_compiler::build_engine(&options, None) {
-            Ok(built) => {
-                engines.insert(options.clone(), built);
-            }
-            Err(e) => tracing::warn!("zygote template: building an engine: {e}"),
-        }
-    }
+    // An engine not built ahead (not named in a Warm) is built here.
+    hold_engine(engines, &options);
     match sys::fork_beside_parent() {
         Ok(Forked::Child) => {
             // The template's socket to corrald: a zygote must not be able
@@ -162,7 +163,7 @@ fn fork_zygote(
                 tracing::warn!("zygote: its own process group: {e}");
             }
             let _ = sys::set_command_line(&["corrald", "zygote"]);
-            let code = zygote::serve(zygote_control, inherited, prebuilt);
+            let code = zygote::serve(zygote_control, inherited, Origin::Template(prebuilt));
             std::process::exit(i32::from(code));
         }
         Ok(Forked::Parent(pid)) => {

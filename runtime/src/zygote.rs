@@ -81,7 +81,7 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    std::process::ExitCode::from(serve(control, &inherited, None))
+    std::process::ExitCode::from(serve(control, &inherited, Origin::Exec))
 }
 
 /// Take the control socket corrald left on stdin: stdin becomes
@@ -102,10 +102,18 @@ pub(crate) struct Prebuilt {
     pub(crate) engine: corral_compiler::BuiltEngine,
 }
 
-/// A zygote's life from its start message on `control` to its exit code:
-/// exec'd (`main`) or forked from the template (`prebuilt`: the engine it
-/// built). `inherited`: the fds open before this zygote's own work began.
-pub(crate) fn serve(control: OwnedFd, inherited: &[RawFd], prebuilt: Option<Prebuilt>) -> u8 {
+/// How this zygote came to be.
+pub(crate) enum Origin {
+    /// `corrald zygote`, exec'd by corrald.
+    Exec,
+    /// Forked from the zygote template, with the engine it held for this
+    /// app (none if it held none: over its cap, or its build failed).
+    Template(Option<Prebuilt>),
+}
+
+/// A zygote's life from its start message on `control` to its exit code.
+/// `inherited`: the fds open before this zygote's own work began.
+pub(crate) fn serve(control: OwnedFd, inherited: &[RawFd], origin: Origin) -> u8 {
     let (start, fds) = match protocol::recv::<ToZygote>(&control, RecvFlags::empty()) {
         Ok(Some((ToZygote::Start(start), fds))) => (start, fds),
         Ok(_) => {
@@ -118,7 +126,7 @@ pub(crate) fn serve(control: OwnedFd, inherited: &[RawFd], prebuilt: Option<Preb
         }
     };
     let app = start.app.name.clone();
-    match Zygote::prepare(*start, fds, &control, inherited, prebuilt) {
+    match Zygote::prepare(*start, fds, &control, inherited, origin) {
         Ok(mut zygote) => {
             drop(control); // the zygote holds its own copy
             match zygote.run() {
@@ -196,7 +204,7 @@ impl Zygote {
         mut fds: Vec<OwnedFd>,
         control: &OwnedFd,
         inherited: &[RawFd],
-        prebuilt: Option<Prebuilt>,
+        origin: Origin,
     ) -> anyhow::Result<Zygote> {
         // Where a cold start's time goes (logged at debug; docs/bench.md).
         let t0 = Instant::now();
@@ -234,7 +242,10 @@ impl Zygote {
         };
         drop(start.tls);
         let options = EngineOptions::for_app(&app);
-        let from_template = prebuilt.is_some();
+        let (how, prebuilt) = match origin {
+            Origin::Exec => ("exec'd", None),
+            Origin::Template(prebuilt) => ("forked from the template", prebuilt),
+        };
         let built = match prebuilt {
             Some(p) if p.options == options => p.engine,
             // corrald named this app's engine; a mismatch is a bug, not
@@ -321,11 +332,7 @@ impl Zygote {
             "zygote prepared in {:?} ({}): engine {:?}, artifact {:?}, pre-instantiate {:?}, \
              pool and sandbox {:?}",
             t0.elapsed(),
-            if from_template {
-                "forked from the template"
-            } else {
-                "exec'd"
-            },
+            how,
             t_engine,
             t_artifact - t_engine,
             t_pre - t_artifact,

@@ -352,6 +352,17 @@ pub(super) async fn crashed(
     None
 }
 
+/// A control socketpair (corrald's end, the child's end): one packet per
+/// message (`corral_runtime::protocol`).
+pub(super) fn control_socketpair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
+
 /// `corrald SUBCOMMAND` (`zygote`, `template`) with `control` as its
 /// stdin and corrald's stderr as its stdout, in a process group of its own
 /// (corrald kills an app's processes by group), without corrald's systemd
@@ -409,29 +420,22 @@ pub(super) async fn run_zygote(
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<ZygoteEnd> {
     let name = &app.spec.name;
-    let (ours, theirs) = rustix::net::socketpair(
-        rustix::net::AddressFamily::UNIX,
-        rustix::net::SocketType::SEQPACKET,
-        rustix::net::SocketFlags::CLOEXEC,
-        None,
-    )
-    .context("creating the control socketpair")?;
+    let (ours, theirs) = control_socketpair().context("creating the control socketpair")?;
     // Forked from the template (a fork, with the engine built), or exec'd
     // when the template is off, down or refuses.
     let options = corral_compiler::EngineOptions::for_app(&app.spec);
     let t_spawn = Instant::now();
-    let child = match app.template.fork(options, theirs.try_clone()?).await {
+    let mut child = match app.template.fork(options, theirs.try_clone()?).await {
         Ok(pid) => {
             drop(theirs);
             ZygoteProcess::forked(pid)
         }
         Err(why) => {
             tracing::debug!(app = name, "starting the zygote by exec: {why}");
-            let mut cmd = corrald_child("zygote", theirs)?;
-            ZygoteProcess::spawned(cmd.spawn().context("starting the zygote")?)
+            let child = corrald_child("zygote", theirs)?.spawn();
+            ZygoteProcess::spawned(child.context("starting the zygote")?)
         }
     };
-    let mut child = child;
     let forked = child.is_forked();
     let pid = child.pid().as_raw_nonzero().get() as u32;
     // Into the app's cgroup before it is sent the app: until then it only
@@ -775,10 +779,14 @@ impl Drop for ZygoteProcess {
     }
 }
 
-pub(super) async fn recv_from(control: &AsyncFd<OwnedFd>) -> std::io::Result<Option<FromZygote>> {
+/// The next message on a control socket (a zygote's, or the template's);
+/// `None` once the peer closed it.
+pub(super) async fn recv_from<T: serde::de::DeserializeOwned>(
+    control: &AsyncFd<OwnedFd>,
+) -> std::io::Result<Option<T>> {
     loop {
         let mut guard = control.readable().await?;
-        match guard.try_io(|fd| protocol::recv::<FromZygote>(fd.get_ref(), RecvFlags::DONTWAIT)) {
+        match guard.try_io(|fd| protocol::recv::<T>(fd.get_ref(), RecvFlags::DONTWAIT)) {
             Ok(result) => return result.map(|m| m.map(|(msg, _fds)| msg)),
             Err(_would_block) => continue,
         }

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use corral_compiler::EngineOptions;
 use corral_runtime::protocol::{self, FromTemplate, ToTemplate};
-use rustix::net::RecvFlags;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 
@@ -99,13 +98,8 @@ struct Process {
 
 impl Process {
     fn spawn() -> anyhow::Result<Process> {
-        let (ours, theirs) = rustix::net::socketpair(
-            rustix::net::AddressFamily::UNIX,
-            rustix::net::SocketType::SEQPACKET,
-            rustix::net::SocketFlags::CLOEXEC,
-            None,
-        )
-        .context("creating the template's control socketpair")?;
+        let (ours, theirs) = super::app::control_socketpair()
+            .context("creating the template's control socketpair")?;
         let child = super::app::corrald_child("template", theirs)?
             .spawn()
             .context("starting `corrald template`")?;
@@ -123,7 +117,7 @@ impl Process {
             rustix::process::Pid::from_child(&child),
             rustix::process::PidfdFlags::empty(),
         );
-        let mut process = Process {
+        let process = Process {
             control: super::sys::register(ours, tokio::io::Interest::READABLE)?,
             exited: match pidfd {
                 Ok(fd) => super::sys::register(fd, tokio::io::Interest::READABLE)?,
@@ -138,8 +132,6 @@ impl Process {
             started: Instant::now(),
         };
         rustix::io::ioctl_fionbio(process.control.get_ref(), true)?;
-        // Not before every field is in place: Drop kills and reaps it.
-        process.started = Instant::now();
         Ok(process)
     }
 
@@ -154,25 +146,28 @@ impl Process {
         }
     }
 
-    fn send(&self, msg: &ToTemplate, fds: &[std::os::fd::BorrowedFd<'_>]) -> anyhow::Result<()> {
-        protocol::send(self.control.get_ref(), msg, fds)
+    /// Tell it which engines to hold (a failure shows at the next fork).
+    fn warm(&self, engines: &[EngineOptions]) {
+        let msg = ToTemplate::Warm {
+            engines: engines.to_vec(),
+        };
+        if let Err(e) = protocol::send(self.control.get_ref(), &msg, &[]) {
+            tracing::warn!("zygote template: {e:#}");
+        }
     }
 
     async fn fork(&self, engine: EngineOptions, control: OwnedFd) -> Result<i32, Refusal> {
-        self.send(&ToTemplate::Fork { engine }, &[control.as_fd()])
-            .map_err(|e| Refusal::Said(format!("{e:#}")))?;
+        protocol::send(
+            self.control.get_ref(),
+            &ToTemplate::Fork { engine },
+            &[control.as_fd()],
+        )
+        .map_err(|e| Refusal::Said(format!("{e:#}")))?;
         drop(control); // the zygote (or nobody) holds it now
-        let answer = tokio::time::timeout(ANSWER_TIMEOUT, async {
-            loop {
-                let mut guard = self.control.readable().await?;
-                match guard
-                    .try_io(|fd| protocol::recv::<FromTemplate>(fd.get_ref(), RecvFlags::DONTWAIT))
-                {
-                    Ok(result) => return result.map(|m| m.map(|(msg, _)| msg)),
-                    Err(_would_block) => continue,
-                }
-            }
-        })
+        let answer = tokio::time::timeout(
+            ANSWER_TIMEOUT,
+            super::app::recv_from::<FromTemplate>(&self.control),
+        )
         .await;
         match answer {
             Ok(Ok(Some(FromTemplate::Forked { pid }))) => Ok(pid),
@@ -211,25 +206,18 @@ async fn run(mut requests: mpsc::UnboundedReceiver<Request>, registry: Arc<Regis
             match Process::spawn() {
                 Ok(p) => {
                     tracing::debug!(pid = p.pid(), "zygote template started");
-                    if let Err(e) = p.send(
-                        &ToTemplate::Warm {
-                            engines: engines.clone(),
-                        },
-                        &[],
-                    ) {
-                        tracing::warn!("zygote template: {e:#}");
-                    }
+                    p.warm(&engines);
                     registry.set_template(TemplateInfo::running(p.pid(), restarts));
                     process = Some(p);
                 }
                 Err(e) => {
+                    let why = format!("{e:#}");
                     tracing::warn!(
-                        "{e:#}; zygotes start by exec; trying again in {}",
+                        "{why}; zygotes start by exec; trying again in {}",
                         humantime::format_duration(backoff)
                     );
-                    registry.set_template(TemplateInfo::down(format!("{e:#}"), restarts));
-                    start_at = Some(tokio::time::Instant::now() + backoff);
-                    backoff = (backoff * 2).min(BACKOFF.1);
+                    registry.set_template(TemplateInfo::down(why, restarts));
+                    start_at = Some(restart_after(&mut backoff));
                 }
             }
         }
@@ -256,15 +244,8 @@ async fn run(mut requests: mpsc::UnboundedReceiver<Request>, registry: Arc<Regis
                 }
                 if distinct != engines {
                     engines = distinct;
-                    if let Some(p) = &process
-                        && let Err(e) = p.send(
-                            &ToTemplate::Warm {
-                                engines: engines.clone(),
-                            },
-                            &[],
-                        )
-                    {
-                        tracing::warn!("zygote template: {e:#}");
+                    if let Some(p) = &process {
+                        p.warm(&engines);
                     }
                 }
             }
@@ -304,12 +285,19 @@ async fn run(mut requests: mpsc::UnboundedReceiver<Request>, registry: Arc<Regis
                     humantime::format_duration(backoff)
                 );
                 registry.set_template(TemplateInfo::down(format!("exited ({how})"), restarts));
-                start_at = Some(tokio::time::Instant::now() + backoff);
-                backoff = (backoff * 2).min(BACKOFF.1);
+                start_at = Some(restart_after(&mut backoff));
             }
             Event::Restart => {}
         }
     }
+}
+
+/// When to start the template again: after `backoff`, which doubles (up
+/// to its ceiling) for the next time.
+fn restart_after(backoff: &mut Duration) -> tokio::time::Instant {
+    let at = tokio::time::Instant::now() + *backoff;
+    *backoff = (*backoff * 2).min(BACKOFF.1);
+    at
 }
 
 enum Event {
