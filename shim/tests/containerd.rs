@@ -150,6 +150,56 @@ impl Containerd {
         out
     }
 
+    /// The first answer of the server at `addr`, polled for up to 30 s.
+    fn served(&self, addr: SocketAddr) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match http_get(addr) {
+                Ok(r) => return r,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{addr} never answered: {e}\n{}",
+                        self.log()
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    /// The pid of task `id`, from `ctr task ls`.
+    fn task_pid(&self, id: &str) -> u32 {
+        let tasks = text(&self.ok(&["task", "ls"]).stdout);
+        let prefix = format!("{id} ");
+        tasks
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no pid for {id} in {tasks}"))
+    }
+
+    /// `ctr task kill id`, then wait (up to 20 s) until it is STOPPED.
+    fn kill_until_stopped(&self, id: &str) {
+        self.ok(&["task", "kill", id]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let row = text(&self.ok(&["task", "ls"]).stdout);
+            if row
+                .lines()
+                .any(|l| l.starts_with(&format!("{id} ")) && l.contains("STOPPED"))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "task {id} not stopped after kill: {row}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// `ctr run --rm` of a Wasm command, as the container's process.
     fn run(&self, id: &str, args: &[&str]) -> Output {
         let mut all = vec!["run", "--rm", "--runtime", RUNTIME, IMAGE, id];
@@ -562,33 +612,14 @@ fn wasm_images_run_under_containerd() {
         "http",
         "/hello.wasm",
     ]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let response = loop {
-        match http_get(addr) {
-            Ok(r) => break r,
-            Err(e) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "{addr} never answered: {e}\n{}",
-                    c.log()
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    };
+    let response = c.served(addr);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(
         response.contains("\r\n\r\n") && response.contains("Hello from corral!\n"),
         "{response}"
     );
     // The serving process is sandboxed: no_new_privs and a seccomp filter.
-    let tasks = text(&c.ok(&["task", "ls"]).stdout);
-    let pid: u32 = tasks
-        .lines()
-        .find_map(|l| l.strip_prefix("http "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid for http in {tasks}"));
+    let pid = c.task_pid("http");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
     assert!(status.contains("Seccomp:\t2"), "{status}");
@@ -609,23 +640,7 @@ fn wasm_images_run_under_containerd() {
     }
     let http_cgroups: Vec<String> = cgroups.values().cloned().collect();
 
-    c.ok(&["task", "kill", "http"]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = c.ok(&["task", "ls"]);
-        let row = text(&out.stdout);
-        if row
-            .lines()
-            .any(|l| l.starts_with("http ") && l.contains("STOPPED"))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "task not stopped after kill: {row}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.kill_until_stopped("http");
     assert!(
         TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err(),
         "{addr} still accepts after kill"
@@ -667,43 +682,16 @@ fn wasm_images_run_under_containerd() {
         RUNTIME,
         "limited",
     ]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let response = loop {
-        match http_get(addr) {
-            Ok(r) => break r,
-            Err(e) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "{addr} never answered: {e}\n{}",
-                    c.log()
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    };
+    let response = c.served(addr);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    let tasks = text(&c.ok(&["task", "ls"]).stdout);
-    let pid: u32 = tasks
-        .lines()
-        .find_map(|l| l.strip_prefix("limited "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid for limited in {tasks}"));
+    let pid = c.task_pid("limited");
     let pids_dir = task_cgroups(pid)
         .remove("pids")
         .unwrap_or_else(|| panic!("no pids cgroup for {pid}"));
     assert!(pids_dir.ends_with("/limited"), "{pid} in {pids_dir}");
     let max = std::fs::read_to_string(format!("{pids_dir}/pids.max")).unwrap();
     assert_eq!(max.trim(), "64", "{pids_dir}/pids.max");
-    c.ok(&["task", "kill", "limited"]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !text(&c.ok(&["task", "ls"]).stdout)
-        .lines()
-        .any(|l| l.starts_with("limited ") && l.contains("STOPPED"))
-    {
-        assert!(Instant::now() < deadline, "limited not stopped after kill");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.kill_until_stopped("limited");
     c.ok(&["task", "delete", "limited"]);
     c.ok(&["container", "delete", "limited"]);
     assert!(
@@ -753,13 +741,7 @@ fn wasm_images_run_under_containerd() {
     assert!(socket.exists());
     // Its task's cgroup, made from the spec's cgroupsPath (no resources
     // asked): the dead shim's cleanup removes it too.
-    let tasks = text(&c.ok(&["task", "ls"]).stdout);
-    let crash_pid: u32 = tasks
-        .lines()
-        .find_map(|l| l.strip_prefix("crash "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid for crash in {tasks}"));
+    let crash_pid = c.task_pid("crash");
     let crash_cgroups: Vec<String> = task_cgroups(crash_pid)
         .into_values()
         .filter(|d| d.ends_with("/crash"))

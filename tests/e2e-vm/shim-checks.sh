@@ -19,6 +19,29 @@ for i in $(seq 1 100); do ctr version >/dev/null 2>&1 && break; sleep 0.2; done
 check "containerd answers" ctr version
 check "the shim is installed with corral" command -v containerd-shim-corral-v1
 check "ctr imports the Wasm image" ctr -n "$ns" images import "$share/hello-image.tar"
+serves() { # PORT: the hello task answers there (up to 30 s)
+    local i
+    for i in $(seq 1 150); do
+        curl -sf --max-time 2 "http://127.0.0.1:$1/" 2>/dev/null | grep -q 'Hello from corral' && return 0
+        sleep 0.2
+    done
+    return 1
+}
+task_cgroup() { # ID: the cgroup directory of task ID's process
+    local pid
+    pid=$(ctr -n "$ns" task ls 2>/dev/null | awk -v id="$1" '$1 == id { print $2 }')
+    echo "/sys/fs/cgroup$(sed -n 's/^0:://p' /proc/"${pid:-0}"/cgroup 2>/dev/null)"
+}
+remove_task() { # ID: kill it, wait until it is stopped, delete task and container
+    local i
+    ctr -n "$ns" task kill "$1" 2>&1 | show
+    for i in $(seq 1 100); do
+        ctr -n "$ns" task ls 2>/dev/null | awk -v id="$1" '$1 == id' | grep -q STOPPED && break
+        sleep 0.2
+    done
+    ctr -n "$ns" task delete "$1" 2>&1 | show
+    ctr -n "$ns" container delete "$1" 2>&1 | show
+}
 if ctr -n "$ns" run -d --net-host --runtime io.containerd.corral.v1 \
     --cpu-shares 512 --cpu-quota 50000 --cpu-period 100000 --memory-limit 268435456 \
     --env "CORRAL_HTTP_LISTEN=127.0.0.1:$shim_port" corral.test/hello:1 web /hello.wasm 2>&1 | show; then
@@ -26,31 +49,17 @@ if ctr -n "$ns" run -d --net-host --runtime io.containerd.corral.v1 \
 else
     fail "ctr run --runtime io.containerd.corral.v1 with resources"
 fi
-served=no
-for i in $(seq 1 150); do
-    if curl -sf --max-time 2 "http://127.0.0.1:$shim_port/" 2>/dev/null | grep -q 'Hello from corral'; then
-        served=yes; break
-    fi
-    sleep 0.2
-done
-check "the shim's task serves" [ "$served" = yes ]
-task_pid=$(ctr -n "$ns" task ls 2>/dev/null | awk '$1 == "web" { print $2 }')
-info "task pid: ${task_pid:-none}; $(cat /proc/"${task_pid:-0}"/cgroup 2>/dev/null | tr '\n' ' ')"
-task_cg=/sys/fs/cgroup$(sed -n 's/^0:://p' /proc/"${task_pid:-0}"/cgroup 2>/dev/null)
-task_cg_is_its_own() { [ -n "$task_pid" ] && [[ $task_cg == */web ]]; }
+check "the shim's task serves" serves "$shim_port"
+task_cg=$(task_cgroup web)
+info "task cgroup: $task_cg"
+task_cg_is_its_own() { [[ $task_cg == */web ]]; }
 check "the task has a cgroup of its own ($task_cg)" task_cg_is_its_own
 for pair in "cpu.max=50000 100000" "cpu.weight=20" "memory.max=268435456"; do
     file=${pair%%=*} want=${pair#*=}
     got=$(cat "$task_cg/$file" 2>/dev/null)
     check "$file is \"$want\" (shares 512 as runc converts them; quota; memory limit): \"$got\"" [ "$got" = "$want" ]
 done
-ctr -n "$ns" task kill web 2>&1 | show
-for i in $(seq 1 100); do
-    ctr -n "$ns" task ls 2>/dev/null | awk '$1 == "web"' | grep -q STOPPED && break
-    sleep 0.2
-done
-ctr -n "$ns" task delete web 2>&1 | show
-ctr -n "$ns" container delete web 2>&1 | show
+remove_task web
 check "the task's cgroup is gone after delete" [ ! -e "$task_cg" ]
 
 # --- The pids limit, for which ctr has no flag: a container from a spec
@@ -69,23 +78,9 @@ if ctr -n "$ns" run -d --config /root/limited.json --runtime io.containerd.corra
 else
     fail "ctr run --config with linux.resources.pids.limit = 64"
 fi
-served=no
-for i in $(seq 1 150); do
-    if curl -sf --max-time 2 "http://127.0.0.1:$limited_port/" 2>/dev/null | grep -q 'Hello from corral'; then
-        served=yes; break
-    fi
-    sleep 0.2
-done
-check "the pids-limited task serves" [ "$served" = yes ]
-limited_pid=$(ctr -n "$ns" task ls 2>/dev/null | awk '$1 == "limited" { print $2 }')
-limited_cg=/sys/fs/cgroup$(sed -n 's/^0:://p' /proc/"${limited_pid:-0}"/cgroup 2>/dev/null)
+check "the pids-limited task serves" serves "$limited_port"
+limited_cg=$(task_cgroup limited)
 got=$(cat "$limited_cg/pids.max" 2>/dev/null)
 check "pids.max of its cgroup ($limited_cg) is 64: \"$got\"" [ "$got" = 64 ]
-ctr -n "$ns" task kill limited 2>&1 | show
-for i in $(seq 1 100); do
-    ctr -n "$ns" task ls 2>/dev/null | awk '$1 == "limited"' | grep -q STOPPED && break
-    sleep 0.2
-done
-ctr -n "$ns" task delete limited 2>&1 | show
-ctr -n "$ns" container delete limited 2>&1 | show
+remove_task limited
 check "the limited task's cgroup is gone after delete" [ ! -e "$limited_cg" ]
